@@ -1,0 +1,79 @@
+//! The one error type of the library and its mapping to exit codes.
+
+use std::fmt;
+
+/// Exit codes, documented in the README ("Exit codes").
+pub mod exit {
+    /// A runtime failure: store unreachable, GPU query failed, permission problem.
+    pub const FAILURE: u8 = 1;
+    /// Bad usage: invalid flags, values or configuration.
+    pub const USAGE: u8 = 2;
+    /// The requested GPUs are not available right now.
+    pub const UNAVAILABLE: u8 = 3;
+    /// The pool has not been initialised with `canhazgpu admin`.
+    pub const NOT_INITIALIZED: u8 = 4;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// Invalid arguments or values given by the user.
+    #[error("{0}")]
+    Usage(String),
+    /// A malformed configuration file or environment variable.
+    #[error("{0}")]
+    Config(String),
+    /// Not enough free GPUs for a by-count request.
+    #[error("{}", not_enough_message(*.requested, *.available, *.unreserved))]
+    NotEnough {
+        requested: u32,
+        available: u32,
+        unreserved: u32,
+    },
+    /// A specific GPU is held or in use; retrying later may succeed.
+    #[error("{0}")]
+    GpuTaken(String),
+    #[error("GPU pool not initialized - run 'canhazgpu admin --gpus <count>' first")]
+    NotInitialized,
+    /// The store could not be opened or answered with an error.
+    #[error("{0}")]
+    Store(String),
+    /// The GPU provider failed.
+    #[error("{0}")]
+    Gpu(String),
+    /// Anything else that went wrong at run time.
+    #[error("{0}")]
+    Runtime(String),
+}
+
+fn not_enough_message(requested: u32, available: u32, unreserved: u32) -> String {
+    let mut msg =
+        format!("Not enough GPUs available. Requested: {requested}, Available: {available}");
+    if unreserved > 0 {
+        msg.push_str(&format!(
+            " ({unreserved} GPUs in use without reservation - run 'canhazgpu status' for details)"
+        ));
+    }
+    msg
+}
+
+impl Error {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Usage(_) | Error::Config(_) => exit::USAGE,
+            Error::NotEnough { .. } | Error::GpuTaken(_) => exit::UNAVAILABLE,
+            Error::NotInitialized => exit::NOT_INITIALIZED,
+            Error::Store(_) | Error::Gpu(_) | Error::Runtime(_) => exit::FAILURE,
+        }
+    }
+
+    /// Whether waiting could make the same request succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::NotEnough { .. } | Error::GpuTaken(_))
+    }
+
+    pub fn store(context: &str, err: impl fmt::Display) -> Self {
+        Error::Store(format!("{context}: {err}"))
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,36 @@
+//! The fake provider: N idle GPUs, for demos and tests of the store.
+
+use super::{GpuProvider, GpuUsage};
+use crate::error::Result;
+use crate::state::ProviderKind;
+
+pub struct FakeProvider {
+    count: u32,
+}
+
+impl FakeProvider {
+    pub fn new(count: u32) -> Self {
+        FakeProvider { count }
+    }
+}
+
+impl GpuProvider for FakeProvider {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Fake
+    }
+
+    fn device_count(&self) -> Result<u32> {
+        Ok(self.count)
+    }
+
+    fn usage(&self) -> Result<Vec<GpuUsage>> {
+        Ok((0..self.count)
+            .map(|index| GpuUsage {
+                index,
+                name: Some("Fake GPU".into()),
+                memory_used_mb: Some(0),
+                processes: Vec::new(),
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,69 @@
+//! GPU providers: what each GPU's memory and processes look like right now.
+//!
+//! `nvidia` uses NVML directly and falls back to `nvidia-smi`; `amd` uses
+//! `amd-smi --json`; `fake` serves demos with N idle GPUs.
+
+pub mod amd_smi;
+pub mod fake;
+pub mod model;
+#[cfg(feature = "nvml")]
+pub mod nvml;
+pub mod nvidia_smi;
+pub mod procinfo;
+
+use crate::error::Result;
+use crate::state::ProviderKind;
+
+/// One process using a GPU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuProcess {
+    pub pid: u32,
+    /// Process name as the provider reports it (may be a path).
+    pub name: String,
+    pub used_memory_mb: Option<u64>,
+}
+
+/// The observed usage of one GPU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuUsage {
+    pub index: u32,
+    /// Marketing name without the vendor prefix, e.g. `H100 80GB HBM3`.
+    pub name: Option<String>,
+    /// Used memory in MiB; `None` where the device does not report it.
+    pub memory_used_mb: Option<u64>,
+    pub processes: Vec<GpuProcess>,
+}
+
+pub trait GpuProvider {
+    fn kind(&self) -> ProviderKind;
+    /// How many GPUs the provider sees.
+    fn device_count(&self) -> Result<u32>;
+    /// Usage of every GPU the provider sees, ordered by index.
+    fn usage(&self) -> Result<Vec<GpuUsage>>;
+}
+
+/// The provider a pool was initialised with. `fake_count` is the pool size, used
+/// by the fake provider.
+pub fn provider_for(kind: ProviderKind, fake_count: u32) -> Box<dyn GpuProvider> {
+    match kind {
+        ProviderKind::Nvidia => nvidia(),
+        ProviderKind::Amd => Box::new(amd_smi::AmdSmi::from_path()),
+        ProviderKind::Fake => Box::new(fake::FakeProvider::new(fake_count)),
+    }
+}
+
+/// NVML when the driver library loads (unless `CANHAZGPU_NVML=0`), else `nvidia-smi`.
+fn nvidia() -> Box<dyn GpuProvider> {
+    #[cfg(feature = "nvml")]
+    if std::env::var_os("CANHAZGPU_NVML").is_none_or(|v| v != "0") {
+        if let Ok(provider) = nvml::NvmlProvider::init() {
+            return Box::new(provider);
+        }
+    }
+    Box::new(nvidia_smi::NvidiaSmi::from_path())
+}
+
+/// Detects which provider this machine has, for `admin` without `--provider`.
+pub fn detect() -> Result<ProviderKind> {
+    Err(crate::error::Error::Gpu("provider detection not implemented".into()))
+}

@@ -1,0 +1,254 @@
+//! The domain model shared by every store: reservations, GPU slots, history records,
+//! and the rules that decide whether a reservation is still alive.
+
+use serde::{Deserialize, Serialize};
+
+/// Seconds since the Unix epoch.
+pub type UnixTime = i64;
+
+/// A run reservation whose heartbeat is older than this is stale (our supervisors).
+pub const RUN_STALE_AFTER_SECS: i64 = 60;
+/// Reservations written by upstream canhazgpu (no owner fields) heartbeat every 60 s;
+/// upstream treats them as stale after 5 minutes, and so do we.
+pub const LEGACY_RUN_STALE_AFTER_SECS: i64 = 300;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReservationKind {
+    Run,
+    Manual,
+}
+
+impl ReservationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReservationKind::Run => "run",
+            ReservationKind::Manual => "manual",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "run" => Some(ReservationKind::Run),
+            "manual" => Some(ReservationKind::Manual),
+            _ => None,
+        }
+    }
+}
+
+/// Which GPU provider a pool was initialised with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    Nvidia,
+    Amd,
+    Fake,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Nvidia => "nvidia",
+            ProviderKind::Amd => "amd",
+            ProviderKind::Fake => "fake",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "nvidia" => Some(ProviderKind::Nvidia),
+            "amd" => Some(ProviderKind::Amd),
+            "fake" => Some(ProviderKind::Fake),
+            _ => None,
+        }
+    }
+}
+
+/// The configured GPU pool of a machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pool {
+    pub gpu_count: u32,
+    pub provider: ProviderKind,
+}
+
+/// The process that supervises a run reservation, so that any canhazgpu on the same
+/// host can tell at once whether it is still alive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunOwner {
+    pub host: String,
+    pub pid: u32,
+    /// Start time of `pid` in clock ticks since boot (`/proc/PID/stat` field 22), so a
+    /// reused PID is not mistaken for the supervisor.
+    pub pid_start: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    /// Unique per reservation; empty for reservations written by upstream canhazgpu.
+    pub id: String,
+    /// Display name (`--user`), normally equal to `actual_user`.
+    pub user: String,
+    /// The real Unix account that made the reservation.
+    pub actual_user: String,
+    pub kind: ReservationKind,
+    pub start_time: UnixTime,
+    pub last_heartbeat: Option<UnixTime>,
+    pub expiry_time: Option<UnixTime>,
+    pub note: Option<String>,
+    pub owner: Option<RunOwner>,
+}
+
+/// Whether a reservation still holds its GPU, and if not, when it ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Liveness {
+    Active,
+    /// A manual reservation past its expiry time.
+    Expired { ended_at: UnixTime },
+    /// A run reservation without a recent heartbeat.
+    Stale { ended_at: UnixTime },
+    /// A run reservation whose supervisor on this host is gone.
+    OwnerGone { ended_at: UnixTime },
+}
+
+impl Liveness {
+    pub fn is_active(self) -> bool {
+        matches!(self, Liveness::Active)
+    }
+
+    pub fn ended_at(self) -> Option<UnixTime> {
+        match self {
+            Liveness::Active => None,
+            Liveness::Expired { ended_at }
+            | Liveness::Stale { ended_at }
+            | Liveness::OwnerGone { ended_at } => Some(ended_at),
+        }
+    }
+}
+
+impl Reservation {
+    /// Decides liveness from stored data alone; `dead_ids` lists reservations whose
+    /// local supervisor is known to be gone (checked by the caller through /proc).
+    pub fn liveness(&self, now: UnixTime, dead_ids: &[String]) -> Liveness {
+        match self.kind {
+            ReservationKind::Manual => match self.expiry_time {
+                Some(expiry) if now >= expiry => Liveness::Expired { ended_at: expiry },
+                _ => Liveness::Active,
+            },
+            ReservationKind::Run => {
+                let last = self.last_heartbeat.unwrap_or(self.start_time);
+                if !self.id.is_empty() && dead_ids.iter().any(|id| *id == self.id) {
+                    return Liveness::OwnerGone {
+                        ended_at: now.max(self.start_time),
+                    };
+                }
+                let stale_after = if self.owner.is_some() {
+                    RUN_STALE_AFTER_SECS
+                } else {
+                    LEGACY_RUN_STALE_AFTER_SECS
+                };
+                if now - last > stale_after {
+                    Liveness::Stale {
+                        ended_at: last.max(self.start_time),
+                    }
+                } else {
+                    Liveness::Active
+                }
+            }
+        }
+    }
+
+    /// `alice`, or `alice (svc)` when a display name was given with `--user`.
+    pub fn user_label(&self) -> String {
+        if self.user == self.actual_user || self.actual_user.is_empty() {
+            self.user.clone()
+        } else {
+            format!("{} ({})", self.actual_user, self.user)
+        }
+    }
+}
+
+/// What the store holds for one GPU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GpuSlot {
+    Free { last_released: Option<UnixTime> },
+    Held(Reservation),
+    /// The stored state could not be read; the reason says why.
+    Corrupt(String),
+}
+
+/// One finished reservation of one GPU, as kept for `report`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    pub user: String,
+    pub actual_user: String,
+    pub gpu_id: u32,
+    pub start_time: UnixTime,
+    pub end_time: UnixTime,
+    pub kind: ReservationKind,
+}
+
+/// How many GPUs a request wants: a count, or specific IDs (all or nothing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selection {
+    Count(u32),
+    Ids(Vec<u32>),
+}
+
+impl Selection {
+    pub fn len(&self) -> u32 {
+        match self {
+            Selection::Count(n) => *n,
+            Selection::Ids(ids) => ids.len() as u32,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_reservation(owner: bool) -> Reservation {
+        Reservation {
+            id: "r1".into(),
+            user: "alice".into(),
+            actual_user: "alice".into(),
+            kind: ReservationKind::Run,
+            start_time: 1000,
+            last_heartbeat: Some(1100),
+            expiry_time: None,
+            note: None,
+            owner: owner.then(|| RunOwner {
+                host: "h".into(),
+                pid: 1,
+                pid_start: 1,
+            }),
+        }
+    }
+
+    #[test]
+    fn run_staleness_depends_on_owner_fields() {
+        let ours = run_reservation(true);
+        assert!(ours.liveness(1160, &[]).is_active());
+        assert_eq!(ours.liveness(1161, &[]), Liveness::Stale { ended_at: 1100 });
+        let legacy = run_reservation(false);
+        assert!(legacy.liveness(1400, &[]).is_active());
+        assert!(!legacy.liveness(1401, &[]).is_active());
+        assert_eq!(
+            ours.liveness(1105, &["r1".to_string()]),
+            Liveness::OwnerGone { ended_at: 1105 }
+        );
+    }
+
+    #[test]
+    fn manual_expiry() {
+        let mut r = run_reservation(false);
+        r.kind = ReservationKind::Manual;
+        r.expiry_time = Some(2000);
+        assert!(r.liveness(1999, &[]).is_active());
+        assert_eq!(r.liveness(2000, &[]), Liveness::Expired { ended_at: 2000 });
+    }
+}

@@ -1,0 +1,123 @@
+//! Persistent state: the GPU pool, reservations and usage history.
+//!
+//! Two implementations share one contract: `sqlite` (embedded, the default) and
+//! `redis` (data compatible with upstream canhazgpu v1.1.x). Every change of a GPU's
+//! state is atomic: one `BEGIN IMMEDIATE` transaction or one Lua script.
+
+pub mod redis;
+pub mod sqlite;
+
+use std::path::PathBuf;
+
+use crate::error::Result;
+use crate::state::{
+    GpuSlot, Pool, ProviderKind, ReservationKind, RunOwner, Selection, UnixTime, UsageRecord,
+};
+
+/// How to reach the store, resolved from flags, environment and config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreConfig {
+    Sqlite { path: PathBuf },
+    Redis(RedisConfig),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// A full URL (`redis://`, `rediss://`, `redis+unix://`) wins over host/port/db.
+    pub url: Option<String>,
+    pub host: String,
+    pub port: u16,
+    pub db: i64,
+    pub password: Option<String>,
+}
+
+/// The reservation an allocation creates on each claimed GPU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewReservation {
+    pub id: String,
+    pub user: String,
+    pub actual_user: String,
+    pub kind: ReservationKind,
+    /// Manual reservations only.
+    pub expiry_time: Option<UnixTime>,
+    pub note: Option<String>,
+    /// Run reservations only: the supervising process.
+    pub owner: Option<RunOwner>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllocRequest {
+    pub reservation: NewReservation,
+    pub selection: Selection,
+    /// GPUs in use without reservation, never to be handed out.
+    pub unreserved: Vec<u32>,
+    /// Reservation IDs whose supervisor on this host is known to be gone.
+    pub dead_ids: Vec<String>,
+    pub now: UnixTime,
+}
+
+/// Which reservations a release ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReleaseScope {
+    /// Every manual reservation of this Unix user (plain `release`).
+    OwnManual { actual_user: String },
+    /// These GPUs, run or manual, where this Unix user holds them (`release --gpu-ids`).
+    OwnIds { actual_user: String, ids: Vec<u32> },
+    /// These GPUs, whoever holds them (root's explicit override).
+    AnyIds { ids: Vec<u32> },
+    /// Every GPU held by one reservation (a run supervisor at exit, or a dead one's
+    /// reservation reclaimed).
+    Reservation { id: String },
+}
+
+/// The contract every backend implements. All methods are atomic with respect to
+/// each other, across processes and (for Redis) machines.
+pub trait Store: Send {
+    /// Creates the pool. Fails if it exists unless `force`, which ends every
+    /// reservation (recording history) and sets the new size and provider.
+    fn init_pool(
+        &mut self,
+        gpu_count: u32,
+        provider: ProviderKind,
+        force: bool,
+        now: UnixTime,
+    ) -> Result<InitOutcome>;
+
+    /// The pool, or `None` before `admin` ran.
+    fn pool(&mut self) -> Result<Option<Pool>>;
+
+    /// The state of every GPU of the pool, index = GPU ID. A corrupt entry is
+    /// reported as `GpuSlot::Corrupt` without failing the others.
+    fn slots(&mut self) -> Result<Vec<GpuSlot>>;
+
+    /// Claims GPUs per `alloc::plan`, all or nothing, ending dead reservations on
+    /// the claimed GPUs (with history). Returns the claimed IDs, ascending.
+    fn allocate(&mut self, request: &AllocRequest) -> Result<Vec<u32>>;
+
+    /// Ends the reservations in `scope`, recording history. Returns the freed IDs.
+    fn release(&mut self, scope: &ReleaseScope, now: UnixTime) -> Result<Vec<u32>>;
+
+    /// Refreshes the heartbeat of a run reservation on `gpus`. Returns the GPUs it
+    /// still holds; the others were released or taken meanwhile.
+    fn heartbeat(&mut self, reservation_id: &str, gpus: &[u32], now: UnixTime)
+    -> Result<Vec<u32>>;
+
+    /// Finished reservations overlapping `[from, to]` (end ≥ from, start ≤ to).
+    fn history(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UsageRecord>>;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InitOutcome {
+    /// The size of the pool before, when it was re-initialised.
+    pub previous_count: Option<u32>,
+    /// How many active reservations `--force` ended.
+    pub cleared: u32,
+}
+
+/// Opens the configured store.
+pub fn open(config: &StoreConfig) -> Result<Box<dyn Store>> {
+    match config {
+        StoreConfig::Sqlite { path } => Ok(Box::new(sqlite::SqliteStore::open(path)?)),
+        StoreConfig::Redis(redis) => Ok(Box::new(redis::RedisStore::connect(redis)?)),
+    }
+}
