@@ -131,7 +131,11 @@ pub fn plan(slots: &[GpuSlot], input: &PlanInput) -> Result<Plan> {
                 });
             }
             rank(&mut free, input.user_last_used);
-            let mut chosen: Vec<u32> = free.iter().take(*count as usize).map(|(id, _)| *id).collect();
+            let mut chosen: Vec<u32> = free
+                .iter()
+                .take(*count as usize)
+                .map(|(id, _)| *id)
+                .collect();
             chosen.sort_unstable();
             chosen
         }
@@ -145,13 +149,13 @@ pub fn plan(slots: &[GpuSlot], input: &PlanInput) -> Result<Plan> {
 /// Orders free GPUs by preference: this user's most recently used first, then
 /// never-used, then least recently released; ties by GPU ID.
 fn rank(free: &mut [(u32, Option<UnixTime>)], user_last_used: &HashMap<u32, UnixTime>) {
-    free.sort_by_key(|(id, last_released)| {
-        match (user_last_used.get(id), last_released) {
+    free.sort_by_key(
+        |(id, last_released)| match (user_last_used.get(id), last_released) {
             (Some(used), _) => (0, -used, *id),
             (None, None) => (1, 0, *id),
             (None, Some(released)) => (2, *released, *id),
-        }
-    });
+        },
+    );
 }
 
 #[cfg(test)]
@@ -191,10 +195,18 @@ mod tests {
     #[test]
     fn prefers_mru_then_never_used_then_lru() {
         let slots = vec![
-            GpuSlot::Free { last_released: Some(50) },
-            GpuSlot::Free { last_released: Some(10) },
-            GpuSlot::Free { last_released: None },
-            GpuSlot::Free { last_released: Some(90) },
+            GpuSlot::Free {
+                last_released: Some(50),
+            },
+            GpuSlot::Free {
+                last_released: Some(10),
+            },
+            GpuSlot::Free {
+                last_released: None,
+            },
+            GpuSlot::Free {
+                last_released: Some(90),
+            },
         ];
         let used = HashMap::from([(3, 150), (0, 120)]);
         let order: Vec<u32> = (1..=4)
@@ -207,19 +219,32 @@ mod tests {
             .unwrap();
         assert_eq!(order, vec![0, 1, 2, 3]);
         let sel = Selection::Count(1);
-        assert_eq!(plan(&slots, &input(&sel, &[], &used)).unwrap().claim, vec![3]);
+        assert_eq!(
+            plan(&slots, &input(&sel, &[], &used)).unwrap().claim,
+            vec![3]
+        );
         let sel = Selection::Count(3);
-        assert_eq!(plan(&slots, &input(&sel, &[], &used)).unwrap().claim, vec![0, 2, 3]);
+        assert_eq!(
+            plan(&slots, &input(&sel, &[], &used)).unwrap().claim,
+            vec![0, 2, 3]
+        );
         let none = HashMap::new();
         let sel = Selection::Count(2);
-        assert_eq!(plan(&slots, &input(&sel, &[], &none)).unwrap().claim, vec![1, 2]);
+        assert_eq!(
+            plan(&slots, &input(&sel, &[], &none)).unwrap().claim,
+            vec![1, 2]
+        );
     }
 
     #[test]
     fn not_enough_counts_free_and_unreserved() {
         let slots = vec![
-            GpuSlot::Free { last_released: None },
-            GpuSlot::Free { last_released: None },
+            GpuSlot::Free {
+                last_released: None,
+            },
+            GpuSlot::Free {
+                last_released: None,
+            },
             held("bob", ReservationKind::Manual, Some(1000)),
         ];
         let used = HashMap::new();
@@ -245,7 +270,9 @@ mod tests {
     #[test]
     fn specific_ids_are_all_or_nothing() {
         let slots = vec![
-            GpuSlot::Free { last_released: None },
+            GpuSlot::Free {
+                last_released: None,
+            },
             held("bob", ReservationKind::Manual, Some(1000)),
         ];
         let used = HashMap::new();

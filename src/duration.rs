@@ -82,8 +82,23 @@ mod tests {
     #[test]
     fn rejects_bad_input() {
         for bad in [
-            "", "0", "0m", "0s", "-5m", "5", "h", "1x", "1.2.3h", ".5h", "5.h", "1h-", "abc",
-            "1 h", "NaNh", "1e9d", "99999999999d",
+            "",
+            "0",
+            "0m",
+            "0s",
+            "-5m",
+            "5",
+            "h",
+            "1x",
+            "1.2.3h",
+            ".5h",
+            "5.h",
+            "1h-",
+            "abc",
+            "1 h",
+            "NaNh",
+            "1e9d",
+            "99999999999d",
         ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
         }
@@ -99,7 +114,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn single_units_roundtrip(n in 1u64..100_000, unit in prop::sample::select(vec![('s', 1u64), ('m', 60), ('h', 3600), ('d', 86400)])) {
+        fn single_units_roundtrip(n in 1u64..10_000, unit in prop::sample::select(vec![('s', 1u64), ('m', 60), ('h', 3600), ('d', 86400)])) {
             let text = format!("{n}{}", unit.0);
             prop_assert_eq!(parse_duration(&text).unwrap(), n * unit.1);
         }

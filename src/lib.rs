@@ -1,9 +1,14 @@
 //! canhazgpu: GPU reservations for shared multi-user Linux machines.
 
 pub mod alloc;
+pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod duration;
 pub mod error;
 pub mod gpu;
+pub mod gpu_status;
+pub mod output;
+pub mod session;
 pub mod state;
 pub mod store;

@@ -103,11 +103,17 @@ pub struct Reservation {
 pub enum Liveness {
     Active,
     /// A manual reservation past its expiry time.
-    Expired { ended_at: UnixTime },
+    Expired {
+        ended_at: UnixTime,
+    },
     /// A run reservation without a recent heartbeat.
-    Stale { ended_at: UnixTime },
+    Stale {
+        ended_at: UnixTime,
+    },
     /// A run reservation whose supervisor on this host is gone.
-    OwnerGone { ended_at: UnixTime },
+    OwnerGone {
+        ended_at: UnixTime,
+    },
 }
 
 impl Liveness {
@@ -136,7 +142,7 @@ impl Reservation {
             },
             ReservationKind::Run => {
                 let last = self.last_heartbeat.unwrap_or(self.start_time);
-                if !self.id.is_empty() && dead_ids.iter().any(|id| *id == self.id) {
+                if !self.id.is_empty() && dead_ids.contains(&self.id) {
                     return Liveness::OwnerGone {
                         ended_at: now.max(self.start_time),
                     };
@@ -170,7 +176,9 @@ impl Reservation {
 /// What the store holds for one GPU.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GpuSlot {
-    Free { last_released: Option<UnixTime> },
+    Free {
+        last_released: Option<UnixTime>,
+    },
     Held(Reservation),
     /// The stored state could not be read; the reason says why.
     Corrupt(String),

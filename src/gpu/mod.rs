@@ -6,9 +6,9 @@
 pub mod amd_smi;
 pub mod fake;
 pub mod model;
+pub mod nvidia_smi;
 #[cfg(feature = "nvml")]
 pub mod nvml;
-pub mod nvidia_smi;
 pub mod procinfo;
 
 use crate::error::Result;
@@ -55,15 +55,17 @@ pub fn provider_for(kind: ProviderKind, fake_count: u32) -> Box<dyn GpuProvider>
 /// NVML when the driver library loads (unless `CANHAZGPU_NVML=0`), else `nvidia-smi`.
 fn nvidia() -> Box<dyn GpuProvider> {
     #[cfg(feature = "nvml")]
-    if std::env::var_os("CANHAZGPU_NVML").is_none_or(|v| v != "0") {
-        if let Ok(provider) = nvml::NvmlProvider::init() {
-            return Box::new(provider);
-        }
+    if std::env::var_os("CANHAZGPU_NVML").is_none_or(|v| v != "0")
+        && let Ok(provider) = nvml::NvmlProvider::init()
+    {
+        return Box::new(provider);
     }
     Box::new(nvidia_smi::NvidiaSmi::from_path())
 }
 
 /// Detects which provider this machine has, for `admin` without `--provider`.
 pub fn detect() -> Result<ProviderKind> {
-    Err(crate::error::Error::Gpu("provider detection not implemented".into()))
+    Err(crate::error::Error::Gpu(
+        "provider detection not implemented".into(),
+    ))
 }

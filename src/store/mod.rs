@@ -99,8 +99,7 @@ pub trait Store: Send {
 
     /// Refreshes the heartbeat of a run reservation on `gpus`. Returns the GPUs it
     /// still holds; the others were released or taken meanwhile.
-    fn heartbeat(&mut self, reservation_id: &str, gpus: &[u32], now: UnixTime)
-    -> Result<Vec<u32>>;
+    fn heartbeat(&mut self, reservation_id: &str, gpus: &[u32], now: UnixTime) -> Result<Vec<u32>>;
 
     /// Finished reservations overlapping `[from, to]` (end ≥ from, start ≤ to).
     fn history(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UsageRecord>>;

@@ -1,0 +1,160 @@
+//! Command-line parsing (clap). Nothing outside this file sees clap types: `Cli`
+//! turns into `config::Overrides` and a plain `commands::Command`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::commands::{Command, admin, release, reserve, status};
+use crate::config::Overrides;
+use crate::state::ProviderKind;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "canhazgpu",
+    version,
+    about = "GPU reservations for shared multi-user Linux machines"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: CliCommand,
+}
+
+/// Settings accepted by every command. Environment variables and the config file
+/// are read by `config::resolve`, so these are plain optional strings here.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Configuration file (default: ~/.canhazgpu.{yaml,yml,json,toml}, then /etc/canhazgpu/config.*)
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Storage backend: sqlite (embedded, default) or redis [env: CANHAZGPU_BACKEND]
+    #[arg(long, global = true, value_name = "BACKEND")]
+    pub backend: Option<String>,
+    /// Directory of the embedded store (default: /var/lib/canhazgpu) [env: CANHAZGPU_STATE_DIR]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Redis server hostname (default: localhost) [env: CANHAZGPU_REDIS_HOST]
+    #[arg(long, global = true, value_name = "HOST")]
+    pub redis_host: Option<String>,
+    /// Redis server port (default: 6379) [env: CANHAZGPU_REDIS_PORT]
+    #[arg(long, global = true, value_name = "PORT")]
+    pub redis_port: Option<String>,
+    /// Redis database number (default: 0) [env: CANHAZGPU_REDIS_DB]
+    #[arg(long, global = true, value_name = "DB")]
+    pub redis_db: Option<String>,
+    /// Redis URL: redis://, rediss:// (TLS) or redis+unix:// [env: CANHAZGPU_REDIS_URL]
+    #[arg(long, global = true, value_name = "URL")]
+    pub redis_url: Option<String>,
+    /// Redis password [env: CANHAZGPU_REDIS_PASSWORD]
+    #[arg(long, global = true, value_name = "PASSWORD")]
+    pub redis_password: Option<String>,
+    /// Memory threshold in MB to consider a GPU as "in use" (default: 1024) [env: CANHAZGPU_MEMORY_THRESHOLD]
+    #[arg(long, global = true, value_name = "MB")]
+    pub memory_threshold: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CliCommand {
+    /// Initialize GPU pool for this machine
+    Admin {
+        /// Number of GPUs available on this machine
+        #[arg(short, long)]
+        gpus: u32,
+        /// Force reinitialization even if already initialized (ends all reservations)
+        #[arg(long)]
+        force: bool,
+        /// GPU provider (auto-detected when omitted)
+        #[arg(short, long, value_enum)]
+        provider: Option<ProviderArg>,
+    },
+    /// Show current GPU allocation status
+    Status {
+        /// Output status as JSON array instead of table format
+        #[arg(short, long)]
+        json: bool,
+    },
+    /// Reserve GPUs manually for a specified duration
+    Reserve {
+        /// Number of GPUs to reserve (default: 1)
+        #[arg(short, long)]
+        gpus: Option<u32>,
+        /// Specific GPU IDs to reserve (comma-separated, e.g. 1,3,5)
+        #[arg(short = 'G', long, value_delimiter = ',', num_args = 1..)]
+        gpu_ids: Option<Vec<u32>>,
+        /// Duration to reserve GPUs: 30s, 30m, 2h, 1d, 0.5h, 1h30m
+        #[arg(short, long, default_value = "8h")]
+        duration: String,
+    },
+    /// Release manually reserved GPUs held by the current user
+    Release {
+        /// Specific GPU IDs to release (comma-separated); includes run reservations
+        #[arg(short = 'G', long, value_delimiter = ',', num_args = 1..)]
+        gpu_ids: Option<Vec<u32>>,
+        /// Release the given GPUs whoever holds them (root only)
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ProviderArg {
+    Nvidia,
+    Amd,
+    Fake,
+}
+
+impl From<ProviderArg> for ProviderKind {
+    fn from(arg: ProviderArg) -> Self {
+        match arg {
+            ProviderArg::Nvidia => ProviderKind::Nvidia,
+            ProviderArg::Amd => ProviderKind::Amd,
+            ProviderArg::Fake => ProviderKind::Fake,
+        }
+    }
+}
+
+impl Cli {
+    pub fn overrides(&self) -> Overrides {
+        let g = &self.global;
+        Overrides {
+            config_file: g.config.clone(),
+            backend: g.backend.clone(),
+            state_dir: g.state_dir.clone(),
+            redis_url: g.redis_url.clone(),
+            redis_host: g.redis_host.clone(),
+            redis_port: g.redis_port.clone(),
+            redis_db: g.redis_db.clone(),
+            redis_password: g.redis_password.clone(),
+            memory_threshold: g.memory_threshold.clone(),
+        }
+    }
+
+    pub fn into_command(self) -> Command {
+        match self.command {
+            CliCommand::Admin {
+                gpus,
+                force,
+                provider,
+            } => Command::Admin(admin::AdminArgs {
+                gpus,
+                force,
+                provider: provider.map(Into::into),
+            }),
+            CliCommand::Status { json } => Command::Status(status::StatusArgs { json }),
+            CliCommand::Reserve {
+                gpus,
+                gpu_ids,
+                duration,
+            } => Command::Reserve(reserve::ReserveArgs {
+                gpus,
+                gpu_ids,
+                duration,
+            }),
+            CliCommand::Release { gpu_ids, force } => {
+                Command::Release(release::ReleaseArgs { gpu_ids, force })
+            }
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! `canhazgpu release`: end the caller's reservations.
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::session::{Session, now};
+use crate::store::ReleaseScope;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReleaseArgs {
+    pub gpu_ids: Option<Vec<u32>>,
+    /// root only: release the given GPUs whoever holds them.
+    pub force: bool,
+}
+
+pub fn execute(args: &ReleaseArgs, config: &Config) -> Result<()> {
+    let mut session = Session::open(config)?;
+    if let Some(ids) = &args.gpu_ids
+        && let Some(bad) = ids.iter().find(|id| **id >= session.pool.gpu_count)
+    {
+        return Err(Error::Usage(format!(
+            "GPU ID {bad} is out of range (0-{})",
+            session.pool.gpu_count - 1
+        )));
+    }
+    let scope = match (&args.gpu_ids, args.force) {
+        (None, false) => ReleaseScope::OwnManual {
+            actual_user: session.user.clone(),
+        },
+        (Some(ids), false) => ReleaseScope::OwnIds {
+            actual_user: session.user.clone(),
+            ids: ids.clone(),
+        },
+        (None, true) => {
+            return Err(Error::Usage("--force needs --gpu-ids".into()));
+        }
+        (Some(ids), true) => {
+            if !nix::unistd::getuid().is_root() {
+                return Err(Error::Usage(
+                    "--force releases other users' reservations and is for root only".into(),
+                ));
+            }
+            ReleaseScope::AnyIds { ids: ids.clone() }
+        }
+    };
+    let released = session.store.release(&scope, now())?;
+    if released.is_empty() {
+        match &args.gpu_ids {
+            None => println!("No manually reserved GPUs found for current user"),
+            Some(ids) => println!(
+                "No reservations found for current user on GPU(s): {}",
+                super::id_list(ids)
+            ),
+        }
+    } else {
+        println!(
+            "Released {} GPU(s): {}",
+            released.len(),
+            super::id_list(&released)
+        );
+    }
+    Ok(())
+}

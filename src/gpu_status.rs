@@ -1,0 +1,397 @@
+//! What `status`, `--json` and the web API show for each GPU: the stored
+//! reservations combined with the GPUs' real usage.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+use crate::duration::format_duration;
+use crate::gpu::model::{self, ModelInfo};
+use crate::gpu::{GpuProvider, GpuUsage, procinfo};
+use crate::state::{GpuSlot, Liveness, Reservation, ReservationKind, UnixTime};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum StatusKind {
+    Available,
+    InUse,
+    Unreserved,
+    Error,
+}
+
+impl StatusKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatusKind::Available => "AVAILABLE",
+            StatusKind::InUse => "IN_USE",
+            StatusKind::Unreserved => "UNRESERVED",
+            StatusKind::Error => "ERROR",
+        }
+    }
+}
+
+/// One row of `status`; serialises to the reference's `status --json` shape.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GpuStatus {
+    pub gpu_id: u32,
+    pub status: StatusKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub details: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validation: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unreserved_users: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process_info: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_used_mb: Option<u64>,
+}
+
+/// The GPUs' observed usage, or why it could not be read.
+pub type UsageSnapshot = Result<Vec<GpuUsage>, String>;
+
+/// Reads the provider once; a failure is kept so the reservations still show.
+pub fn snapshot(provider: &dyn GpuProvider) -> UsageSnapshot {
+    provider.usage().map_err(|e| e.to_string())
+}
+
+/// IDs of run reservations whose supervisor on this host is gone.
+pub fn dead_reservation_ids(slots: &[GpuSlot], host: &str) -> Vec<String> {
+    let mut dead = BTreeSet::new();
+    for slot in slots {
+        if let GpuSlot::Held(r) = slot
+            && let Some(owner) = &r.owner
+            && owner.host == host
+            && !r.id.is_empty()
+            && !procinfo::process_alive(owner.pid, owner.pid_start)
+        {
+            dead.insert(r.id.clone());
+        }
+    }
+    dead.into_iter().collect()
+}
+
+/// GPUs whose used memory exceeds the threshold and that no live reservation holds.
+pub fn unreserved_gpus(
+    slots: &[GpuSlot],
+    usage: &[GpuUsage],
+    threshold_mb: u64,
+    dead_ids: &[String],
+    now: UnixTime,
+) -> Vec<u32> {
+    usage
+        .iter()
+        .filter(|u| u.memory_used_mb.is_some_and(|m| m > threshold_mb))
+        .filter(|u| match slots.get(u.index as usize) {
+            Some(GpuSlot::Held(r)) => !r.liveness(now, dead_ids).is_active(),
+            Some(_) => true,
+            None => false,
+        })
+        .map(|u| u.index)
+        .collect()
+}
+
+/// Builds the rows of `status` from the stored slots and the observed usage.
+pub fn build(
+    slots: &[GpuSlot],
+    usage: &UsageSnapshot,
+    threshold_mb: u64,
+    dead_ids: &[String],
+    now: UnixTime,
+) -> Vec<GpuStatus> {
+    slots
+        .iter()
+        .enumerate()
+        .map(|(id, slot)| {
+            let id = id as u32;
+            let gpu_usage = usage
+                .as_ref()
+                .ok()
+                .and_then(|all| all.iter().find(|u| u.index == id));
+            build_one(
+                id,
+                slot,
+                gpu_usage,
+                usage.is_err(),
+                threshold_mb,
+                dead_ids,
+                now,
+            )
+        })
+        .collect()
+}
+
+fn empty_row(gpu_id: u32, status: StatusKind, details: String) -> GpuStatus {
+    GpuStatus {
+        gpu_id,
+        status,
+        user: None,
+        duration: None,
+        kind: None,
+        details,
+        validation: None,
+        unreserved_users: None,
+        process_info: None,
+        model: None,
+        note: None,
+        error: None,
+        gpu_model: None,
+        memory_used_mb: None,
+    }
+}
+
+fn build_one(
+    id: u32,
+    slot: &GpuSlot,
+    usage: Option<&GpuUsage>,
+    usage_failed: bool,
+    threshold_mb: u64,
+    dead_ids: &[String],
+    now: UnixTime,
+) -> GpuStatus {
+    let (live, freed_at) = match slot {
+        GpuSlot::Corrupt(reason) => {
+            let mut row = empty_row(id, StatusKind::Error, reason.clone());
+            row.error = Some(reason.clone());
+            return row;
+        }
+        GpuSlot::Free { last_released } => (None, *last_released),
+        GpuSlot::Held(r) => match r.liveness(now, dead_ids) {
+            Liveness::Active => (Some(r), None),
+            ended => (None, ended.ended_at()),
+        },
+    };
+    let memory = usage.and_then(|u| u.memory_used_mb);
+    let in_use = memory.is_some_and(|m| m > threshold_mb);
+    let mut row = match live {
+        Some(r) => reserved_row(id, r, usage, threshold_mb, now),
+        None if in_use => unreserved_row(id, usage.expect("in_use implies usage")),
+        None => {
+            let details = match freed_at {
+                Some(t) => format!("free for {}", format_duration(now - t)),
+                None => "never used".to_string(),
+            };
+            let mut row = empty_row(id, StatusKind::Available, details);
+            row.validation = Some(match memory {
+                Some(m) => format!("{m}MB used"),
+                None => "no usage data".into(),
+            });
+            row
+        }
+    };
+    if usage_failed {
+        row.validation = Some("usage unknown".into());
+    }
+    if let Some(u) = usage {
+        row.gpu_model = u.name.clone();
+        row.memory_used_mb = u.memory_used_mb;
+        if row.model.is_none() {
+            row.model = u
+                .processes
+                .iter()
+                .find_map(|p| model::detect_for_pid(p.pid));
+        }
+    }
+    row
+}
+
+fn reserved_row(
+    id: u32,
+    r: &Reservation,
+    usage: Option<&GpuUsage>,
+    threshold_mb: u64,
+    now: UnixTime,
+) -> GpuStatus {
+    let details = match r.kind {
+        ReservationKind::Run => match r.last_heartbeat {
+            Some(hb) => format!("heartbeat {} ago", format_duration(now - hb)),
+            None => "active".into(),
+        },
+        ReservationKind::Manual => match r.expiry_time {
+            Some(exp) => format!("expires in {}", format_duration(exp - now)),
+            None => "manual reservation".into(),
+        },
+    };
+    let mut row = empty_row(id, StatusKind::InUse, details);
+    row.user = Some(r.user_label());
+    row.duration = Some(format_duration(now - r.start_time));
+    row.kind = Some(match r.kind {
+        ReservationKind::Run => "RUN",
+        ReservationKind::Manual => "MANUAL",
+    });
+    row.note = r.note.clone();
+    row.validation = Some(match usage {
+        Some(u) if !u.processes.is_empty() => format!(
+            "{}MB, {} processes",
+            u.memory_used_mb.unwrap_or(0),
+            u.processes.len()
+        ),
+        Some(u) if u.memory_used_mb.is_some_and(|m| m > threshold_mb) => {
+            format!("{}MB used", u.memory_used_mb.unwrap_or(0))
+        }
+        _ => "no usage detected".into(),
+    });
+    row
+}
+
+fn unreserved_row(id: u32, usage: &GpuUsage) -> GpuStatus {
+    let mut users: Vec<String> = Vec::new();
+    for p in &usage.processes {
+        let user = procinfo::process_user(p.pid);
+        if !users.contains(&user) {
+            users.push(user);
+        }
+    }
+    if users.is_empty() {
+        users.push("unknown".into());
+    }
+    let memory = usage.memory_used_mb.unwrap_or(0);
+    let process_info = if usage.processes.is_empty() {
+        format!("{memory}MB used")
+    } else {
+        let list: Vec<String> = usage
+            .processes
+            .iter()
+            .map(|p| format!("PID {} ({})", p.pid, process_label(&p.name)))
+            .collect();
+        format!("{memory}MB used by {}", list.join(", "))
+    };
+    let mut row = empty_row(id, StatusKind::Unreserved, "WITHOUT RESERVATION".into());
+    row.user = Some(format!("user {}", join_users(&users)));
+    row.unreserved_users = Some(users);
+    row.process_info = Some(process_info);
+    row
+}
+
+/// `python3` for `/usr/bin/python3`: providers may report full paths.
+fn process_label(name: &str) -> &str {
+    name.rsplit('/').next().unwrap_or(name)
+}
+
+/// `a`, `a and b`, `a, b and 3 more`.
+fn join_users(users: &[String]) -> String {
+    match users {
+        [] => String::new(),
+        [one] => one.clone(),
+        [a, b] => format!("{a} and {b}"),
+        [a, b, rest @ ..] => format!("{a}, {b} and {} more", rest.len()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::GpuProcess;
+
+    fn usage(index: u32, mb: u64, pids: &[u32]) -> GpuUsage {
+        GpuUsage {
+            index,
+            name: Some("H100".into()),
+            memory_used_mb: Some(mb),
+            processes: pids
+                .iter()
+                .map(|&pid| GpuProcess {
+                    pid,
+                    name: "/usr/bin/python3".into(),
+                    used_memory_mb: Some(mb),
+                })
+                .collect(),
+        }
+    }
+
+    fn manual(user: &str, start: i64, expiry: i64) -> GpuSlot {
+        GpuSlot::Held(Reservation {
+            id: "x".into(),
+            user: user.into(),
+            actual_user: user.into(),
+            kind: ReservationKind::Manual,
+            start_time: start,
+            last_heartbeat: None,
+            expiry_time: Some(expiry),
+            note: None,
+            owner: None,
+        })
+    }
+
+    #[test]
+    fn rows_follow_the_reference() {
+        let now = 100_000;
+        let slots = vec![
+            GpuSlot::Free {
+                last_released: Some(now - 1815),
+            },
+            manual("charlie", now - 3735, now + 11745),
+            GpuSlot::Free {
+                last_released: None,
+            },
+            manual("dave", now - 100, now - 1),
+        ];
+        let snap: UsageSnapshot = Ok(vec![
+            usage(0, 45, &[]),
+            usage(1, 0, &[]),
+            usage(2, 2048, &[4_000_000]),
+            usage(3, 10, &[]),
+        ]);
+        let rows = build(&slots, &snap, 1024, &[], now);
+        assert_eq!(rows[0].status, StatusKind::Available);
+        assert_eq!(rows[0].details, "free for 0h 30m 15s");
+        assert_eq!(rows[0].validation.as_deref(), Some("45MB used"));
+        assert_eq!(rows[1].status, StatusKind::InUse);
+        assert_eq!(rows[1].duration.as_deref(), Some("1h 2m 15s"));
+        assert_eq!(rows[1].details, "expires in 3h 15m 45s");
+        assert_eq!(rows[1].validation.as_deref(), Some("no usage detected"));
+        assert_eq!(rows[2].status, StatusKind::Unreserved);
+        assert_eq!(rows[2].details, "WITHOUT RESERVATION");
+        assert_eq!(
+            rows[2].process_info.as_deref(),
+            Some("2048MB used by PID 4000000 (python3)")
+        );
+        assert_eq!(rows[2].unreserved_users, Some(vec!["unknown".to_string()]));
+        assert_eq!(rows[3].status, StatusKind::Available, "expired is free");
+        assert_eq!(rows[3].details, "free for 0h 0m 1s");
+        assert_eq!(
+            unreserved_gpus(&slots, snap.as_ref().unwrap(), 1024, &[], now),
+            vec![2]
+        );
+    }
+
+    #[test]
+    fn corrupt_slot_is_an_error_row_and_failed_usage_is_marked() {
+        let rows = build(
+            &[
+                GpuSlot::Corrupt("bad json".into()),
+                GpuSlot::Free {
+                    last_released: None,
+                },
+            ],
+            &Err("nvidia-smi failed".into()),
+            1024,
+            &[],
+            0,
+        );
+        assert_eq!(rows[0].status, StatusKind::Error);
+        assert_eq!(rows[0].error.as_deref(), Some("bad json"));
+        assert_eq!(rows[1].validation.as_deref(), Some("usage unknown"));
+    }
+
+    #[test]
+    fn user_lists_read_naturally() {
+        let u = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(join_users(&u(&["a"])), "a");
+        assert_eq!(join_users(&u(&["a", "b"])), "a and b");
+        assert_eq!(join_users(&u(&["a", "b", "c", "d"])), "a, b and 2 more");
+    }
+}

@@ -1,0 +1,50 @@
+//! Rendering results for people (aligned tables, colour on terminals) and for
+//! programs (JSON). Everything here writes to stdout; diagnostics go to stderr.
+
+pub mod table;
+
+use std::io::Write;
+
+use anstyle::{AnsiColor, Style};
+
+use crate::error::{Error, Result};
+
+/// Writes a line to stdout; colour codes are stripped when stdout is not a
+/// terminal or `NO_COLOR` is set (anstream).
+pub fn print(text: &str) -> Result<()> {
+    let mut out = anstream::stdout().lock();
+    writeln!(out, "{text}").map_err(stdout_error)
+}
+
+/// Writes pretty-printed JSON to stdout.
+pub fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::Runtime(format!("cannot encode JSON: {e}")))?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}").map_err(stdout_error)
+}
+
+fn stdout_error(e: std::io::Error) -> Error {
+    Error::Runtime(format!("cannot write to stdout: {e}"))
+}
+
+pub fn green() -> Style {
+    Style::new().fg_color(Some(AnsiColor::Green.into())).bold()
+}
+
+pub fn blue() -> Style {
+    Style::new().fg_color(Some(AnsiColor::Blue.into())).bold()
+}
+
+pub fn red() -> Style {
+    Style::new().fg_color(Some(AnsiColor::Red.into())).bold()
+}
+
+pub fn yellow() -> Style {
+    Style::new().fg_color(Some(AnsiColor::Yellow.into())).bold()
+}
+
+/// `text` wrapped in `style`'s escape codes.
+pub fn paint(style: Style, text: &str) -> String {
+    format!("{style}{text}{style:#}")
+}

@@ -1,0 +1,115 @@
+//! What one command works with: the configuration, the open store, the pool, the
+//! GPU provider and who is asking. Shared by every command that reads or claims GPUs.
+
+use std::io::Read;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::gpu::{self, GpuProvider, procinfo};
+use crate::gpu_status::{self, GpuStatus, UsageSnapshot};
+use crate::state::{GpuSlot, Pool, Selection, UnixTime};
+use crate::store::{self, AllocRequest, NewReservation, Store};
+
+pub struct Session {
+    pub config: Config,
+    pub store: Box<dyn Store>,
+    pub pool: Pool,
+    pub provider: Box<dyn GpuProvider>,
+    /// The real Unix user running this command.
+    pub user: String,
+    pub host: String,
+}
+
+/// The stored slots and the observed usage, read together.
+pub struct Observation {
+    pub slots: Vec<GpuSlot>,
+    pub usage: UsageSnapshot,
+    pub dead_ids: Vec<String>,
+    pub now: UnixTime,
+}
+
+impl Session {
+    /// Opens the store and requires an initialised pool.
+    pub fn open(config: &Config) -> Result<Self> {
+        let mut store = store::open(&config.store)?;
+        let pool = store.pool()?.ok_or(Error::NotInitialized)?;
+        Ok(Session {
+            config: config.clone(),
+            store,
+            pool,
+            provider: gpu::provider_for(pool.provider, pool.gpu_count),
+            user: procinfo::current_user()?,
+            host: procinfo::hostname(),
+        })
+    }
+
+    pub fn observe(&mut self) -> Result<Observation> {
+        let slots = self.store.slots()?;
+        let usage = gpu_status::snapshot(self.provider.as_ref());
+        let dead_ids = gpu_status::dead_reservation_ids(&slots, &self.host);
+        Ok(Observation {
+            slots,
+            usage,
+            dead_ids,
+            now: now(),
+        })
+    }
+
+    pub fn status(&mut self) -> Result<Vec<GpuStatus>> {
+        let obs = self.observe()?;
+        Ok(gpu_status::build(
+            &obs.slots,
+            &obs.usage,
+            self.config.memory_threshold_mb,
+            &obs.dead_ids,
+            obs.now,
+        ))
+    }
+
+    /// Checks real GPU usage, then claims GPUs atomically. GPUs in use without
+    /// reservation are never handed out; a failed usage check is an error, since
+    /// claiming blind could hand out a busy GPU.
+    pub fn claim(&mut self, reservation: NewReservation, selection: Selection) -> Result<Vec<u32>> {
+        crate::alloc::validate_selection(&selection, self.pool.gpu_count)?;
+        let obs = self.observe()?;
+        let usage = obs
+            .usage
+            .map_err(|e| Error::Gpu(format!("failed to validate GPU usage: {e}")))?;
+        let unreserved = gpu_status::unreserved_gpus(
+            &obs.slots,
+            &usage,
+            self.config.memory_threshold_mb,
+            &obs.dead_ids,
+            obs.now,
+        );
+        self.store.allocate(&AllocRequest {
+            reservation,
+            selection,
+            unreserved,
+            dead_ids: obs.dead_ids,
+            now: obs.now,
+        })
+    }
+}
+
+pub fn now() -> UnixTime {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A random identifier for a new reservation.
+pub fn new_reservation_id() -> String {
+    let mut bytes = [0u8; 12];
+    let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if random.is_err() {
+        // Unique enough without randomness: pid and a nanosecond clock.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        return format!("{:x}-{nanos:x}", std::process::id());
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
