@@ -1,0 +1,249 @@
+//! End-to-end tests of admin, status, reserve and release through the real binary,
+//! against both backends.
+
+use std::collections::HashSet;
+use std::process::Stdio;
+
+use crate::support::cli::{CliEnv, Run};
+
+/// Generates the backend-agnostic CLI tests for one backend.
+macro_rules! cli_core_tests {
+    ($backend:ident, $make:expr) => {
+        mod $backend {
+            use super::*;
+
+            #[test]
+            fn admin_initialises_and_refuses_reinit() {
+                let (env, _guard) = $make;
+                admin_initialises_and_refuses_reinit_case(&env);
+            }
+
+            #[test]
+            fn status_shows_available_then_manual_reservation() {
+                let (env, _guard) = $make;
+                status_case(&env);
+            }
+
+            #[test]
+            fn reserve_rules_and_errors() {
+                let (env, _guard) = $make;
+                reserve_case(&env);
+            }
+
+            #[test]
+            fn release_own_reservations() {
+                let (env, _guard) = $make;
+                release_case(&env);
+            }
+
+            #[test]
+            fn expired_reservation_is_free_without_status() {
+                let (env, _guard) = $make;
+                expiry_case(&env);
+            }
+
+            #[test]
+            fn concurrent_reserves_never_double_allocate() {
+                let (env, _guard) = $make;
+                concurrency_case(&env);
+            }
+
+            #[test]
+            fn uninitialised_pool_is_a_clear_error() {
+                let (env, _guard) = $make;
+                let run = env.run(["status"]);
+                run.assert_code(4);
+                assert_eq!(
+                    run.stderr.trim(),
+                    "Error: GPU pool not initialized - run 'canhazgpu admin --gpus <count>' first"
+                );
+            }
+        }
+    };
+}
+
+cli_core_tests!(sqlite, (CliEnv::sqlite(), ()));
+cli_core_tests!(redis, {
+    let server = crate::support::redis::TestRedis::start();
+    (CliEnv::redis(&server.url()), server)
+});
+
+fn admin_initialises_and_refuses_reinit_case(env: &CliEnv) {
+    let run = env.run(["admin", "--gpus", "4", "--provider", "fake"]);
+    run.assert_ok();
+    assert_eq!(run.stdout.trim(), "Initialized 4 GPUs (IDs 0 to 3)");
+    let again = env.run(["admin", "--gpus", "8", "--provider", "fake"]);
+    again.assert_code(1);
+    assert_eq!(
+        again.stderr.trim(),
+        "Using explicitly specified GPU provider: fake\nError: GPU pool already initialized with 4 GPUs. Use --force to reinitialize"
+    );
+    env.run(["reserve", "--gpus", "2"]).assert_ok();
+    let forced = env.run(["admin", "--gpus", "8", "--provider", "fake", "--force"]);
+    forced.assert_ok();
+    assert_eq!(forced.stdout.trim(), "Reinitialized 8 GPUs (IDs 0 to 7)");
+    assert_eq!(env.statuses(), vec!["AVAILABLE"; 8]);
+    let zero = env.run(["admin", "--gpus", "0", "--provider", "fake"]);
+    zero.assert_code(2);
+    assert!(zero.stderr.contains("--gpus must be at least 1"), "{zero:?}");
+}
+
+fn status_case(env: &CliEnv) {
+    env.init_fake(2);
+    let table = env.run(["status"]);
+    table.assert_ok();
+    let lines: Vec<&str> = table.stdout.lines().collect();
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["GPU", "STATUS", "USER", "DURATION", "TYPE", "MODEL", "DETAILS", "VALIDATION"]
+    );
+    assert!(lines[1].starts_with("---  ------"), "{}", lines[1]);
+    assert!(lines[2].starts_with("0    AVAILABLE"), "{}", lines[2]);
+    assert!(lines[2].contains("never used") && lines[2].ends_with("0MB used"));
+    assert!(!table.stdout.contains('\u{1b}'), "no colour when piped");
+
+    env.run(["reserve", "--gpu-ids", "1", "--duration", "2h"]).assert_ok();
+    let rows = env.status_json();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["status"], "AVAILABLE");
+    assert_eq!(rows[0]["details"], "never used");
+    let me = current_user();
+    assert_eq!(rows[1]["status"], "IN_USE");
+    assert_eq!(rows[1]["user"], me.as_str());
+    assert_eq!(rows[1]["type"], "MANUAL");
+    assert_eq!(rows[1]["validation"], "no usage detected");
+    let details = rows[1]["details"].as_str().unwrap();
+    assert!(
+        details == "expires in 2h 0m 0s" || details == "expires in 1h 59m 59s",
+        "{details}"
+    );
+    assert!(rows[1]["duration"].as_str().unwrap().starts_with("0h 0m"));
+
+    let table = env.run(["status"]);
+    let row = table.stdout.lines().nth(3).unwrap();
+    assert!(row.starts_with("1    IN_USE"), "{row}");
+    assert!(row.contains(" MANUAL ") && row.contains(&me), "{row}");
+}
+
+fn reserve_case(env: &CliEnv) {
+    env.init_fake(4);
+    let run = env.run(["reserve", "--gpus", "2", "--duration", "30m"]);
+    run.assert_ok();
+    assert_eq!(
+        run.stdout,
+        "Reserved 2 GPU(s): [0, 1] for 0h 30m 0s\n\nRun the following command to run only on these GPUs:\nexport CUDA_VISIBLE_DEVICES=0,1\n"
+    );
+    let default = env.run(["reserve"]);
+    default.assert_ok();
+    assert!(default.stdout.starts_with("Reserved 1 GPU(s): [2] for 8h 0m 0s"), "{default:?}");
+
+    for bad in ["0m", "-5m", "abc", "5", "1.2.3h", ""] {
+        let run = env.run(["reserve", "--duration", bad]);
+        run.assert_code(2);
+        assert_eq!(run.stderr.lines().count(), 1, "one line for {bad:?}: {run:?}");
+        assert!(run.stderr.starts_with("Error: invalid duration"), "{run:?}");
+    }
+    let conflict = env.run(["reserve", "--gpus", "3", "--gpu-ids", "1,2"]);
+    conflict.assert_code(2);
+    assert!(conflict.stderr.contains("conflicting --gpus (3) and --gpu-ids (2 IDs)"));
+    env.run(["reserve", "--gpus", "1", "--gpu-ids", "3"]).assert_ok();
+
+    let taken = env.run(["reserve", "--gpu-ids", "1"]);
+    taken.assert_code(3);
+    assert!(taken.stderr.contains("GPU 1 is already reserved by user"), "{taken:?}");
+    let range = env.run(["reserve", "--gpu-ids", "9"]);
+    range.assert_code(2);
+    assert_eq!(range.stderr.trim(), "Error: GPU ID 9 is out of range (0-3)");
+
+    env.run(["release"]).assert_ok();
+    env.run(["reserve", "--gpu-ids", "0,1,2"]).assert_ok();
+    // All or nothing: 3 is free but 2 is not, so neither is taken.
+    env.run(["release", "--gpu-ids", "0,1"]).assert_ok();
+    let partial = env.run(["reserve", "--gpu-ids", "2,3"]);
+    partial.assert_code(3);
+    assert_eq!(env.statuses(), ["AVAILABLE", "AVAILABLE", "IN_USE", "AVAILABLE"]);
+
+    let not_enough = env.run(["reserve", "--gpus", "4"]);
+    not_enough.assert_code(3);
+    assert_eq!(
+        not_enough.stderr.trim(),
+        "Error: Not enough GPUs available. Requested: 4, Available: 3"
+    );
+    let too_many = env.run(["reserve", "--gpus", "5"]);
+    too_many.assert_code(2);
+    assert_eq!(
+        too_many.stderr.trim(),
+        "Error: Requested 5 GPUs but this machine's pool has only 4"
+    );
+}
+
+fn release_case(env: &CliEnv) {
+    env.init_fake(4);
+    let none = env.run(["release"]);
+    none.assert_ok();
+    assert_eq!(none.stdout.trim(), "No manually reserved GPUs found for current user");
+    env.run(["reserve", "--gpu-ids", "1,3"]).assert_ok();
+    let released = env.run(["release"]);
+    assert_eq!(released.stdout.trim(), "Released 2 GPU(s): [1, 3]");
+    env.run(["reserve", "--gpu-ids", "1,3"]).assert_ok();
+    let one = env.run(["release", "--gpu-ids", "3"]);
+    assert_eq!(one.stdout.trim(), "Released 1 GPU(s): [3]");
+    let again = env.run(["release", "--gpu-ids", "0,2"]);
+    assert_eq!(
+        again.stdout.trim(),
+        "No reservations found for current user on GPU(s): [0, 2]"
+    );
+    // $USER is not an identity: pretending to be someone else releases nothing of theirs
+    // and still releases the caller's own reservations.
+    let spoof = env.command(["release"]).env("USER", "mallory").output().unwrap();
+    let spoof = Run::from(spoof);
+    assert_eq!(spoof.stdout.trim(), "Released 1 GPU(s): [1]");
+    assert_eq!(env.statuses(), vec!["AVAILABLE"; 4]);
+}
+
+fn expiry_case(env: &CliEnv) {
+    env.init_fake(1);
+    env.run(["reserve", "--duration", "1s"]).assert_ok();
+    env.run(["reserve"]).assert_code(3);
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    // No `status` in between: allocation itself treats the expired reservation as free.
+    env.run(["reserve", "--duration", "1h"]).assert_ok();
+    assert_eq!(env.status_json()[0]["details"].as_str().unwrap(), "expires in 1h 0m 0s");
+}
+
+fn concurrency_case(env: &CliEnv) {
+    env.init_fake(8);
+    let children: Vec<_> = (0..64)
+        .map(|_| {
+            env.command(["reserve", "--gpus", "1", "--duration", "1h"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn")
+        })
+        .collect();
+    let runs: Vec<Run> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().expect("wait").into())
+        .collect();
+    let winners: Vec<&Run> = runs.iter().filter(|r| r.ok()).collect();
+    assert_eq!(winners.len(), 8, "exactly 8 of 64 succeed");
+    let gpus: HashSet<String> = winners
+        .iter()
+        .map(|r| r.stdout.lines().last().unwrap().to_string())
+        .collect();
+    assert_eq!(gpus.len(), 8, "every winner got a different GPU: {gpus:?}");
+    for loser in runs.iter().filter(|r| !r.ok()) {
+        loser.assert_code(3);
+        assert!(
+            loser.stderr.starts_with("Error: Not enough GPUs available. Requested: 1, Available: 0"),
+            "{loser:?}"
+        );
+    }
+    assert_eq!(env.statuses(), vec!["IN_USE"; 8]);
+}
+
+pub fn current_user() -> String {
+    let out = std::process::Command::new("id").arg("-un").output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}

@@ -1,0 +1,119 @@
+//! Two real Unix users sharing one embedded store, through the real binary.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+use crate::support::cli::{BIN, Run};
+
+/// Creates the Unix user if missing; tolerant of a concurrent `useradd`.
+pub fn ensure_user(name: &str) {
+    for _ in 0..50 {
+        let exists = Command::new("id").arg("-u").arg(name).output().unwrap();
+        if exists.status.success() {
+            return;
+        }
+        let _ = Command::new("useradd").args(["-m", name]).output();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("could not create user {name}");
+}
+
+/// Runs the binary as `user` (or as root when `None`) against `state_dir`.
+fn as_user(user: Option<&str>, state_dir: &Path, args: &[&str]) -> Run {
+    let mut cmd = match user {
+        Some(user) => {
+            let mut c = Command::new("runuser");
+            c.args(["-u", user, "--", BIN]);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    for (key, _) in std::env::vars() {
+        if key.starts_with("CANHAZGPU_") {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd.env("HOME", "/nonexistent")
+        .env("CANHAZGPU_NVML", "0")
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(args);
+    cmd.output().expect("run canhazgpu").into()
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn two_users_share_the_embedded_store() {
+    ensure_user("chg_alice");
+    ensure_user("chg_bob");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let state = dir.path().join("state");
+
+    as_user(None, &state, &["admin", "--gpus", "4", "--provider", "fake"]).assert_ok();
+    assert_eq!(mode(&state) & 0o777, 0o777, "store directory usable by everyone");
+    assert_eq!(mode(&state.join("state.db")), 0o666);
+
+    let alice = as_user(Some("chg_alice"), &state, &["reserve", "--gpus", "1"]);
+    alice.assert_ok();
+    assert!(alice.stdout.starts_with("Reserved 1 GPU(s): [0]"), "{alice:?}");
+    let bob = as_user(Some("chg_bob"), &state, &["reserve", "--gpus", "1"]);
+    bob.assert_ok();
+    assert!(bob.stdout.starts_with("Reserved 1 GPU(s): [1]"), "{bob:?}");
+    for file in ["state.db-wal", "state.db-shm", "state.db-journal"] {
+        let path = state.join(file);
+        if path.exists() {
+            assert_eq!(mode(&path), 0o666, "{file} must be writable by every user");
+        }
+    }
+
+    let status = as_user(Some("chg_bob"), &state, &["status", "--json"]);
+    status.assert_ok();
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(rows[0]["user"], "chg_alice");
+    assert_eq!(rows[1]["user"], "chg_bob");
+
+    // bob cannot release alice's GPU, not even by claiming to be her.
+    let denied = as_user(Some("chg_bob"), &state, &["release", "--gpu-ids", "0"]);
+    assert_eq!(
+        denied.stdout.trim(),
+        "No reservations found for current user on GPU(s): [0]"
+    );
+    let mut spoof = Command::new("runuser");
+    spoof
+        .args(["-u", "chg_bob", "--", "env", "USER=chg_alice", "LOGNAME=chg_alice", BIN])
+        .env("CANHAZGPU_NVML", "0")
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("release");
+    let spoof: Run = spoof.output().unwrap().into();
+    assert_eq!(spoof.stdout.trim(), "Released 1 GPU(s): [1]", "{spoof:?}");
+    let not_root = as_user(Some("chg_bob"), &state, &["release", "--gpu-ids", "0", "--force"]);
+    not_root.assert_code(2);
+    assert!(not_root.stderr.contains("root only"), "{not_root:?}");
+
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&as_user(None, &state, &["status", "--json"]).stdout).unwrap();
+    assert_eq!(rows[0]["user"], "chg_alice", "alice still holds GPU 0");
+
+    let root = as_user(None, &state, &["release", "--gpu-ids", "0", "--force"]);
+    assert_eq!(root.stdout.trim(), "Released 1 GPU(s): [0]", "{root:?}");
+}
+
+#[test]
+fn unreadable_store_is_one_clear_line() {
+    ensure_user("chg_bob");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let state = dir.path().join("state");
+    as_user(None, &state, &["admin", "--gpus", "2", "--provider", "fake"]).assert_ok();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let run = as_user(Some("chg_bob"), &state, &["status"]);
+    run.assert_code(1);
+    assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+    assert!(run.stderr.contains(&state.join("state.db").display().to_string()), "{run:?}");
+}
