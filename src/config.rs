@@ -1,15 +1,44 @@
 //! Layered configuration: command-line flags > `CANHAZGPU_*` environment variables >
 //! config file > built-in defaults. One `resolve` step turns them into a plain `Config`.
+//!
+//! Every key lives in one registry (`KEYS`). A key's raw value is taken from the
+//! highest layer that gives it and remembers where it came from, so a bad value is
+//! reported as `SOURCE: expected WHAT, got "VALUE"` whichever layer it came from.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fmt;
+use std::path::{Path, PathBuf};
 
-use crate::error::Result;
-use crate::store::StoreConfig;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::store::{RedisConfig, StoreConfig};
 
 /// Default location of the embedded store's directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/canhazgpu";
 /// Default memory threshold in MiB above which a GPU counts as in use.
 pub const DEFAULT_MEMORY_THRESHOLD_MB: u64 = 1024;
+pub const DEFAULT_REDIS_HOST: &str = "localhost";
+pub const DEFAULT_REDIS_PORT: u16 = 6379;
+pub const DEFAULT_REDIS_DB: i64 = 0;
+/// Directory searched for `config.{yaml,yml,json,toml}` when the user has no file.
+pub const SYSTEM_CONFIG_DIR: &str = "/etc/canhazgpu";
+/// Environment variable naming the config file, like `--config`.
+pub const CONFIG_ENV: &str = "CANHAZGPU_CONFIG";
+
+const ENV_PREFIX: &str = "CANHAZGPU_";
+/// Config file extensions in discovery order.
+const EXTENSIONS: [&str; 4] = ["yaml", "yml", "json", "toml"];
+/// Keys whose presence alone selects the Redis backend.
+const REDIS_KEYS: [&str; 5] = [
+    "redis.host",
+    "redis.port",
+    "redis.db",
+    "redis.url",
+    "redis.password",
+];
+const REDIS_URL_SCHEMES: [&str; 3] = ["redis://", "rediss://", "redis+unix://"];
 
 /// Settings given on the command line; `None` means "not given".
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -30,18 +59,1241 @@ pub struct Overrides {
 pub struct Config {
     pub store: StoreConfig,
     pub memory_threshold_mb: u64,
-    /// Non-fatal findings (unknown keys) to print on stderr.
+    /// Non-fatal findings (unknown keys, flags a Redis URL overrides) to print on stderr.
     pub warnings: Vec<String>,
+    /// The raw value of every registered key some layer gave, by key name. Commands
+    /// read their own keys (`run.wait`, ...) from here with `Setting::parse`.
+    pub settings: BTreeMap<&'static str, Setting>,
+}
+
+/// A configuration key: its dotted path in config files, from which its environment
+/// variable is derived (`redis.port` → `CANHAZGPU_REDIS_PORT`), and the flag that
+/// overrides it, if any.
+pub struct Key {
+    pub name: &'static str,
+    /// What a valid value looks like, completing "expected ...".
+    pub expected: &'static str,
+    flag: Option<Flag>,
+}
+
+struct Flag {
+    name: &'static str,
+    value: fn(&Overrides) -> Option<&OsStr>,
+}
+
+impl Key {
+    const fn new(name: &'static str, expected: &'static str) -> Self {
+        Key {
+            name,
+            expected,
+            flag: None,
+        }
+    }
+
+    const fn flag(self, name: &'static str, value: fn(&Overrides) -> Option<&OsStr>) -> Self {
+        Key {
+            flag: Some(Flag { name, value }),
+            ..self
+        }
+    }
+
+    pub fn env_var(&self) -> String {
+        format!(
+            "{ENV_PREFIX}{}",
+            self.name.to_ascii_uppercase().replace('.', "_")
+        )
+    }
+
+    fn setting(&self, value: String, source: Source) -> Setting {
+        Setting {
+            value,
+            source,
+            expected: self.expected,
+        }
+    }
+
+    fn flag_setting(&self, overrides: &Overrides) -> Result<Option<Setting>> {
+        let Some(flag) = &self.flag else {
+            return Ok(None);
+        };
+        let Some(raw) = (flag.value)(overrides) else {
+            return Ok(None);
+        };
+        let source = Source::Flag(flag.name);
+        match raw.to_str() {
+            Some(text) => Ok(Some(self.setting(text.to_owned(), source))),
+            None => Err(invalid(&source, self.expected, &format!("{raw:?}"))),
+        }
+    }
+}
+
+fn text(value: &Option<String>) -> Option<&OsStr> {
+    value.as_deref().map(OsStr::new)
+}
+
+/// Every key config files and `CANHAZGPU_*` variables understand. One line here makes
+/// a key known to all layers; its users read it from `Config::settings`.
+pub static KEYS: &[Key] = &[
+    Key::new("backend", "'sqlite' or 'redis'").flag("--backend", |o| text(&o.backend)),
+    Key::new("state_dir", "a directory path").flag("--state-dir", |o| {
+        o.state_dir.as_deref().map(Path::as_os_str)
+    }),
+    Key::new("redis.host", "a host name").flag("--redis-host", |o| text(&o.redis_host)),
+    Key::new("redis.port", "an integer from 1 to 65535")
+        .flag("--redis-port", |o| text(&o.redis_port)),
+    Key::new("redis.db", "an integer of at least 0").flag("--redis-db", |o| text(&o.redis_db)),
+    Key::new(
+        "redis.url",
+        "a URL starting with redis://, rediss:// or redis+unix://",
+    )
+    .flag("--redis-url", |o| text(&o.redis_url)),
+    Key::new("redis.password", "a non-empty password")
+        .flag("--redis-password", |o| text(&o.redis_password)),
+    Key::new("memory.threshold", "a whole number of MB")
+        .flag("--memory-threshold", |o| text(&o.memory_threshold)),
+];
+
+fn key(name: &str) -> Option<&'static Key> {
+    KEYS.iter().find(|key| key.name == name)
+}
+
+/// Where a raw value came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    Flag(&'static str),
+    Env(String),
+    File { path: PathBuf, key: &'static str },
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Flag(name) => f.write_str(name),
+            Source::Env(name) => f.write_str(name),
+            Source::File { path, key } => write!(f, "{}: key '{key}'", path.display()),
+        }
+    }
+}
+
+/// A key's raw value from the highest layer that gave it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Setting {
+    pub value: String,
+    pub source: Source,
+    expected: &'static str,
+}
+
+impl Setting {
+    /// Converts the value with `parse`; `None` from it becomes an error naming the
+    /// source and what the key expects.
+    pub fn parse<T>(&self, parse: impl FnOnce(&str) -> Option<T>) -> Result<T> {
+        parse(&self.value)
+            .ok_or_else(|| invalid(&self.source, self.expected, &format!("{:?}", self.value)))
+    }
+}
+
+fn invalid(source: &Source, expected: &str, got: &str) -> Error {
+    Error::Config(format!("{source}: expected {expected}, got {got}"))
 }
 
 /// Resolves the configuration from flags, the process environment and config files.
 pub fn resolve(overrides: &Overrides) -> Result<Config> {
-    let _ = overrides;
-    Ok(Config {
-        store: StoreConfig::Sqlite {
-            path: PathBuf::from(DEFAULT_STATE_DIR).join("state.db"),
+    let env = |name: &str| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned());
+    let home = std::env::home_dir().filter(|home| !home.as_os_str().is_empty());
+    resolve_with(
+        overrides,
+        &env,
+        home.as_deref(),
+        Path::new(SYSTEM_CONFIG_DIR),
+    )
+}
+
+/// `resolve` with the environment, home directory and system config directory given.
+pub fn resolve_with(
+    overrides: &Overrides,
+    env: &dyn Fn(&str) -> Option<String>,
+    home: Option<&Path>,
+    system_dir: &Path,
+) -> Result<Config> {
+    let env = |name: &str| env(name).filter(|value| !value.is_empty());
+    let mut warnings = Vec::new();
+    let mut settings = match find_config_file(overrides, &env, home, system_dir)? {
+        Some(path) => load_file(&path, &mut warnings)?,
+        None => BTreeMap::new(),
+    };
+    for key in KEYS {
+        let env_var = key.env_var();
+        let setting = match key.flag_setting(overrides)? {
+            Some(setting) => Some(setting),
+            None => env(&env_var).map(|value| key.setting(value, Source::Env(env_var))),
+        };
+        if let Some(setting) = setting {
+            settings.insert(key.name, setting);
+        }
+    }
+
+    let backend = parsed(&settings, "backend", |v| match v {
+        "sqlite" => Some(Backend::Sqlite),
+        "redis" => Some(Backend::Redis),
+        _ => None,
+    })?;
+    let state_dir = parsed(&settings, "state_dir", |v| non_empty(v).map(PathBuf::from))?
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    let redis = redis_config(&settings, &mut warnings)?;
+    let memory_threshold_mb = parsed(&settings, "memory.threshold", |v| v.parse().ok())?
+        .unwrap_or(DEFAULT_MEMORY_THRESHOLD_MB);
+
+    let redis_given = REDIS_KEYS.iter().any(|key| settings.contains_key(key));
+    let store = match backend {
+        Some(Backend::Redis) => StoreConfig::Redis(redis),
+        None if redis_given => StoreConfig::Redis(redis),
+        Some(Backend::Sqlite) | None => StoreConfig::Sqlite {
+            path: state_dir.join("state.db"),
         },
-        memory_threshold_mb: DEFAULT_MEMORY_THRESHOLD_MB,
-        warnings: Vec::new(),
+    };
+    Ok(Config {
+        store,
+        memory_threshold_mb,
+        warnings,
+        settings,
     })
+}
+
+enum Backend {
+    Sqlite,
+    Redis,
+}
+
+fn parsed<T>(
+    settings: &BTreeMap<&'static str, Setting>,
+    key: &str,
+    parse: impl FnOnce(&str) -> Option<T>,
+) -> Result<Option<T>> {
+    settings
+        .get(key)
+        .map(|setting| setting.parse(parse))
+        .transpose()
+}
+
+fn non_empty(value: &str) -> Option<String> {
+    (!value.is_empty()).then(|| value.to_owned())
+}
+
+/// Validates every Redis key, whichever backend is chosen, so a typo never hides.
+fn redis_config(
+    settings: &BTreeMap<&'static str, Setting>,
+    warnings: &mut Vec<String>,
+) -> Result<RedisConfig> {
+    let host = parsed(settings, "redis.host", |v| {
+        non_empty(v).filter(|v| !v.contains(char::is_whitespace))
+    })?;
+    let port = parsed(settings, "redis.port", |v| {
+        v.parse::<u16>().ok().filter(|port| *port != 0)
+    })?;
+    let db = parsed(settings, "redis.db", |v| {
+        v.parse::<i64>().ok().filter(|db| *db >= 0)
+    })?;
+    let url = parsed(settings, "redis.url", |v| {
+        REDIS_URL_SCHEMES
+            .iter()
+            .any(|scheme| v.starts_with(scheme))
+            .then(|| v.to_owned())
+    })?;
+    let password = parsed(settings, "redis.password", non_empty)?;
+
+    // The URL wins over host/port/db; say so rather than silently drop a flag.
+    if let Some(url_setting) = settings.get("redis.url") {
+        for name in ["redis.host", "redis.port", "redis.db"] {
+            if let Some(ignored) = settings.get(name) {
+                warnings.push(format!(
+                    "warning: {} ignored because redis.url is set ({})",
+                    ignored.source, url_setting.source
+                ));
+            }
+        }
+    }
+    Ok(RedisConfig {
+        url,
+        host: host.unwrap_or_else(|| DEFAULT_REDIS_HOST.to_owned()),
+        port: port.unwrap_or(DEFAULT_REDIS_PORT),
+        db: db.unwrap_or(DEFAULT_REDIS_DB),
+        password,
+    })
+}
+
+/// The explicitly named file (`--config`, then `CANHAZGPU_CONFIG`), else the first
+/// existing `~/.canhazgpu.EXT`, else the first existing `SYSTEM_DIR/config.EXT`.
+fn find_config_file(
+    overrides: &Overrides,
+    env: &dyn Fn(&str) -> Option<String>,
+    home: Option<&Path>,
+    system_dir: &Path,
+) -> Result<Option<PathBuf>> {
+    let explicit = match &overrides.config_file {
+        Some(path) => Some((path.clone(), "--config")),
+        None => env(CONFIG_ENV).map(|path| (PathBuf::from(path), CONFIG_ENV)),
+    };
+    if let Some((path, source)) = explicit {
+        if !path.exists() {
+            return Err(Error::Config(format!(
+                "{source}: config file {} does not exist",
+                path.display()
+            )));
+        }
+        return Ok(Some(path));
+    }
+    let in_home = home
+        .into_iter()
+        .flat_map(|home| EXTENSIONS.map(|ext| home.join(format!(".canhazgpu.{ext}"))));
+    let in_system = EXTENSIONS.map(|ext| system_dir.join(format!("config.{ext}")));
+    Ok(in_home.chain(in_system).find(|path| path.exists()))
+}
+
+#[derive(Clone, Copy)]
+enum Format {
+    Yaml,
+    Json,
+    Toml,
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::Yaml => "YAML",
+            Format::Json => "JSON",
+            Format::Toml => "TOML",
+        })
+    }
+}
+
+impl Format {
+    fn of(path: &Path) -> Option<Format> {
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        match ext.as_str() {
+            "yaml" | "yml" => Some(Format::Yaml),
+            "json" => Some(Format::Json),
+            "toml" => Some(Format::Toml),
+            _ => None,
+        }
+    }
+
+    /// Parses `text` into a generic tree, or returns the parser's message.
+    fn parse(self, text: &str) -> Result<Value, String> {
+        match self {
+            Format::Yaml => {
+                let options = serde_saphyr::options! { with_snippet: false };
+                serde_saphyr::from_str_with_options(text, options).map_err(|e| e.to_string())
+            }
+            Format::Json => serde_json::from_str(text).map_err(|e| e.to_string()),
+            Format::Toml => toml::from_str(text).map_err(|e| {
+                let position = e.span().map(|span| line_column(text, span.start));
+                match position {
+                    Some((line, column)) => {
+                        format!("{} at line {line} column {column}", e.message())
+                    }
+                    None => e.message().to_owned(),
+                }
+            }),
+        }
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    (line, column)
+}
+
+/// Joins a multi-line message into one line.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Reads a config file into settings; unknown keys become warnings.
+fn load_file(path: &Path, warnings: &mut Vec<String>) -> Result<BTreeMap<&'static str, Setting>> {
+    let shown = path.display();
+    let format = Format::of(path).ok_or_else(|| {
+        Error::Config(format!(
+            "{shown}: unsupported config file format (expected a .yaml, .yml, .json or .toml file)"
+        ))
+    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Config(format!("{shown}: cannot read config file: {e}")))?;
+    let tree = format
+        .parse(&text)
+        .map_err(|msg| Error::Config(format!("{shown}: invalid {format}: {}", one_line(&msg))))?;
+    let top = match tree {
+        Value::Object(map) => map,
+        // An empty YAML document.
+        Value::Null => serde_json::Map::new(),
+        other => {
+            return Err(Error::Config(format!(
+                "{shown}: expected a map of settings, got {}",
+                describe(&other)
+            )));
+        }
+    };
+
+    let mut leaves = Vec::new();
+    flatten("", top, &mut leaves);
+    let mut settings = BTreeMap::new();
+    for (name, value) in leaves {
+        let Some(key) = key(&name) else {
+            warnings.push(format!("warning: {shown}: unknown key '{name}' ignored"));
+            continue;
+        };
+        let source = Source::File {
+            path: path.to_owned(),
+            key: key.name,
+        };
+        let text = match value {
+            // `port:` with no value leaves the key unset.
+            Value::Null => continue,
+            Value::Bool(b) => b.to_string(),
+            Value::Number(n) => n.to_string(),
+            Value::String(s) => s,
+            other @ (Value::Array(_) | Value::Object(_)) => {
+                return Err(invalid(&source, key.expected, describe(&other)));
+            }
+        };
+        if settings
+            .insert(key.name, key.setting(text, source))
+            .is_some()
+        {
+            return Err(Error::Config(format!(
+                "{shown}: key '{}' is given twice",
+                key.name
+            )));
+        }
+    }
+    Ok(settings)
+}
+
+fn describe(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "nothing",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a map",
+    }
+}
+
+/// Turns nested maps into `(dotted.path, leaf)` pairs. A registered key is a leaf even
+/// when its value is a map, so that mistake is reported rather than warned about.
+fn flatten(prefix: &str, map: serde_json::Map<String, Value>, leaves: &mut Vec<(String, Value)>) {
+    for (name, value) in map {
+        let path = if prefix.is_empty() {
+            name
+        } else {
+            format!("{prefix}.{name}")
+        };
+        match value {
+            Value::Object(inner) if key(&path).is_none() => flatten(&path, inner, leaves),
+            value => leaves.push((path, value)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use tempfile::TempDir;
+
+    use super::*;
+
+    /// A home directory, a system config directory and an environment, all private.
+    struct World {
+        home: TempDir,
+        system: TempDir,
+        env: HashMap<String, String>,
+    }
+
+    impl World {
+        fn new() -> Self {
+            World {
+                home: TempDir::new().unwrap(),
+                system: TempDir::new().unwrap(),
+                env: HashMap::new(),
+            }
+        }
+
+        fn env(mut self, name: &str, value: &str) -> Self {
+            self.env.insert(name.to_owned(), value.to_owned());
+            self
+        }
+
+        fn home_file(&self, name: &str, text: &str) -> PathBuf {
+            write(self.home.path(), name, text)
+        }
+
+        fn system_file(&self, name: &str, text: &str) -> PathBuf {
+            write(self.system.path(), name, text)
+        }
+
+        fn resolve(&self, overrides: &Overrides) -> Result<Config> {
+            let env = |name: &str| self.env.get(name).cloned();
+            resolve_with(overrides, &env, Some(self.home.path()), self.system.path())
+        }
+
+        fn config(&self) -> Config {
+            self.resolve(&Overrides::default()).unwrap()
+        }
+
+        fn error(&self, overrides: &Overrides) -> String {
+            match self.resolve(overrides) {
+                Err(Error::Config(msg)) => msg,
+                other => panic!("expected a config error, got {other:?}"),
+            }
+        }
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/config")
+            .join(name)
+    }
+
+    fn redis(config: &Config) -> &RedisConfig {
+        match &config.store {
+            StoreConfig::Redis(redis) => redis,
+            other => panic!("expected Redis, got {other:?}"),
+        }
+    }
+
+    fn sqlite_path(config: &Config) -> &Path {
+        match &config.store {
+            StoreConfig::Sqlite { path } => path,
+            other => panic!("expected SQLite, got {other:?}"),
+        }
+    }
+
+    fn flag_config(path: PathBuf) -> Overrides {
+        Overrides {
+            config_file: Some(path),
+            ..Overrides::default()
+        }
+    }
+
+    // --- defaults -------------------------------------------------------------
+
+    #[test]
+    fn defaults_without_any_layer() {
+        let config = World::new().config();
+        assert_eq!(
+            config,
+            Config {
+                store: StoreConfig::Sqlite {
+                    path: PathBuf::from("/var/lib/canhazgpu/state.db"),
+                },
+                memory_threshold_mb: 1024,
+                warnings: vec![],
+                settings: BTreeMap::new(),
+            }
+        );
+    }
+
+    #[test]
+    fn env_names_derive_from_keys() {
+        let names: Vec<String> = KEYS.iter().map(Key::env_var).collect();
+        assert_eq!(
+            names,
+            [
+                "CANHAZGPU_BACKEND",
+                "CANHAZGPU_STATE_DIR",
+                "CANHAZGPU_REDIS_HOST",
+                "CANHAZGPU_REDIS_PORT",
+                "CANHAZGPU_REDIS_DB",
+                "CANHAZGPU_REDIS_URL",
+                "CANHAZGPU_REDIS_PASSWORD",
+                "CANHAZGPU_MEMORY_THRESHOLD",
+            ]
+        );
+    }
+
+    // --- one test per environment variable ------------------------------------
+
+    #[test]
+    fn env_redis_host() {
+        let config = World::new()
+            .env("CANHAZGPU_REDIS_HOST", "redis.example.com")
+            .config();
+        assert_eq!(redis(&config).host, "redis.example.com");
+    }
+
+    #[test]
+    fn env_redis_port() {
+        let config = World::new().env("CANHAZGPU_REDIS_PORT", "6380").config();
+        assert_eq!(redis(&config).port, 6380);
+    }
+
+    #[test]
+    fn env_redis_db() {
+        let config = World::new().env("CANHAZGPU_REDIS_DB", "3").config();
+        assert_eq!(redis(&config).db, 3);
+    }
+
+    #[test]
+    fn env_redis_url() {
+        let config = World::new()
+            .env("CANHAZGPU_REDIS_URL", "redis+unix:///run/redis.sock")
+            .config();
+        assert_eq!(
+            redis(&config).url.as_deref(),
+            Some("redis+unix:///run/redis.sock")
+        );
+    }
+
+    #[test]
+    fn env_redis_password() {
+        let config = World::new()
+            .env("CANHAZGPU_REDIS_PASSWORD", "hunter2")
+            .config();
+        assert_eq!(redis(&config).password.as_deref(), Some("hunter2"));
+    }
+
+    #[test]
+    fn env_memory_threshold() {
+        let config = World::new()
+            .env("CANHAZGPU_MEMORY_THRESHOLD", "512")
+            .config();
+        assert_eq!(config.memory_threshold_mb, 512);
+    }
+
+    #[test]
+    fn env_backend() {
+        let config = World::new().env("CANHAZGPU_BACKEND", "redis").config();
+        assert_eq!(redis(&config).host, "localhost");
+    }
+
+    #[test]
+    fn env_state_dir() {
+        let config = World::new()
+            .env("CANHAZGPU_STATE_DIR", "/srv/gpus")
+            .config();
+        assert_eq!(sqlite_path(&config), Path::new("/srv/gpus/state.db"));
+    }
+
+    #[test]
+    fn env_config_names_the_file() {
+        let world = World::new();
+        let path = world.home_file("elsewhere.json", r#"{"memory": {"threshold": 7}}"#);
+        let config = world.env(CONFIG_ENV, path.to_str().unwrap()).config();
+        assert_eq!(config.memory_threshold_mb, 7);
+    }
+
+    #[test]
+    fn empty_env_values_count_as_unset() {
+        let world = World::new();
+        world.home_file(".canhazgpu.yaml", "memory:\n  threshold: 300\n");
+        let config = world
+            .env("CANHAZGPU_MEMORY_THRESHOLD", "")
+            .env("CANHAZGPU_REDIS_HOST", "")
+            .env(CONFIG_ENV, "")
+            .config();
+        assert_eq!(config.memory_threshold_mb, 300);
+        assert!(matches!(config.store, StoreConfig::Sqlite { .. }));
+    }
+
+    // --- precedence -------------------------------------------------------------
+
+    #[test]
+    fn memory_threshold_precedence_flag_env_file_default() {
+        let world = World::new();
+        assert_eq!(world.config().memory_threshold_mb, 1024);
+
+        world.home_file(".canhazgpu.yaml", "memory:\n  threshold: 100\n");
+        assert_eq!(world.config().memory_threshold_mb, 100);
+
+        let world = world.env("CANHAZGPU_MEMORY_THRESHOLD", "200");
+        assert_eq!(world.config().memory_threshold_mb, 200);
+
+        let flags = Overrides {
+            memory_threshold: Some("300".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(world.resolve(&flags).unwrap().memory_threshold_mb, 300);
+    }
+
+    #[test]
+    fn redis_port_precedence_flag_env_file_default() {
+        let world = World::new().env("CANHAZGPU_BACKEND", "redis");
+        assert_eq!(redis(&world.config()).port, 6379);
+
+        world.home_file(".canhazgpu.toml", "[redis]\nport = 7001\n");
+        assert_eq!(redis(&world.config()).port, 7001);
+
+        let world = world.env("CANHAZGPU_REDIS_PORT", "7002");
+        assert_eq!(redis(&world.config()).port, 7002);
+
+        let flags = Overrides {
+            redis_port: Some("7003".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(redis(&world.resolve(&flags).unwrap()).port, 7003);
+    }
+
+    /// A valid value per layer (file, env, flag) for every registered key.
+    const LAYER_VALUES: [(&str, [&str; 3]); 8] = [
+        ("backend", ["sqlite", "redis", "sqlite"]),
+        ("state_dir", ["/f", "/e", "/c"]),
+        ("redis.host", ["f", "e", "c"]),
+        ("redis.port", ["1", "2", "3"]),
+        ("redis.db", ["1", "2", "3"]),
+        ("redis.url", ["redis://f", "redis://e", "redis://c"]),
+        ("redis.password", ["f", "e", "c"]),
+        ("memory.threshold", ["1", "2", "3"]),
+    ];
+
+    fn flag(key: &str, value: &str) -> Overrides {
+        let mut flags = Overrides::default();
+        let value = Some(value.to_owned());
+        match key {
+            "backend" => flags.backend = value,
+            "state_dir" => flags.state_dir = value.map(PathBuf::from),
+            "redis.host" => flags.redis_host = value,
+            "redis.port" => flags.redis_port = value,
+            "redis.db" => flags.redis_db = value,
+            "redis.url" => flags.redis_url = value,
+            "redis.password" => flags.redis_password = value,
+            "memory.threshold" => flags.memory_threshold = value,
+            other => panic!("no flag for {other}"),
+        }
+        flags
+    }
+
+    #[test]
+    fn every_layer_outranks_the_one_below_for_every_key() {
+        let names: Vec<&str> = LAYER_VALUES.iter().map(|(name, _)| *name).collect();
+        let registered: Vec<&str> = KEYS.iter().map(|key| key.name).collect();
+        assert_eq!(names, registered);
+
+        for (key, [in_file, in_env, in_flag]) in LAYER_VALUES {
+            let world = World::new();
+            let path = world.home_file(".canhazgpu.json", &format!(r#"{{"{key}": "{in_file}"}}"#));
+            let setting = world.config().settings[key].clone();
+            assert_eq!(setting.value, in_file);
+            assert_eq!(setting.source, Source::File { path, key });
+
+            let env_var = KEYS.iter().find(|k| k.name == key).unwrap().env_var();
+            let world = world.env(&env_var, in_env);
+            let setting = world.config().settings[key].clone();
+            assert_eq!(setting.value, in_env);
+            assert_eq!(setting.source, Source::Env(env_var));
+
+            let config = world.resolve(&flag(key, in_flag)).unwrap();
+            let setting = &config.settings[key];
+            assert_eq!(setting.value, in_flag);
+            let flag_name = format!("--{}", key.replace(['.', '_'], "-"));
+            assert!(matches!(setting.source, Source::Flag(name) if name == flag_name));
+        }
+    }
+
+    // --- file formats -----------------------------------------------------------
+
+    fn assert_full_fixture(config: &Config) {
+        assert_eq!(
+            config.store,
+            StoreConfig::Redis(RedisConfig {
+                url: None,
+                host: "redis.example.com".into(),
+                port: 6380,
+                db: 2,
+                password: Some("s3cret".into()),
+            })
+        );
+        assert_eq!(config.memory_threshold_mb, 512);
+        assert_eq!(config.settings["state_dir"].value, "/srv/canhazgpu");
+        assert_eq!(config.warnings, Vec::<String>::new());
+    }
+
+    #[test]
+    fn yaml_file() {
+        let config = World::new()
+            .resolve(&flag_config(fixture("full.yaml")))
+            .unwrap();
+        assert_full_fixture(&config);
+    }
+
+    #[test]
+    fn yml_file() {
+        let world = World::new();
+        let text = std::fs::read_to_string(fixture("full.yaml")).unwrap();
+        world.home_file(".canhazgpu.yml", &text);
+        assert_full_fixture(&world.config());
+    }
+
+    #[test]
+    fn json_file() {
+        let config = World::new()
+            .resolve(&flag_config(fixture("full.json")))
+            .unwrap();
+        assert_full_fixture(&config);
+    }
+
+    #[test]
+    fn toml_file() {
+        let config = World::new()
+            .resolve(&flag_config(fixture("full.toml")))
+            .unwrap();
+        assert_full_fixture(&config);
+    }
+
+    #[test]
+    fn dotted_keys_work_like_nested_maps() {
+        let world = World::new();
+        world.home_file(".canhazgpu.yaml", "redis.port: 6390\nmemory.threshold: 5\n");
+        let config = world.config();
+        assert_eq!(redis(&config).port, 6390);
+        assert_eq!(config.memory_threshold_mb, 5);
+    }
+
+    #[test]
+    fn quoted_numbers_are_accepted() {
+        let world = World::new();
+        world.home_file(".canhazgpu.yaml", "redis:\n  port: \"6390\"\n");
+        assert_eq!(redis(&world.config()).port, 6390);
+    }
+
+    #[test]
+    fn empty_yaml_file_and_null_values_leave_defaults() {
+        let world = World::new();
+        let path = world.home_file(".canhazgpu.yaml", "");
+        assert_eq!(world.config().memory_threshold_mb, 1024);
+        std::fs::write(&path, "redis:\n  host:\nmemory:\n  threshold: ~\n").unwrap();
+        let config = world.config();
+        assert_eq!(config.memory_threshold_mb, 1024);
+        assert!(matches!(config.store, StoreConfig::Sqlite { .. }));
+    }
+
+    // --- discovery --------------------------------------------------------------
+
+    #[test]
+    fn home_file_wins_over_system_file() {
+        let world = World::new();
+        world.system_file("config.yaml", "memory:\n  threshold: 1\n");
+        assert_eq!(world.config().memory_threshold_mb, 1);
+        world.home_file(".canhazgpu.toml", "memory = { threshold = 2 }\n");
+        assert_eq!(world.config().memory_threshold_mb, 2);
+    }
+
+    #[test]
+    fn home_extensions_are_tried_yaml_yml_json_toml() {
+        let world = World::new();
+        let order = [
+            (".canhazgpu.toml", "memory = { threshold = 4 }\n", 4),
+            (".canhazgpu.json", r#"{"memory": {"threshold": 3}}"#, 3),
+            (".canhazgpu.yml", "memory: {threshold: 2}\n", 2),
+            (".canhazgpu.yaml", "memory: {threshold: 1}\n", 1),
+        ];
+        // Adding a file earlier in the order takes over from the ones found before.
+        for (name, text, expected) in order {
+            world.home_file(name, text);
+            assert_eq!(world.config().memory_threshold_mb, expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn system_extensions_are_tried_yaml_before_toml() {
+        let world = World::new();
+        world.system_file("config.toml", "memory = { threshold = 4 }\n");
+        assert_eq!(world.config().memory_threshold_mb, 4);
+        world.system_file("config.yaml", "memory: {threshold: 1}\n");
+        assert_eq!(world.config().memory_threshold_mb, 1);
+    }
+
+    #[test]
+    fn system_file_is_used_without_a_home() {
+        let world = World::new();
+        world.system_file("config.json", r#"{"memory": {"threshold": 9}}"#);
+        let env = |_: &str| None;
+        let config = resolve_with(&Overrides::default(), &env, None, world.system.path()).unwrap();
+        assert_eq!(config.memory_threshold_mb, 9);
+    }
+
+    #[test]
+    fn explicit_file_replaces_discovery() {
+        let world = World::new();
+        world.home_file(".canhazgpu.yaml", "memory: {threshold: 1}\n");
+        let by_env = world.home_file("env.yaml", "memory: {threshold: 2}\n");
+        let by_flag = world.home_file("flag.yaml", "memory: {threshold: 3}\n");
+        let world = world.env(CONFIG_ENV, by_env.to_str().unwrap());
+        assert_eq!(world.config().memory_threshold_mb, 2);
+        let config = world.resolve(&flag_config(by_flag)).unwrap();
+        assert_eq!(config.memory_threshold_mb, 3);
+    }
+
+    // --- errors -----------------------------------------------------------------
+
+    #[test]
+    fn missing_explicit_file_is_an_error_naming_it() {
+        let world = World::new();
+        let missing = world.home.path().join("nope.yaml");
+        assert_eq!(
+            world.error(&flag_config(missing.clone())),
+            format!("--config: config file {} does not exist", missing.display())
+        );
+        let world = world.env(CONFIG_ENV, missing.to_str().unwrap());
+        assert_eq!(
+            world.error(&Overrides::default()),
+            format!(
+                "CANHAZGPU_CONFIG: config file {} does not exist",
+                missing.display()
+            )
+        );
+    }
+
+    #[test]
+    fn explicit_file_with_other_extension_is_an_error() {
+        let world = World::new();
+        let path = world.home_file("config.ini", "[redis]\n");
+        assert_eq!(
+            world.error(&flag_config(path.clone())),
+            format!(
+                "{}: unsupported config file format (expected a .yaml, .yml, .json or .toml file)",
+                path.display()
+            )
+        );
+    }
+
+    fn assert_malformed(name: &str, text: &str, format: &str, detail: &str) {
+        let world = World::new();
+        let path = world.home_file(name, text);
+        let msg = world.error(&Overrides::default());
+        let prefix = format!("{}: invalid {format}: ", path.display());
+        assert!(msg.starts_with(&prefix), "{msg}");
+        assert!(msg.contains(detail), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+    }
+
+    #[test]
+    fn malformed_yaml_names_the_file_on_one_line() {
+        assert_malformed(
+            ".canhazgpu.yaml",
+            "redis:\n  host: [unclosed\n",
+            "YAML",
+            "unclosed bracket '[' at line 2, column 9",
+        );
+    }
+
+    #[test]
+    fn malformed_json_names_the_file_on_one_line() {
+        assert_malformed(
+            ".canhazgpu.json",
+            "{\"redis\": {\"port\": }}",
+            "JSON",
+            "line 1 column 20",
+        );
+    }
+
+    #[test]
+    fn malformed_toml_names_the_file_on_one_line() {
+        assert_malformed(
+            ".canhazgpu.toml",
+            "[redis]\nhost = \n",
+            "TOML",
+            "string values must be quoted, expected literal string at line 2 column 8",
+        );
+    }
+
+    #[test]
+    fn top_level_must_be_a_map() {
+        let world = World::new();
+        let path = world.home_file(".canhazgpu.yaml", "- a\n- b\n");
+        assert_eq!(
+            world.error(&Overrides::default()),
+            format!("{}: expected a map of settings, got a list", path.display())
+        );
+    }
+
+    #[test]
+    fn bad_port_in_file_names_file_and_key() {
+        let world = World::new();
+        let path = world.home_file(".canhazgpu.yaml", "redis:\n  port: abc\n");
+        assert_eq!(
+            world.error(&Overrides::default()),
+            format!(
+                "{}: key 'redis.port': expected an integer from 1 to 65535, got \"abc\"",
+                path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn bad_threshold_in_env_names_the_variable() {
+        let world = World::new().env("CANHAZGPU_MEMORY_THRESHOLD", "lots");
+        assert_eq!(
+            world.error(&Overrides::default()),
+            "CANHAZGPU_MEMORY_THRESHOLD: expected a whole number of MB, got \"lots\""
+        );
+    }
+
+    #[test]
+    fn bad_backend_flag_names_the_flag() {
+        let flags = Overrides {
+            backend: Some("mongo".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            World::new().error(&flags),
+            "--backend: expected 'sqlite' or 'redis', got \"mongo\""
+        );
+    }
+
+    #[test]
+    fn value_ranges_are_checked() {
+        let cases = [
+            ("CANHAZGPU_REDIS_PORT", "0", "an integer from 1 to 65535"),
+            (
+                "CANHAZGPU_REDIS_PORT",
+                "65536",
+                "an integer from 1 to 65535",
+            ),
+            ("CANHAZGPU_REDIS_DB", "-1", "an integer of at least 0"),
+            ("CANHAZGPU_MEMORY_THRESHOLD", "-5", "a whole number of MB"),
+            ("CANHAZGPU_MEMORY_THRESHOLD", "1.5", "a whole number of MB"),
+            (
+                "CANHAZGPU_REDIS_URL",
+                "http://redis:6379",
+                "a URL starting with redis://, rediss:// or redis+unix://",
+            ),
+            ("CANHAZGPU_REDIS_HOST", "two words", "a host name"),
+        ];
+        for (name, value, expected) in cases {
+            let world = World::new().env(name, value);
+            assert_eq!(
+                world.error(&Overrides::default()),
+                format!("{name}: expected {expected}, got {value:?}")
+            );
+        }
+    }
+
+    #[test]
+    fn range_edges_are_accepted() {
+        let config = World::new()
+            .env("CANHAZGPU_REDIS_PORT", "65535")
+            .env("CANHAZGPU_REDIS_DB", "0")
+            .env("CANHAZGPU_MEMORY_THRESHOLD", "0")
+            .config();
+        assert_eq!((redis(&config).port, redis(&config).db), (65535, 0));
+        assert_eq!(config.memory_threshold_mb, 0);
+        for url in ["redis://h:1/2", "rediss://h", "redis+unix:///s.sock"] {
+            let config = World::new().env("CANHAZGPU_REDIS_URL", url).config();
+            assert_eq!(redis(&config).url.as_deref(), Some(url));
+        }
+    }
+
+    #[test]
+    fn empty_flag_values_are_errors() {
+        let flags = Overrides {
+            redis_host: Some(String::new()),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            World::new().error(&flags),
+            "--redis-host: expected a host name, got \"\""
+        );
+    }
+
+    #[test]
+    fn non_utf8_flag_path_is_an_error() {
+        use std::os::unix::ffi::OsStrExt;
+        let flags = Overrides {
+            state_dir: Some(PathBuf::from(OsStr::from_bytes(b"/data/\xff"))),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            World::new().error(&flags),
+            "--state-dir: expected a directory path, got \"/data/\\xFF\""
+        );
+    }
+
+    #[test]
+    fn map_or_list_for_a_key_is_an_error() {
+        let world = World::new();
+        let path = world.home_file(".canhazgpu.yaml", "redis:\n  host: [a, b]\n");
+        assert_eq!(
+            world.error(&Overrides::default()),
+            format!(
+                "{}: key 'redis.host': expected a host name, got a list",
+                path.display()
+            )
+        );
+        std::fs::write(&path, "memory:\n  threshold:\n    mb: 5\n").unwrap();
+        assert_eq!(
+            world.error(&Overrides::default()),
+            format!(
+                "{}: key 'memory.threshold': expected a whole number of MB, got a map",
+                path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn a_key_given_twice_is_an_error() {
+        let world = World::new();
+        let path = world.home_file(".canhazgpu.yaml", "redis:\n  port: 1\nredis.port: 2\n");
+        assert_eq!(
+            world.error(&Overrides::default()),
+            format!("{}: key 'redis.port' is given twice", path.display())
+        );
+    }
+
+    #[test]
+    fn redis_values_are_checked_even_when_sqlite_is_chosen() {
+        let world = World::new()
+            .env("CANHAZGPU_BACKEND", "sqlite")
+            .env("CANHAZGPU_REDIS_PORT", "x");
+        assert_eq!(
+            world.error(&Overrides::default()),
+            "CANHAZGPU_REDIS_PORT: expected an integer from 1 to 65535, got \"x\""
+        );
+    }
+
+    // --- warnings ---------------------------------------------------------------
+
+    #[test]
+    fn unknown_keys_warn_and_are_ignored() {
+        let world = World::new();
+        let path = world.home_file(
+            ".canhazgpu.yaml",
+            "redis:\n  hots: h\n  port: 6390\nremote_hosts:\n  - gpu1\n  - gpu2\n",
+        );
+        let config = world.config();
+        assert_eq!(
+            config.warnings,
+            [
+                format!(
+                    "warning: {}: unknown key 'redis.hots' ignored",
+                    path.display()
+                ),
+                format!(
+                    "warning: {}: unknown key 'remote_hosts' ignored",
+                    path.display()
+                ),
+            ]
+        );
+        assert_eq!(redis(&config).port, 6390);
+        assert_eq!(redis(&config).host, "localhost");
+    }
+
+    #[test]
+    fn host_next_to_url_warns_that_the_url_wins() {
+        let world = World::new();
+        let path = world.home_file(".canhazgpu.yaml", "redis:\n  url: redis://a:1/0\n");
+        let flags = Overrides {
+            redis_host: Some("b".into()),
+            ..Overrides::default()
+        };
+        let config = world.resolve(&flags).unwrap();
+        assert_eq!(redis(&config).url.as_deref(), Some("redis://a:1/0"));
+        assert_eq!(
+            config.warnings,
+            [format!(
+                "warning: --redis-host ignored because redis.url is set ({}: key 'redis.url')",
+                path.display()
+            )]
+        );
+    }
+
+    // --- backend selection ------------------------------------------------------
+
+    #[test]
+    fn sqlite_lives_in_the_state_dir() {
+        let world = World::new();
+        world.home_file(".canhazgpu.yaml", "state_dir: /data/gpu\n");
+        assert_eq!(
+            sqlite_path(&world.config()),
+            Path::new("/data/gpu/state.db")
+        );
+        let flags = Overrides {
+            state_dir: Some(PathBuf::from("/flag/dir")),
+            ..Overrides::default()
+        };
+        let config = world.resolve(&flags).unwrap();
+        assert_eq!(sqlite_path(&config), Path::new("/flag/dir/state.db"));
+    }
+
+    #[test]
+    fn any_redis_setting_selects_redis() {
+        for key in REDIS_KEYS {
+            let value = if key == "redis.url" { "redis://h" } else { "1" };
+            let world = World::new();
+            world.home_file(".canhazgpu.json", &format!(r#"{{"{key}": "{value}"}}"#));
+            assert!(
+                matches!(world.config().store, StoreConfig::Redis(_)),
+                "{key}"
+            );
+        }
+    }
+
+    #[test]
+    fn redis_defaults_when_only_the_backend_says_redis() {
+        let flags = Overrides {
+            backend: Some("redis".into()),
+            ..Overrides::default()
+        };
+        let config = World::new().resolve(&flags).unwrap();
+        assert_eq!(
+            config.store,
+            StoreConfig::Redis(RedisConfig {
+                url: None,
+                host: "localhost".into(),
+                port: 6379,
+                db: 0,
+                password: None,
+            })
+        );
+    }
+
+    #[test]
+    fn explicit_sqlite_wins_over_redis_settings() {
+        let world = World::new().env("CANHAZGPU_REDIS_HOST", "redis.example.com");
+        world.home_file(".canhazgpu.yaml", "backend: sqlite\n");
+        assert!(matches!(world.config().store, StoreConfig::Sqlite { .. }));
+    }
+
+    #[test]
+    fn backend_precedence_flag_env_file() {
+        let world = World::new().env("CANHAZGPU_BACKEND", "redis");
+        world.home_file(".canhazgpu.yaml", "backend: sqlite\n");
+        assert!(matches!(world.config().store, StoreConfig::Redis(_)));
+        let flags = Overrides {
+            backend: Some("sqlite".into()),
+            ..Overrides::default()
+        };
+        let config = world.resolve(&flags).unwrap();
+        assert!(matches!(config.store, StoreConfig::Sqlite { .. }));
+    }
+
+    // --- settings for later keys -----------------------------------------------
+
+    #[test]
+    fn setting_parse_names_source_and_expectation() {
+        let world = World::new().env("CANHAZGPU_MEMORY_THRESHOLD", "64");
+        let config = world.config();
+        let setting = &config.settings["memory.threshold"];
+        assert_eq!(setting.parse(|v| v.parse::<u32>().ok()).unwrap(), 64);
+        assert_eq!(
+            setting.parse(|_| None::<u32>),
+            Err(Error::Config(
+                "CANHAZGPU_MEMORY_THRESHOLD: expected a whole number of MB, got \"64\"".into()
+            ))
+        );
+    }
 }
