@@ -1,1 +1,2 @@
-
+mod gpu_providers;
+mod support;
