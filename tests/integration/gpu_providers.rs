@@ -331,14 +331,18 @@ fn nvml_matches_nvidia_smi_when_present() {
             return;
         }
     };
+    let started = Instant::now();
     let from_nvml = nvml.usage().unwrap();
+    println!("NVML usage took {:?}", started.elapsed());
     assert_eq!(nvml.device_count().unwrap() as usize, from_nvml.len());
     report("NVML", &from_nvml);
     if !smi_answers {
         println!("nvidia-smi is not on PATH: NVML checked alone");
         return;
     }
+    let started = Instant::now();
     let from_smi = smi.usage().unwrap();
+    println!("nvidia-smi usage took {:?}", started.elapsed());
     report("nvidia-smi", &from_smi);
     assert_eq!(from_nvml.len(), from_smi.len(), "device counts differ");
     for (a, b) in from_nvml.iter().zip(&from_smi) {
