@@ -5,8 +5,14 @@
 # providers (device count, names, memory, processes, owners, models).
 #
 # Usage: scripts/device-check.sh [PREBUILT_INTEGRATION_TEST_BINARY]
-# Without an argument the tests are built with cargo (offline), if cargo exists.
-# Build the binary elsewhere with `cargo test --test integration --no-run`.
+# Without an argument the tests are built with cargo (offline), if cargo exists. The
+# lent H100/H200 machines have no cargo and no network (Ubuntu 24.04, glibc 2.39), so
+# build here and carry the binary (it needs glibc >= 2.34):
+#   cargo test --test integration --no-run   # prints the executable's path
+#   mkdir -p target/device-check && cp <that path> target/device-check/integration
+#   strip target/device-check/integration    # about 3 MB
+#   then run `scripts/device-check.sh target/device-check/integration` on the device
+#   with carry ["target/device-check"].
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

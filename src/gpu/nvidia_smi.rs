@@ -240,6 +240,31 @@ mod tests {
         assert_eq!(rows[3].index, 3);
     }
 
+    /// Recorded on an H200 (driver 580.159.04) with a 2 GiB PyTorch allocation.
+    #[test]
+    fn parses_a_real_h200_recording() {
+        let gpus = parse_gpu_rows(include_str!(
+            "../../tests/fixtures/nvidia-smi-h200-gpus.csv"
+        ));
+        let apps = parse_app_rows(include_str!(
+            "../../tests/fixtures/nvidia-smi-h200-apps.csv"
+        ));
+        let usage = combine(gpus.unwrap(), apps.unwrap());
+        assert_eq!(
+            usage,
+            vec![GpuUsage {
+                index: 0,
+                name: Some("H200".into()),
+                memory_used_mb: Some(2575),
+                processes: vec![GpuProcess {
+                    pid: 542,
+                    name: "python3".into(),
+                    used_memory_mb: Some(2566),
+                }],
+            }]
+        );
+    }
+
     #[test]
     fn unknown_memory_keeps_the_gpu() {
         let rows = parse_gpu_rows(
