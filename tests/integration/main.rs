@@ -1,1 +1,5 @@
+//! The integration tests, in one binary.
 
+mod redis_store;
+mod store_conformance;
+mod support;
