@@ -11,7 +11,7 @@ local RUN_STALE_AFTER_SECS = 60
 local LEGACY_RUN_STALE_AFTER_SECS = 300
 
 -- Aborts the script with an error reply `CODE details` for the Rust side to map.
--- Raised errors only leave `run` as replies; all checks come before any write.
+-- Every script checks before its first write, so a failure changes nothing.
 local function fail(reply)
   error({ canhazgpu_error = reply })
 end
