@@ -148,7 +148,7 @@ pub fn plan(slots: &[GpuSlot], input: &PlanInput) -> Result<Plan> {
 
 /// Orders free GPUs by preference: this user's most recently used first, then
 /// never-used, then least recently released; ties by GPU ID.
-fn rank(free: &mut [(u32, Option<UnixTime>)], user_last_used: &HashMap<u32, UnixTime>) {
+pub fn rank(free: &mut [(u32, Option<UnixTime>)], user_last_used: &HashMap<u32, UnixTime>) {
     free.sort_by_key(
         |(id, last_released)| match (user_last_used.get(id), last_released) {
             (Some(used), _) => (0, -used, *id),

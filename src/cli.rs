@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::commands::{Command, admin, release, reserve, status};
+use crate::commands::{Command, admin, queue, release, reserve, status};
 use crate::config::Overrides;
 use crate::state::ProviderKind;
 
@@ -86,6 +86,17 @@ pub enum CliCommand {
         /// Duration to reserve GPUs: 30s, 30m, 2h, 1d, 0.5h, 1h30m
         #[arg(short, long, default_value = "8h", allow_hyphen_values = true)]
         duration: String,
+        #[command(flatten)]
+        request: RequestArgs,
+        /// Print only the reserved IDs (`1,3`), for `$(canhazgpu reserve --short)`
+        #[arg(short, long)]
+        short: bool,
+    },
+    /// Show the requests waiting for GPUs, in the order they will be served
+    Queue {
+        /// Output the queue as JSON
+        #[arg(short, long)]
+        json: bool,
     },
     /// Release manually reserved GPUs held by the current user
     Release {
@@ -96,6 +107,44 @@ pub enum CliCommand {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// Waiting, note and display name: shared by `run` and `reserve`.
+#[derive(Debug, Args)]
+pub struct RequestArgs {
+    /// When the GPUs are not available, wait in the queue (first come, first served)
+    /// for up to DURATION, or without limit when no DURATION is given
+    #[arg(short, long, value_name = "DURATION", num_args = 0..=1, default_missing_value = "",
+          conflicts_with = "nonblock")]
+    pub wait: Option<String>,
+    /// Fail at once when the GPUs are not available, even if the configuration
+    /// (run.wait / reserve.wait) says to wait
+    #[arg(long)]
+    pub nonblock: bool,
+    /// A note shown with the reservation by status, queue and the dashboard
+    #[arg(short, long, value_name = "TEXT")]
+    pub note: Option<String>,
+    /// A display name for the reservation (e.g. for a shared service account); your
+    /// Unix user is still recorded and stays the one who may release it
+    #[arg(short, long, value_name = "NAME")]
+    pub user: Option<String>,
+}
+
+impl From<RequestArgs> for crate::commands::RequestOptions {
+    fn from(args: RequestArgs) -> Self {
+        crate::commands::RequestOptions {
+            wait: match (args.nonblock, args.wait) {
+                (true, _) => Some(crate::commands::WaitFlag::Nonblock),
+                (false, Some(limit)) if limit.is_empty() => {
+                    Some(crate::commands::WaitFlag::Forever)
+                }
+                (false, Some(limit)) => Some(crate::commands::WaitFlag::Limit(limit)),
+                (false, None) => None,
+            },
+            note: args.note,
+            user: args.user,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -147,11 +196,16 @@ impl Cli {
                 gpus,
                 gpu_ids,
                 duration,
+                request,
+                short,
             } => Command::Reserve(reserve::ReserveArgs {
                 gpus,
                 gpu_ids,
                 duration,
+                request: request.into(),
+                short,
             }),
+            CliCommand::Queue { json } => Command::Queue(queue::QueueArgs { json }),
             CliCommand::Release { gpu_ids, force } => {
                 Command::Release(release::ReleaseArgs { gpu_ids, force })
             }

@@ -151,6 +151,14 @@ pub static KEYS: &[Key] = &[
         .flag("--redis-password", |o| text(&o.redis_password)),
     Key::new("memory.threshold", "a whole number of MB")
         .flag("--memory-threshold", |o| text(&o.memory_threshold)),
+    Key::new(
+        "run.wait",
+        "a duration such as 30m, true (wait without limit) or false",
+    ),
+    Key::new(
+        "reserve.wait",
+        "a duration such as 30m, true (wait without limit) or false",
+    ),
 ];
 
 fn key(name: &str) -> Option<&'static Key> {
@@ -622,6 +630,8 @@ mod tests {
                 "CANHAZGPU_REDIS_URL",
                 "CANHAZGPU_REDIS_PASSWORD",
                 "CANHAZGPU_MEMORY_THRESHOLD",
+                "CANHAZGPU_RUN_WAIT",
+                "CANHAZGPU_RESERVE_WAIT",
             ]
         );
     }
@@ -749,7 +759,7 @@ mod tests {
     }
 
     /// A valid value per layer (file, env, flag) for every registered key.
-    const LAYER_VALUES: [(&str, [&str; 3]); 8] = [
+    const LAYER_VALUES: [(&str, [&str; 3]); 10] = [
         ("backend", ["sqlite", "redis", "sqlite"]),
         ("state_dir", ["/f", "/e", "/c"]),
         ("redis.host", ["f", "e", "c"]),
@@ -758,9 +768,13 @@ mod tests {
         ("redis.url", ["redis://f", "redis://e", "redis://c"]),
         ("redis.password", ["f", "e", "c"]),
         ("memory.threshold", ["1", "2", "3"]),
+        ("run.wait", ["1m", "2m", "3m"]),
+        ("reserve.wait", ["true", "false", "3m"]),
     ];
 
-    fn flag(key: &str, value: &str) -> Overrides {
+    /// Flags giving `key` the value, or `None` for keys only files and the
+    /// environment set.
+    fn flag(key: &str, value: &str) -> Option<Overrides> {
         let mut flags = Overrides::default();
         let value = Some(value.to_owned());
         match key {
@@ -772,9 +786,11 @@ mod tests {
             "redis.url" => flags.redis_url = value,
             "redis.password" => flags.redis_password = value,
             "memory.threshold" => flags.memory_threshold = value,
+            // `--wait`/`--nonblock` belong to the commands (see commands::RequestOptions).
+            "run.wait" | "reserve.wait" => return None,
             other => panic!("no flag for {other}"),
         }
-        flags
+        Some(flags)
     }
 
     #[test]
@@ -796,7 +812,10 @@ mod tests {
             assert_eq!(setting.value, in_env);
             assert_eq!(setting.source, Source::Env(env_var));
 
-            let config = world.resolve(&flag(key, in_flag)).unwrap();
+            let Some(flags) = flag(key, in_flag) else {
+                continue;
+            };
+            let config = world.resolve(&flags).unwrap();
             let setting = &config.settings[key];
             assert_eq!(setting.value, in_flag);
             let flag_name = format!("--{}", key.replace(['.', '_'], "-"));

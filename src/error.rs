@@ -40,6 +40,12 @@ pub enum Error {
     /// The GPU provider failed.
     #[error("{0}")]
     Gpu(String),
+    /// `--wait DURATION` passed before the GPUs became available.
+    #[error("{0}")]
+    WaitTimeout(String),
+    /// A signal ended the wait for GPUs.
+    #[error("{message}")]
+    Interrupted { signal: i32, message: String },
     /// Anything else that went wrong at run time.
     #[error("{0}")]
     Runtime(String),
@@ -60,7 +66,11 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Usage(_) | Error::Config(_) => exit::USAGE,
-            Error::NotEnough { .. } | Error::GpuTaken(_) => exit::UNAVAILABLE,
+            Error::NotEnough { .. } | Error::GpuTaken(_) | Error::WaitTimeout(_) => {
+                exit::UNAVAILABLE
+            }
+            // As a shell reports a process ended by a signal.
+            Error::Interrupted { signal, .. } => 128u8.wrapping_add(*signal as u8),
             Error::NotInitialized => exit::NOT_INITIALIZED,
             Error::Store(_) | Error::Gpu(_) | Error::Runtime(_) => exit::FAILURE,
         }

@@ -7,7 +7,8 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::gpu::{self, GpuProvider, procinfo};
 use crate::gpu_status::{self, GpuStatus, UsageSnapshot};
-use crate::state::{GpuSlot, Pool, Selection, UnixTime};
+use crate::queue::{self, QueueEntry};
+use crate::state::{GpuSlot, Pool, RunOwner, Selection, UnixTime};
 use crate::store::{self, AllocRequest, NewReservation, Store};
 
 pub struct Session {
@@ -20,10 +21,13 @@ pub struct Session {
     pub host: String,
 }
 
-/// The stored slots and the observed usage, read together.
+/// The stored slots and queue and the observed usage, read together.
 pub struct Observation {
     pub slots: Vec<GpuSlot>,
+    /// The queued entries in order, dead ones included.
+    pub queue: Vec<QueueEntry>,
     pub usage: UsageSnapshot,
+    /// Reservations and queue entries whose process on this host is gone.
     pub dead_ids: Vec<String>,
     pub now: UnixTime,
 }
@@ -44,14 +48,37 @@ impl Session {
     }
 
     pub fn observe(&mut self) -> Result<Observation> {
-        let slots = self.store.slots()?;
+        let (slots, queue, dead_ids) = self.read_state()?;
         let usage = gpu_status::snapshot(self.provider.as_ref());
-        let dead_ids = gpu_status::dead_reservation_ids(&slots, &self.host);
         Ok(Observation {
             slots,
+            queue,
             usage,
             dead_ids,
             now: now(),
+        })
+    }
+
+    /// The slots and the queue, with the IDs of reservations and entries whose
+    /// process on this host is gone.
+    pub fn read_state(&mut self) -> Result<(Vec<GpuSlot>, Vec<QueueEntry>, Vec<String>)> {
+        let slots = self.store.slots()?;
+        let queue = self.store.queue()?;
+        let mut dead_ids = gpu_status::dead_reservation_ids(&slots, &self.host);
+        dead_ids.extend(queue::dead_waiter_ids(&queue, &self.host));
+        Ok((slots, queue, dead_ids))
+    }
+
+    /// This process, as the waiter of a queue entry.
+    pub fn this_process(&self) -> Result<RunOwner> {
+        let pid = std::process::id();
+        let pid_start = procinfo::process_start_time(pid).ok_or_else(|| {
+            Error::Runtime("cannot read this process's start time from /proc".into())
+        })?;
+        Ok(RunOwner {
+            host: self.host.clone(),
+            pid,
+            pid_start,
         })
     }
 
@@ -66,10 +93,22 @@ impl Session {
         ))
     }
 
-    /// Checks real GPU usage, then claims GPUs atomically. GPUs in use without
-    /// reservation are never handed out; a failed usage check is an error, since
-    /// claiming blind could hand out a busy GPU.
+    /// Checks real GPU usage, then claims GPUs atomically (after the waiters of the
+    /// queue took what they can use). GPUs in use without reservation are never
+    /// handed out; a failed usage check is an error, since claiming blind could hand
+    /// out a busy GPU.
     pub fn claim(&mut self, reservation: NewReservation, selection: Selection) -> Result<Vec<u32>> {
+        let request = self.alloc_request(reservation, selection)?;
+        self.store.allocate(&request)
+    }
+
+    /// The request `claim` makes: the selection checked against the pool, usage and
+    /// dead processes observed now.
+    pub fn alloc_request(
+        &mut self,
+        reservation: NewReservation,
+        selection: Selection,
+    ) -> Result<AllocRequest> {
         crate::alloc::validate_selection(&selection, self.pool.gpu_count)?;
         let obs = self.observe()?;
         let usage = obs
@@ -82,7 +121,7 @@ impl Session {
             &obs.dead_ids,
             obs.now,
         );
-        self.store.allocate(&AllocRequest {
+        Ok(AllocRequest {
             reservation,
             selection,
             unreserved,

@@ -110,7 +110,8 @@ pub enum Liveness {
     Stale {
         ended_at: UnixTime,
     },
-    /// A run reservation whose supervisor on this host is gone.
+    /// A reservation whose process on this host is gone: a run's supervisor, or the
+    /// waiter of a partial reservation.
     OwnerGone {
         ended_at: UnixTime,
     },
@@ -133,8 +134,14 @@ impl Liveness {
 
 impl Reservation {
     /// Decides liveness from stored data alone; `dead_ids` lists reservations whose
-    /// local supervisor is known to be gone (checked by the caller through /proc).
+    /// process on this host is known to be gone (checked by the caller through /proc):
+    /// a run's supervisor, or the waiter a partial reservation was collected for.
     pub fn liveness(&self, now: UnixTime, dead_ids: &[String]) -> Liveness {
+        if !self.id.is_empty() && dead_ids.contains(&self.id) {
+            return Liveness::OwnerGone {
+                ended_at: now.max(self.start_time),
+            };
+        }
         match self.kind {
             ReservationKind::Manual => match self.expiry_time {
                 Some(expiry) if now >= expiry => Liveness::Expired { ended_at: expiry },
@@ -142,11 +149,6 @@ impl Reservation {
             },
             ReservationKind::Run => {
                 let last = self.last_heartbeat.unwrap_or(self.start_time);
-                if !self.id.is_empty() && dead_ids.contains(&self.id) {
-                    return Liveness::OwnerGone {
-                        ended_at: now.max(self.start_time),
-                    };
-                }
                 let stale_after = if self.owner.is_some() {
                     RUN_STALE_AFTER_SECS
                 } else {
@@ -159,6 +161,24 @@ impl Reservation {
                 } else {
                     Liveness::Active
                 }
+            }
+        }
+    }
+
+    /// When the reservation ends by itself unless renewed: a manual one at its
+    /// expiry, a run one when its heartbeat goes stale. `liveness` says `Active`
+    /// before that time (unless its process is gone) and not from then on.
+    pub fn ends_at(&self) -> Option<UnixTime> {
+        match self.kind {
+            ReservationKind::Manual => self.expiry_time,
+            ReservationKind::Run => {
+                let last = self.last_heartbeat.unwrap_or(self.start_time);
+                let stale_after = if self.owner.is_some() {
+                    RUN_STALE_AFTER_SECS
+                } else {
+                    LEGACY_RUN_STALE_AFTER_SECS
+                };
+                Some(last + stale_after + 1)
             }
         }
     }
@@ -249,6 +269,30 @@ mod tests {
             ours.liveness(1105, &["r1".to_string()]),
             Liveness::OwnerGone { ended_at: 1105 }
         );
+    }
+
+    #[test]
+    fn ends_at_is_when_liveness_ends() {
+        let mut manual = run_reservation(false);
+        manual.kind = ReservationKind::Manual;
+        manual.expiry_time = Some(2000);
+        for r in [run_reservation(true), run_reservation(false), manual] {
+            let at = r.ends_at().unwrap();
+            assert!(r.liveness(at - 1, &[]).is_active(), "{r:?}");
+            assert!(!r.liveness(at, &[]).is_active(), "{r:?}");
+        }
+    }
+
+    #[test]
+    fn a_gone_process_ends_any_reservation_it_names() {
+        let mut manual = run_reservation(false);
+        manual.kind = ReservationKind::Manual;
+        manual.expiry_time = Some(2000);
+        assert_eq!(
+            manual.liveness(1500, &["r1".to_string()]),
+            Liveness::OwnerGone { ended_at: 1500 }
+        );
+        assert!(manual.liveness(1500, &["other".to_string()]).is_active());
     }
 
     #[test]

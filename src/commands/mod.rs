@@ -1,13 +1,18 @@
 //! One file per command. `execute` dispatches a parsed, clap-free `Command`.
 
 pub mod admin;
+pub mod queue;
 pub mod release;
 pub mod reserve;
 pub mod status;
 
+use std::time::Duration;
+
 use crate::config::Config;
+use crate::duration::parse_duration;
 use crate::error::{Error, Result};
 use crate::state::Selection;
+use crate::wait::WaitPolicy;
 
 /// A command with its arguments, free of any CLI-parser types.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -15,6 +20,7 @@ pub enum Command {
     Admin(admin::AdminArgs),
     Status(status::StatusArgs),
     Reserve(reserve::ReserveArgs),
+    Queue(queue::QueueArgs),
     Release(release::ReleaseArgs),
 }
 
@@ -24,6 +30,7 @@ pub fn execute(command: Command, config: &Config) -> Result<u8> {
         Command::Admin(args) => admin::execute(&args, config),
         Command::Status(args) => status::execute(&args, config),
         Command::Reserve(args) => reserve::execute(&args, config),
+        Command::Queue(args) => queue::execute(&args, config),
         Command::Release(args) => release::execute(&args, config),
     }
     .map(|()| 0)
@@ -48,6 +55,84 @@ pub fn selection(gpus: Option<u32>, gpu_ids: Option<Vec<u32>>) -> Result<Selecti
         }
         (count, None) => Ok(Selection::Count(count.unwrap_or(1))),
     }
+}
+
+/// `--wait [DURATION]` or `--nonblock`, as given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WaitFlag {
+    Nonblock,
+    Forever,
+    Limit(String),
+}
+
+/// What `run` and `reserve` accept besides the GPUs: waiting, a note, a display name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestOptions {
+    pub wait: Option<WaitFlag>,
+    pub note: Option<String>,
+    pub user: Option<String>,
+}
+
+/// The longest note and display name accepted, in characters.
+const MAX_NOTE_CHARS: usize = 200;
+const MAX_USER_CHARS: usize = 64;
+
+impl RequestOptions {
+    /// The flags' wait policy, else the configuration key `setting` (`run.wait`,
+    /// `reserve.wait`: a duration, `true` for no limit, `false`), else fail at once.
+    pub fn wait_policy(&self, config: &Config, setting: &str) -> Result<WaitPolicy> {
+        let limit =
+            |text: &str| parse_duration(text).map(|s| WaitPolicy::Limit(Duration::from_secs(s)));
+        match &self.wait {
+            Some(WaitFlag::Nonblock) => Ok(WaitPolicy::FailAtOnce),
+            Some(WaitFlag::Forever) => Ok(WaitPolicy::Forever),
+            Some(WaitFlag::Limit(text)) => limit(text),
+            None => match config.settings.get(setting) {
+                None => Ok(WaitPolicy::FailAtOnce),
+                Some(value) => value.parse(|text| match text.trim() {
+                    "true" | "yes" => Some(WaitPolicy::Forever),
+                    "false" | "no" => Some(WaitPolicy::FailAtOnce),
+                    other => limit(other).ok(),
+                }),
+            },
+        }
+    }
+
+    /// The note, checked: one line of at most 200 characters; empty means none.
+    pub fn note(&self) -> Result<Option<String>> {
+        let Some(note) = self.note.as_deref().map(str::trim) else {
+            return Ok(None);
+        };
+        check_text("--note", note, MAX_NOTE_CHARS)?;
+        Ok(Some(note.to_string()).filter(|note| !note.is_empty()))
+    }
+
+    /// The display name: `--user`, checked, or the real user.
+    pub fn display_user(&self, real_user: &str) -> Result<String> {
+        let Some(name) = self.user.as_deref().map(str::trim) else {
+            return Ok(real_user.to_string());
+        };
+        if name.is_empty() {
+            return Err(Error::Usage("--user cannot be empty".into()));
+        }
+        check_text("--user", name, MAX_USER_CHARS)?;
+        Ok(name.to_string())
+    }
+}
+
+/// Text shown in tables and logs: one line, printable, not too long.
+fn check_text(flag: &str, text: &str, max_chars: usize) -> Result<()> {
+    if text.chars().any(char::is_control) {
+        return Err(Error::Usage(format!(
+            "{flag} must be one line of printable text"
+        )));
+    }
+    if text.chars().count() > max_chars {
+        return Err(Error::Usage(format!(
+            "{flag} is too long (at most {max_chars} characters)"
+        )));
+    }
+    Ok(())
 }
 
 /// `[0, 2]`, the way the reference prints GPU lists.
@@ -75,5 +160,27 @@ mod tests {
         assert!(selection(Some(3), Some(vec![1, 3])).is_err());
         assert!(selection(Some(0), None).is_err());
         assert_eq!(id_list(&[0, 2]), "[0, 2]");
+    }
+
+    #[test]
+    fn notes_and_display_names_are_one_printable_line() {
+        let options = |note: &str, user: &str| RequestOptions {
+            wait: None,
+            note: Some(note.into()),
+            user: Some(user.into()),
+        };
+        let ok = options(" training run ", "svc-ml");
+        assert_eq!(ok.note().unwrap().as_deref(), Some("training run"));
+        assert_eq!(ok.display_user("alice").unwrap(), "svc-ml");
+        assert_eq!(options("", "x").note().unwrap(), None);
+        assert_eq!(
+            RequestOptions::default().display_user("alice").unwrap(),
+            "alice"
+        );
+        assert!(options("two\nlines", "x").note().is_err());
+        assert!(options("x", " ").display_user("alice").is_err());
+        assert!(options("x", "a\u{1b}[31m").display_user("alice").is_err());
+        assert!(options(&"n".repeat(201), "x").note().is_err());
+        assert!(options("x", &"u".repeat(65)).display_user("alice").is_err());
     }
 }

@@ -6,29 +6,54 @@ use crate::error::Result;
 use crate::session::{Session, new_reservation_id, now};
 use crate::state::ReservationKind;
 use crate::store::NewReservation;
+use crate::wait::{self, SignalGuard, WaitPolicy};
+
+use super::RequestOptions;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReserveArgs {
     pub gpus: Option<u32>,
     pub gpu_ids: Option<Vec<u32>>,
     pub duration: String,
+    pub request: RequestOptions,
+    /// Print only the IDs, comma-separated.
+    pub short: bool,
 }
 
 pub fn execute(args: &ReserveArgs, config: &Config) -> Result<()> {
     let selection = super::selection(args.gpus, args.gpu_ids.clone())?;
     let seconds = parse_duration(&args.duration)?;
+    let policy = args.request.wait_policy(config, "reserve.wait")?;
+    let note = args.request.note()?;
+    // Signals end a wait cleanly (leaving the queue); taken before any thread starts.
+    let mut signals = match policy {
+        WaitPolicy::FailAtOnce => None,
+        _ => Some(SignalGuard::install()?),
+    };
     let mut session = Session::open(config)?;
     let reservation = NewReservation {
         id: new_reservation_id(),
-        user: session.user.clone(),
+        user: args.request.display_user(&session.user)?,
         actual_user: session.user.clone(),
         kind: ReservationKind::Manual,
         expiry_time: Some(now() + seconds as i64),
-        note: None,
+        note,
         owner: None,
     };
-    let ids = session.claim(reservation, selection)?;
+    let mut interrupted = || signals.as_mut().and_then(SignalGuard::pending);
+    let ids = wait::claim(
+        &mut session,
+        reservation,
+        selection,
+        policy,
+        &mut interrupted,
+    )?;
+    drop(signals);
     let list: Vec<String> = ids.iter().map(u32::to_string).collect();
+    if args.short {
+        println!("{}", list.join(","));
+        return Ok(());
+    }
     println!(
         "Reserved {} GPU(s): {} for {}",
         ids.len(),

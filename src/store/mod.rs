@@ -8,10 +8,13 @@ pub mod redis;
 pub mod sqlite;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::error::Result;
+use crate::queue::QueueEntry;
 use crate::state::{
-    GpuSlot, Pool, ProviderKind, ReservationKind, RunOwner, Selection, UnixTime, UsageRecord,
+    GpuSlot, Pool, ProviderKind, Reservation, ReservationKind, RunOwner, Selection, UnixTime,
+    UsageRecord,
 };
 
 /// How to reach the store, resolved from flags, environment and config file.
@@ -45,15 +48,54 @@ pub struct NewReservation {
     pub owner: Option<RunOwner>,
 }
 
+impl NewReservation {
+    /// The reservation as a store holds it after claiming a GPU at `now`.
+    pub fn held_from(self, now: UnixTime) -> Reservation {
+        Reservation {
+            last_heartbeat: (self.kind == ReservationKind::Run).then_some(now),
+            id: self.id,
+            user: self.user,
+            actual_user: self.actual_user,
+            kind: self.kind,
+            start_time: now,
+            expiry_time: self.expiry_time,
+            note: self.note,
+            owner: self.owner,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AllocRequest {
     pub reservation: NewReservation,
     pub selection: Selection,
     /// GPUs in use without reservation, never to be handed out.
     pub unreserved: Vec<u32>,
-    /// Reservation IDs whose supervisor on this host is known to be gone.
+    /// Reservation and queue entry IDs whose process on this host is known to be gone.
     pub dead_ids: Vec<String>,
     pub now: UnixTime,
+}
+
+/// One turn of a waiter: refresh its entry, hand out free GPUs, and serve it if it
+/// has everything.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueTick {
+    pub entry_id: String,
+    /// GPUs in use without reservation; `None` when usage was not checked, and then
+    /// no GPU is handed out in this turn.
+    pub unreserved: Option<Vec<u32>>,
+    /// Reservation and queue entry IDs whose process on this host is known to be gone.
+    pub dead_ids: Vec<String>,
+    pub now: UnixTime,
+}
+
+/// Where a queued request stands after a change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum QueueStep {
+    /// The reservation is complete on these GPUs (ascending) and the entry is gone.
+    Served(Vec<u32>),
+    /// Still waiting: 1-based position among the waiters, GPUs collected so far.
+    Waiting { position: u32, collected: Vec<u32> },
 }
 
 /// Which reservations a release ends.
@@ -91,8 +133,34 @@ pub trait Store: Send {
     fn slots(&mut self) -> Result<Vec<GpuSlot>>;
 
     /// Claims GPUs per `alloc::plan`, all or nothing, ending dead reservations on
-    /// the claimed GPUs (with history). Returns the claimed IDs, ascending.
+    /// the claimed GPUs (with history). Waiters come first (see `queue`): dead
+    /// entries are dropped, free GPUs are handed to the live ones, and the request
+    /// gets only what is left. Returns the claimed IDs, ascending.
     fn allocate(&mut self, request: &AllocRequest) -> Result<Vec<u32>>;
+
+    /// Like `allocate`, but when the GPUs are not available yet (a retryable error)
+    /// the request joins the end of the queue, waited for by `waiter`, and collects
+    /// what it can at once. Other errors are returned as by `allocate`.
+    fn join_queue(&mut self, request: &AllocRequest, waiter: &RunOwner) -> Result<QueueStep>;
+
+    /// One turn of the waiter of entry `tick.entry_id` (see `QueueTick`). Fails when
+    /// the entry is no longer queued.
+    fn queue_step(&mut self, tick: &QueueTick) -> Result<QueueStep>;
+
+    /// Removes the entry from the queue and ends the partial reservations it
+    /// collected (with history). Returns the freed IDs; nothing if it is gone.
+    fn leave_queue(&mut self, entry_id: &str, now: UnixTime) -> Result<Vec<u32>>;
+
+    /// The queued entries in order, dead ones included (see `QueueEntry::is_alive`).
+    fn queue(&mut self) -> Result<Vec<QueueEntry>>;
+
+    /// Starts noticing changes made by other processes that may help a waiter: GPUs
+    /// freed, waiters served or gone.
+    fn watch_changes(&mut self) -> Result<()>;
+
+    /// Waits up to `timeout` for a change since `watch_changes` or the last call;
+    /// returns whether one happened. May also return true for unrelated changes.
+    fn wait_for_change(&mut self, timeout: Duration) -> Result<bool>;
 
     /// Ends the reservations in `scope`, recording history. Returns the freed IDs.
     fn release(&mut self, scope: &ReleaseScope, now: UnixTime) -> Result<Vec<u32>>;

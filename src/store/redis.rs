@@ -3,7 +3,10 @@
 //! Every read-modify-write is one Lua script (`lua/*.lua`, each prefixed with
 //! `lua/common.lua`), which Redis runs atomically with respect to every other client.
 //! The scripts also read GPU states, so upstream's mixed time formats are decoded in
-//! one place; Rust only sees normalized JSON.
+//! one place; Rust only sees normalized JSON. The wait queue (`queue` submodule) uses
+//! upstream's keys too, and wakes waiters by pub/sub.
+
+mod queue;
 
 use std::fmt::Display;
 use std::sync::LazyLock;
@@ -16,9 +19,10 @@ use redis::{
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{AllocRequest, InitOutcome, RedisConfig, ReleaseScope, Store};
+use super::{AllocRequest, InitOutcome, QueueStep, QueueTick, RedisConfig, ReleaseScope, Store};
 use crate::alloc::validate_selection;
 use crate::error::{Error, Result};
+use crate::queue::QueueEntry;
 use crate::state::{
     GpuSlot, Pool, ProviderKind, Reservation, ReservationKind, RunOwner, Selection, UnixTime,
     UsageRecord,
@@ -31,22 +35,26 @@ const HISTORY_KEY: &str = "canhazgpu:usage_history_sorted";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A script: `lua/common.lua`, then the given files of `lua/`, in order.
 macro_rules! lua_script {
-    ($file:literal) => {
+    ($($file:literal),+) => {
         LazyLock::new(|| {
             Script::new(concat!(
                 include_str!("lua/common.lua"),
-                include_str!(concat!("lua/", $file))
+                $(include_str!(concat!("lua/", $file))),+
             ))
         })
     };
 }
 
-static INIT_POOL: LazyLock<Script> = lua_script!("init_pool.lua");
+static INIT_POOL: LazyLock<Script> = lua_script!("queue.lua", "init_pool.lua");
 static SLOTS: LazyLock<Script> = lua_script!("slots.lua");
-static ALLOCATE: LazyLock<Script> = lua_script!("allocate.lua");
-static RELEASE: LazyLock<Script> = lua_script!("release.lua");
+static ALLOCATE: LazyLock<Script> = lua_script!("queue.lua", "allocate.lua");
+static RELEASE: LazyLock<Script> = lua_script!("queue.lua", "release.lua");
 static HEARTBEAT: LazyLock<Script> = lua_script!("heartbeat.lua");
+static QUEUE_STEP: LazyLock<Script> = lua_script!("queue.lua", "queue_step.lua");
+static QUEUE_LEAVE: LazyLock<Script> = lua_script!("queue.lua", "queue_leave.lua");
+static QUEUE_LIST: LazyLock<Script> = lua_script!("queue.lua", "queue_list.lua");
 
 pub struct RedisStore {
     client: Client,
@@ -55,6 +63,8 @@ pub struct RedisStore {
     connection: Option<Connection>,
     /// Where the store lives, without any password, for messages.
     location: String,
+    /// Wake-ups for a waiter, once `watch_changes` subscribed.
+    watch: Option<queue::Watch>,
 }
 
 /// Why a Redis call failed.
@@ -91,6 +101,7 @@ impl RedisStore {
             client,
             connection: None,
             location,
+            watch: None,
         };
         store.connection()?;
         Ok(store)
@@ -221,34 +232,58 @@ impl Store for RedisStore {
     }
 
     fn allocate(&mut self, request: &AllocRequest) -> Result<Vec<u32>> {
-        let new = &request.reservation;
-        let (count, ids) = match &request.selection {
-            Selection::Count(count) => (Some(*count), None),
-            Selection::Ids(ids) => (None, Some(ids.as_slice())),
-        };
-        let args = AllocateArgs {
-            now: request.now,
-            actual_user: &new.actual_user,
-            count,
-            ids,
-            unreserved: &request.unreserved,
-            dead_ids: &request.dead_ids,
-        };
-        let state = StoredReservation {
-            user: &new.user,
-            actual_user: &new.actual_user,
-            kind: new.kind.as_str(),
-            start_time: request.now,
-            last_heartbeat: (new.kind == ReservationKind::Run).then_some(request.now),
-            expiry_time: new.expiry_time,
-            note: new.note.as_deref().filter(|note| !note.is_empty()),
-            reservation_id: Some(new.id.as_str()).filter(|id| !id.is_empty()),
-            host: new.owner.as_ref().map(|owner| owner.host.as_str()),
-            pid: new.owner.as_ref().map(|owner| owner.pid),
-            pid_start_time: new.owner.as_ref().map(|owner| owner.pid_start),
-        };
-        self.run_script(&ALLOCATE, &[to_json(&args)?, to_json(&state)?])
+        self.run_script(&ALLOCATE, &allocate_args(request, None)?)
             .map_err(|failure| reply_error(failure, &request.selection))
+    }
+
+    fn join_queue(&mut self, request: &AllocRequest, waiter: &RunOwner) -> Result<QueueStep> {
+        let reply: Vec<i64> = self
+            .run_script(&ALLOCATE, &allocate_args(request, Some(waiter))?)
+            .map_err(|failure| reply_error(failure, &request.selection))?;
+        queue::decode_step(&reply)
+    }
+
+    fn queue_step(&mut self, tick: &QueueTick) -> Result<QueueStep> {
+        let reply: Vec<i64> = self
+            .run_script(&QUEUE_STEP, &[queue::step_args(tick)?])
+            .map_err(|failure| match failure {
+                Failure::Reply { code, .. } if code == "QUEUE_GONE" => crate::queue::entry_gone(),
+                other => other.into_error(),
+            })?;
+        queue::decode_step(&reply)
+    }
+
+    fn leave_queue(&mut self, entry_id: &str, now: UnixTime) -> Result<Vec<u32>> {
+        let request = serde_json::json!({ "now": now, "id": entry_id });
+        self.run_script(&QUEUE_LEAVE, &[request.to_string()])
+            .map_err(Failure::into_error)
+    }
+
+    fn queue(&mut self) -> Result<Vec<crate::queue::QueueEntry>> {
+        let entries: Vec<String> = self
+            .run_script(&QUEUE_LIST, &[])
+            .map_err(Failure::into_error)?;
+        entries
+            .iter()
+            .map(|json| queue::decode_entry(json))
+            .collect()
+    }
+
+    fn watch_changes(&mut self) -> Result<()> {
+        if self.watch.is_none() {
+            self.watch = Some(queue::Watch::start(&self.client, &self.location)?);
+        }
+        Ok(())
+    }
+
+    fn wait_for_change(&mut self, timeout: Duration) -> Result<bool> {
+        match &self.watch {
+            Some(watch) => Ok(watch.wait(timeout)),
+            None => {
+                std::thread::sleep(timeout);
+                Ok(false)
+            }
+        }
     }
 
     fn release(&mut self, scope: &ReleaseScope, now: UnixTime) -> Result<Vec<u32>> {
@@ -311,6 +346,46 @@ struct AllocateArgs<'a> {
     ids: Option<&'a [u32]>,
     unreserved: &'a [u32],
     dead_ids: &'a [String],
+    /// Join the queue when the GPUs are not available yet.
+    join: bool,
+}
+
+/// ARGV of `allocate.lua`: the request, the state to store on claimed GPUs, and with
+/// a waiter the queue entry to add if needed.
+fn allocate_args(request: &AllocRequest, waiter: Option<&RunOwner>) -> Result<Vec<String>> {
+    let new = &request.reservation;
+    let (count, ids) = match &request.selection {
+        Selection::Count(count) => (Some(*count), None),
+        Selection::Ids(ids) => (None, Some(ids.as_slice())),
+    };
+    let args = AllocateArgs {
+        now: request.now,
+        actual_user: &new.actual_user,
+        count,
+        ids,
+        unreserved: &request.unreserved,
+        dead_ids: &request.dead_ids,
+        join: waiter.is_some(),
+    };
+    let state = StoredReservation {
+        user: &new.user,
+        actual_user: &new.actual_user,
+        kind: new.kind.as_str(),
+        start_time: request.now,
+        last_heartbeat: (new.kind == ReservationKind::Run).then_some(request.now),
+        expiry_time: new.expiry_time,
+        note: new.note.as_deref().filter(|note| !note.is_empty()),
+        reservation_id: Some(new.id.as_str()).filter(|id| !id.is_empty()),
+        host: new.owner.as_ref().map(|owner| owner.host.as_str()),
+        pid: new.owner.as_ref().map(|owner| owner.pid),
+        pid_start_time: new.owner.as_ref().map(|owner| owner.pid_start),
+    };
+    let mut argv = vec![to_json(&args)?, to_json(&state)?];
+    if let Some(waiter) = waiter {
+        let entry = QueueEntry::new(new, &request.selection, waiter, request.now);
+        argv.push(queue::entry_json(&entry)?);
+    }
+    Ok(argv)
 }
 
 /// A held GPU's state as stored in `canhazgpu:gpu:<id>`: upstream's fields (integer

@@ -10,7 +10,10 @@
 //!
 //! Every state change is one `BEGIN IMMEDIATE` transaction (read slots, decide with
 //! `alloc::plan`, write), so concurrent processes are serialised by SQLite's lock and a
-//! GPU is never held by two reservations.
+//! GPU is never held by two reservations. The wait queue lives in the same file
+//! (`queue` table, see the `queue` submodule) and changes in the same transactions.
+
+mod queue;
 
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions, Permissions};
@@ -18,21 +21,21 @@ use std::io;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{
     Connection, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior, params,
 };
 
-use super::{AllocRequest, InitOutcome, NewReservation, ReleaseScope, Store};
-use crate::alloc::{self, PlanInput};
+use super::{AllocRequest, InitOutcome, NewReservation, QueueStep, QueueTick, ReleaseScope, Store};
 use crate::error::{Error, Result};
 use crate::state::{
     GpuSlot, Pool, ProviderKind, Reservation, ReservationKind, RunOwner, UnixTime, UsageRecord,
 };
 
 /// The version of the schema below; stored as `schema_version` in `meta`.
-const SCHEMA_VERSION: i64 = 1;
+/// Version 2 added the wait queue (`queue` table, `gpus.queue_id`).
+const SCHEMA_VERSION: i64 = 2;
 
 /// How long a write waits for another process's transaction before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -62,7 +65,8 @@ CREATE TABLE IF NOT EXISTS gpus (
     reservation_id TEXT,
     host TEXT,
     pid INTEGER,
-    pid_start INTEGER
+    pid_start INTEGER,
+    queue_id TEXT
 ) STRICT;
 CREATE TABLE IF NOT EXISTS user_last_used (
     actual_user TEXT NOT NULL,
@@ -84,12 +88,17 @@ CREATE INDEX IF NOT EXISTS history_by_start ON history (start_time);
 ";
 
 const GPU_COLUMNS: &str = "id, user, actual_user, type, start_time, last_heartbeat, \
-     expiry_time, last_released, note, reservation_id, host, pid, pid_start";
+     expiry_time, last_released, note, reservation_id, host, pid, pid_start, queue_id";
+
+/// How often `wait_for_change` looks for commits by other processes.
+const CHANGE_POLL: Duration = Duration::from_millis(50);
 
 /// One connection to the shared database file; open one per process or thread.
 pub struct SqliteStore {
     conn: Connection,
     path: PathBuf,
+    /// `PRAGMA data_version` when changes were last looked for (`watch_changes`).
+    seen_version: Option<i64>,
 }
 
 /// What can go wrong inside a store operation: SQLite itself, or a domain refusal
@@ -173,7 +182,14 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn,
             path: path.to_path_buf(),
+            seen_version: None,
         })
+    }
+
+    fn data_version(&self) -> Result<i64> {
+        self.conn
+            .query_row("PRAGMA data_version", [], |row| row.get(0))
+            .map_err(|err| Fault::Sqlite(err).into_error(&self.path))
     }
 
     /// Runs `body` in one transaction; `Immediate` takes the write lock up front so a
@@ -237,20 +253,30 @@ fn create_shared(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Creates the schema on first use; refuses a store written by a newer canhazgpu.
+/// Creates the schema on first use, upgrades an older one, and refuses a store
+/// written by a newer canhazgpu.
 fn ensure_schema(conn: &Connection) -> Outcome<()> {
-    if let Some(version) = schema_version(conn)? {
-        return check_version(version);
+    match schema_version(conn)? {
+        Some(version) if version >= SCHEMA_VERSION => return check_version(version),
+        Some(_) => {}
+        // WAL lets readers (status) proceed while a writer holds the lock. The mode is
+        // persistent in the file; a filesystem without shared memory keeps the default.
+        None => conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?,
     }
-    // WAL lets readers (status) proceed while a writer holds the lock. The mode is
-    // persistent in the file; a filesystem without shared memory keeps the default.
-    conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
     let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
-    tx.execute_batch(SCHEMA)?;
-    tx.execute(
-        "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?1)",
-        [SCHEMA_VERSION.to_string()],
-    )?;
+    // Again under the write lock: another process may have done it meanwhile.
+    match schema_version(&tx)? {
+        None => {
+            tx.execute_batch(SCHEMA)?;
+            tx.execute_batch(queue::SCHEMA)?;
+        }
+        Some(1) => {
+            tx.execute_batch("ALTER TABLE gpus ADD COLUMN queue_id TEXT")?;
+            tx.execute_batch(queue::SCHEMA)?;
+        }
+        Some(version) => return check_version(version),
+    }
+    set_meta(&tx, "schema_version", &SCHEMA_VERSION.to_string())?;
     tx.commit()?;
     Ok(())
 }
@@ -416,10 +442,13 @@ fn free_gpu(conn: &Connection, gpu_id: u32, now: UnixTime) -> Outcome<()> {
     Ok(())
 }
 
+/// Writes `reservation` on `gpu_id`; `queue_id` marks a partial reservation
+/// collected for that queue entry.
 fn claim_gpu(
     conn: &Connection,
     gpu_id: u32,
     reservation: &NewReservation,
+    queue_id: Option<&str>,
     now: UnixTime,
 ) -> Outcome<()> {
     let owner = reservation.owner.as_ref();
@@ -436,7 +465,7 @@ fn claim_gpu(
     let last_heartbeat = (reservation.kind == ReservationKind::Run).then_some(now);
     conn.prepare_cached(&format!(
         "INSERT OR REPLACE INTO gpus ({GPU_COLUMNS})
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8, ?9, ?10, ?11, ?12)"
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8, ?9, ?10, ?11, ?12, ?13)"
     ))?
     .execute(params![
         gpu_id,
@@ -451,6 +480,7 @@ fn claim_gpu(
         owner.map(|owner| &owner.host),
         owner.map(|owner| owner.pid),
         pid_start,
+        queue_id,
     ])?;
     Ok(())
 }
@@ -559,8 +589,10 @@ impl Store for SqliteStore {
                     }
                 }
             }
-            // A re-initialised pool starts fresh, as on Redis: every GPU never used.
+            // A re-initialised pool starts fresh, as on Redis: every GPU never used,
+            // nobody waiting (waiters find their entry gone and stop).
             conn.execute("DELETE FROM gpus", [])?;
+            conn.execute("DELETE FROM queue", [])?;
             let mut add = conn.prepare_cached("INSERT OR IGNORE INTO gpus (id) VALUES (?1)")?;
             for id in 0..gpu_count {
                 add.execute([id])?;
@@ -586,36 +618,57 @@ impl Store for SqliteStore {
     }
 
     fn allocate(&mut self, request: &AllocRequest) -> Result<Vec<u32>> {
-        let reservation = &request.reservation;
+        // A refused request still commits what it did for the waiters.
         self.transact(TransactionBehavior::Immediate, |conn| {
-            let pool = require_pool(conn)?;
-            let slots = read_slots(conn, pool.gpu_count)?;
-            let used = user_last_used(conn, &reservation.actual_user)?;
-            let plan = alloc::plan(
-                &slots,
-                &PlanInput {
-                    selection: &request.selection,
-                    unreserved: &request.unreserved,
-                    dead_ids: &request.dead_ids,
-                    user_last_used: &used,
-                    now: request.now,
-                },
-            )?;
-            for ended in &plan.ended {
-                end_reservation(
-                    conn,
-                    ended.gpu_id,
-                    &ended.reservation,
-                    ended.ended_at,
-                    request.now,
-                )?;
-            }
-            for &id in &plan.claim {
-                claim_gpu(conn, id, reservation, request.now)?;
-                touch_last_used(conn, &reservation.actual_user, id, request.now)?;
-            }
-            Ok(plan.claim)
+            queue::allocate(conn, request)
+        })?
+    }
+
+    fn join_queue(&mut self, request: &AllocRequest, waiter: &RunOwner) -> Result<QueueStep> {
+        self.transact(TransactionBehavior::Immediate, |conn| {
+            queue::join(conn, request, waiter)
+        })?
+    }
+
+    fn queue_step(&mut self, tick: &QueueTick) -> Result<QueueStep> {
+        self.transact(TransactionBehavior::Immediate, |conn| {
+            queue::step(conn, tick)
         })
+    }
+
+    fn leave_queue(&mut self, entry_id: &str, now: UnixTime) -> Result<Vec<u32>> {
+        self.transact(TransactionBehavior::Immediate, |conn| {
+            queue::leave(conn, entry_id, now)
+        })
+    }
+
+    fn queue(&mut self) -> Result<Vec<crate::queue::QueueEntry>> {
+        self.transact(TransactionBehavior::Deferred, |conn| {
+            let pool = require_pool(conn)?;
+            queue::read_entries(conn, pool.gpu_count)
+        })
+    }
+
+    fn watch_changes(&mut self) -> Result<()> {
+        self.seen_version = Some(self.data_version()?);
+        Ok(())
+    }
+
+    /// Polls `PRAGMA data_version`, which changes when another connection commits.
+    fn wait_for_change(&mut self, timeout: Duration) -> Result<bool> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let version = self.data_version()?;
+            if self.seen_version != Some(version) {
+                self.seen_version = Some(version);
+                return Ok(true);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            std::thread::sleep(left.min(CHANGE_POLL));
+        }
     }
 
     fn release(&mut self, scope: &ReleaseScope, now: UnixTime) -> Result<Vec<u32>> {
@@ -748,13 +801,37 @@ mod tests {
                 provider: ProviderKind::Fake
             })
         );
-        set_meta(&store.conn, "schema_version", "2").unwrap();
+        set_meta(&store.conn, "schema_version", "3").unwrap();
         drop(store);
         let err = SqliteStore::open(&path).err().unwrap();
         assert_eq!(
             err.to_string(),
-            "the canhazgpu store has schema version 2, newer than this canhazgpu understands (1) - upgrade canhazgpu"
+            "the canhazgpu store has schema version 3, newer than this canhazgpu understands (2) - upgrade canhazgpu"
         );
+    }
+
+    /// A store written before the queue existed gets it on first open, data kept.
+    #[test]
+    fn version_1_stores_are_upgraded() {
+        let (dir, mut store) = fresh();
+        store.init_pool(2, ProviderKind::Fake, false, 10).unwrap();
+        store
+            .conn
+            .execute_batch(
+                "DROP TABLE queue; ALTER TABLE gpus DROP COLUMN queue_id;
+                 UPDATE meta SET value = '1' WHERE key = 'schema_version';",
+            )
+            .unwrap();
+        drop(store);
+        let mut store = SqliteStore::open(&dir.path().join("store/state.db")).unwrap();
+        assert_eq!(
+            meta_value(&store.conn, "schema_version")
+                .unwrap()
+                .as_deref(),
+            Some("2")
+        );
+        assert_eq!(store.slots().unwrap().len(), 2);
+        assert_eq!(store.queue().unwrap(), Vec::new());
     }
 
     #[test]

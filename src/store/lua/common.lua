@@ -131,7 +131,10 @@ local function parse_time(value)
   return false
 end
 
-local STRING_FIELDS = { "user", "actual_user", "type", "note", "reservation_id", "host" }
+-- `partial_queue_id` (upstream's name) marks a partial reservation: a GPU collected for
+-- a queue entry that is still waiting for more.
+local STRING_FIELDS =
+  { "user", "actual_user", "type", "note", "reservation_id", "host", "partial_queue_id" }
 local TIME_FIELDS = { "start_time", "last_heartbeat", "expiry_time", "last_released" }
 -- Upper bounds: a u32 PID, and 14 digits, the most cjson writes back exactly.
 local COUNT_FIELDS = { pid = 4294967295, pid_start_time = 99999999999999 }
@@ -143,7 +146,7 @@ end
 -- Reads one GPU key into a normalized slot:
 --   { state = "free", last_released = n|nil }
 --   { state = "held", reservation_id, user, actual_user, type, start_time, last_heartbeat,
---     expiry_time, note, host, pid, pid_start_time }   (absent fields are nil)
+--     expiry_time, note, host, pid, pid_start_time, partial_queue_id }   (absent fields are nil)
 --   { state = "corrupt", reason }
 -- `host` is set only together with `pid` and `pid_start_time` (the run owner).
 local function read_slot(id)
@@ -221,6 +224,9 @@ end
 
 -- Mirrors state::Reservation::liveness: nil while active, else when it ended.
 local function ended_at(slot, now, dead_ids)
+  if slot.reservation_id ~= "" and dead_ids[slot.reservation_id] then
+    return math.max(now, slot.start_time)
+  end
   if slot.type == "manual" then
     if slot.expiry_time and now >= slot.expiry_time then
       return slot.expiry_time
@@ -228,9 +234,6 @@ local function ended_at(slot, now, dead_ids)
     return nil
   end
   local last = slot.last_heartbeat or slot.start_time
-  if slot.reservation_id ~= "" and dead_ids[slot.reservation_id] then
-    return math.max(now, slot.start_time)
-  end
   local stale_after = LEGACY_RUN_STALE_AFTER_SECS
   if slot.host then
     stale_after = RUN_STALE_AFTER_SECS
@@ -293,5 +296,35 @@ end
 local function sorted(list)
   table.sort(list)
   return list
+end
+
+-- Orders free GPUs ({ id, released }) like alloc::rank: this user's most recently
+-- used first, then never used, then least recently released; ties by GPU ID.
+local function rank_for_user(candidates, actual_user)
+  local last_used = {}
+  local pairs_list = redis.call("HGETALL", last_used_key(actual_user))
+  for i = 1, #pairs_list, 2 do
+    last_used[tonumber(pairs_list[i])] = tonumber(pairs_list[i + 1])
+  end
+  local function rank(gpu)
+    local used = last_used[gpu.id]
+    if used then
+      return 0, -used
+    elseif gpu.released == nil then
+      return 1, 0
+    end
+    return 2, gpu.released
+  end
+  table.sort(candidates, function(a, b)
+    local a_class, a_value = rank(a)
+    local b_class, b_value = rank(b)
+    if a_class ~= b_class then
+      return a_class < b_class
+    elseif a_value ~= b_value then
+      return a_value < b_value
+    end
+    return a.id < b.id
+  end)
+  return candidates
 end
 

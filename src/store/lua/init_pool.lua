@@ -25,6 +25,12 @@ return run(function()
     if cleared > 0 then
       prune_history(now)
     end
+    -- Nobody waits for the old pool: waiters find their entry gone and stop.
+    for _, id in ipairs(redis.call("ZRANGE", QUEUE_KEY, 0, -1)) do
+      redis.call("DEL", entry_key(id))
+    end
+    redis.call("DEL", QUEUE_KEY)
+    wake()
   end
   redis.call("SET", GPU_COUNT_KEY, request.gpu_count)
   redis.call("SET", PROVIDER_KEY, request.provider)

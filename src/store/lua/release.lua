@@ -3,7 +3,8 @@
 --   own_manual (manual reservations of actual_user), own_ids (these GPUs where
 --   actual_user holds them), any_ids (these GPUs, whoever holds them; also resets
 --   unreadable state), reservation (every GPU of reservation `id`).
--- Returns the freed IDs, ascending. Error replies: NOT_INITIALIZED, BAD_SELECTION <n>.
+-- Returns the freed IDs, ascending, and wakes the waiters when there are any.
+-- Error replies: NOT_INITIALIZED, BAD_SELECTION <n>.
 return run(function()
   local request = cjson.decode(ARGV[1])
   local now = request.now
@@ -48,6 +49,7 @@ return run(function()
   end
   if #freed > 0 then
     prune_history(now)
+    wake()
   end
   return sorted(freed)
 end)

@@ -1,0 +1,350 @@
+//! The wait queue: who waits for which GPUs, in what order, and which free GPU goes
+//! to which waiter. Pure functions, used by the SQLite store inside its transaction
+//! and mirrored by the Redis Lua scripts (`store/lua/queue.lua`); the conformance
+//! tests check both against this module.
+//!
+//! Policy (first come, first served, no starvation): waiters are served in the order
+//! they joined. Whenever GPUs are handed out, each waiter in order first takes the
+//! free GPUs it can use, up to what it still lacks, and holds them as a *partial
+//! reservation* tied to its queue entry. A request that arrives later, waiting or
+//! not, only gets what no earlier waiter can use. A large request therefore collects
+//! GPUs as they free up instead of waiting for a moment when enough are free at once,
+//! and a waiter whose request cannot use a freed GPU (other IDs) lets it pass to the
+//! next one. A waiter is served as soon as it holds everything it asked for.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::alloc::{self, Ended};
+use crate::duration::format_duration;
+use crate::gpu::procinfo;
+use crate::state::{
+    GpuSlot, Liveness, Reservation, ReservationKind, RunOwner, Selection, UnixTime,
+};
+use crate::store::NewReservation;
+
+/// How often a waiter refreshes its queue entry.
+pub const WAITER_HEARTBEAT_SECS: i64 = 5;
+/// A queue entry of ours whose waiter has not refreshed it for this long is dropped
+/// (its waiter is on another host and gone, or frozen). Mirrored in `queue.lua`.
+pub const WAITER_STALE_AFTER_SECS: i64 = 20;
+/// Entries written by upstream canhazgpu (no waiter fields) heartbeat every 30 s;
+/// upstream drops them after 2 minutes, and so do we.
+pub const LEGACY_WAITER_STALE_AFTER_SECS: i64 = 120;
+
+/// Why a waiter's turn fails when its entry was dropped by others.
+pub const ENTRY_GONE: &str = "left the queue: this request's entry was removed (no heartbeat \
+     from its waiter for over 20s, or the pool was re-initialized)";
+
+pub fn entry_gone() -> crate::error::Error {
+    crate::error::Error::Runtime(ENTRY_GONE.into())
+}
+
+/// One request waiting for GPUs. Its `id` is also the ID of the reservation it
+/// becomes, and of the partial reservations it holds meanwhile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueEntry {
+    pub id: String,
+    /// Display name (`--user`).
+    pub user: String,
+    /// The real Unix account.
+    pub actual_user: String,
+    pub kind: ReservationKind,
+    pub selection: Selection,
+    /// Manual reservations: how long the reservation lasts once served, in seconds.
+    pub duration: Option<i64>,
+    pub note: Option<String>,
+    /// Run reservations: the process the reservation belongs to.
+    pub owner: Option<RunOwner>,
+    /// The waiting process; `None` for entries written by upstream canhazgpu.
+    pub waiter: Option<RunOwner>,
+    pub enqueue_time: UnixTime,
+    pub last_heartbeat: UnixTime,
+    /// GPUs collected so far (held as partial reservations), ascending.
+    pub collected: Vec<u32>,
+}
+
+impl QueueEntry {
+    /// The entry for a request that has to wait: manual reservations keep their
+    /// length, counted from when they are served.
+    pub fn new(
+        reservation: &NewReservation,
+        selection: &Selection,
+        waiter: &RunOwner,
+        now: UnixTime,
+    ) -> Self {
+        QueueEntry {
+            id: reservation.id.clone(),
+            user: reservation.user.clone(),
+            actual_user: reservation.actual_user.clone(),
+            kind: reservation.kind,
+            selection: selection.clone(),
+            duration: reservation.expiry_time.map(|expiry| (expiry - now).max(1)),
+            note: reservation.note.clone(),
+            owner: reservation.owner.clone(),
+            waiter: Some(waiter.clone()),
+            enqueue_time: now,
+            last_heartbeat: now,
+            collected: Vec::new(),
+        }
+    }
+
+    /// Whether the entry still waits: its waiter is not known to be gone
+    /// (`dead_ids`, checked through /proc by the caller) and has kept it fresh.
+    pub fn is_alive(&self, now: UnixTime, dead_ids: &[String]) -> bool {
+        let stale_after = if self.waiter.is_some() {
+            WAITER_STALE_AFTER_SECS
+        } else {
+            LEGACY_WAITER_STALE_AFTER_SECS
+        };
+        !dead_ids.contains(&self.id) && now - self.last_heartbeat <= stale_after
+    }
+
+    /// How many more GPUs the entry needs.
+    pub fn missing(&self) -> usize {
+        (self.selection.len() as usize).saturating_sub(self.collected.len())
+    }
+
+    /// The reservation held on a collected GPU until the request is served: no
+    /// expiry (it lives as long as the entry), heartbeats for run reservations.
+    pub fn partial_reservation(&self) -> NewReservation {
+        NewReservation {
+            id: self.id.clone(),
+            user: self.user.clone(),
+            actual_user: self.actual_user.clone(),
+            kind: self.kind,
+            expiry_time: None,
+            note: self.note.clone(),
+            owner: self.owner.clone(),
+        }
+    }
+
+    /// The expiry a manual reservation gets when the entry is served at `now`.
+    pub fn served_expiry(&self, now: UnixTime) -> Option<UnixTime> {
+        match self.kind {
+            ReservationKind::Manual => self.duration.map(|duration| now + duration),
+            ReservationKind::Run => None,
+        }
+    }
+}
+
+/// IDs of queue entries whose waiting process on `host` is gone.
+pub fn dead_waiter_ids(entries: &[QueueEntry], host: &str) -> Vec<String> {
+    entries
+        .iter()
+        .filter(|entry| {
+            entry.waiter.as_ref().is_some_and(|waiter| {
+                waiter.host == host && !procinfo::process_alive(waiter.pid, waiter.pid_start)
+            })
+        })
+        .map(|entry| entry.id.clone())
+        .collect()
+}
+
+/// A free GPU handed to a waiter, ending the dead reservation it held first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// Index into the entries given to `distribute`.
+    pub entry: usize,
+    pub gpu_id: u32,
+    pub ended: Option<Ended>,
+}
+
+/// Inputs of a distribution that do not come from the slots and entries.
+pub struct DistributionInput<'a> {
+    /// GPUs in use without reservation, never handed out.
+    pub unreserved: &'a [u32],
+    /// Reservations and queue entries whose process on this host is gone.
+    pub dead_ids: &'a [String],
+    /// When each waiter's Unix account last used each GPU, by account.
+    pub last_used: &'a HashMap<String, HashMap<u32, UnixTime>>,
+    pub now: UnixTime,
+}
+
+/// Hands free GPUs to waiters: `entries` are the live entries in queue order, with
+/// what they collected so far. Each one takes the free GPUs it can use (its IDs, or
+/// any GPU ranked as `alloc::plan` ranks them for its account) up to what it lacks.
+pub fn distribute(
+    slots: &[GpuSlot],
+    entries: &[QueueEntry],
+    input: &DistributionInput,
+) -> Vec<Grant> {
+    let gpu_count = slots.len() as u32;
+    let mut free: Vec<(u32, Option<UnixTime>, Option<Ended>)> = Vec::new();
+    for (id, slot) in (0..).zip(slots) {
+        if input.unreserved.contains(&id) {
+            continue;
+        }
+        match slot {
+            GpuSlot::Free { last_released } => free.push((id, *last_released, None)),
+            GpuSlot::Held(reservation) => {
+                if let Some(ended) = ended(id, reservation, input) {
+                    free.push((id, Some(ended.ended_at), Some(ended)));
+                }
+            }
+            GpuSlot::Corrupt(_) => {}
+        }
+    }
+    let no_history = HashMap::new();
+    let mut grants = Vec::new();
+    for (index, entry) in entries.iter().enumerate() {
+        if free.is_empty() {
+            break;
+        }
+        if alloc::validate_selection(&entry.selection, gpu_count).is_err() {
+            continue;
+        }
+        let wanted: Vec<u32> = match &entry.selection {
+            Selection::Ids(ids) => ids
+                .iter()
+                .copied()
+                .filter(|id| !entry.collected.contains(id))
+                .filter(|id| free.iter().any(|(f, _, _)| f == id))
+                .collect(),
+            Selection::Count(_) => {
+                let mut ranked: Vec<(u32, Option<UnixTime>)> = free
+                    .iter()
+                    .map(|(id, released, _)| (*id, *released))
+                    .collect();
+                let used = input
+                    .last_used
+                    .get(&entry.actual_user)
+                    .unwrap_or(&no_history);
+                alloc::rank(&mut ranked, used);
+                ranked
+                    .into_iter()
+                    .take(entry.missing())
+                    .map(|(id, _)| id)
+                    .collect()
+            }
+        };
+        for gpu_id in wanted {
+            let position = free.iter().position(|(f, _, _)| *f == gpu_id);
+            if let Some(position) = position {
+                let (_, _, ended) = free.remove(position);
+                grants.push(Grant {
+                    entry: index,
+                    gpu_id,
+                    ended,
+                });
+            }
+        }
+    }
+    grants.sort_by_key(|grant| (grant.entry, grant.gpu_id));
+    grants
+}
+
+fn ended(gpu_id: u32, reservation: &Reservation, input: &DistributionInput) -> Option<Ended> {
+    match reservation.liveness(input.now, input.dead_ids) {
+        Liveness::Active => None,
+        other => Some(Ended {
+            gpu_id,
+            reservation: reservation.clone(),
+            ended_at: other.ended_at().unwrap_or(input.now),
+        }),
+    }
+}
+
+/// The slots as they are after `grants`: each granted GPU held by its waiter's
+/// partial reservation. `alloc::plan` on the result gives a newcomer only what no
+/// waiter can use.
+pub fn apply(
+    slots: &[GpuSlot],
+    entries: &[QueueEntry],
+    grants: &[Grant],
+    now: UnixTime,
+) -> Vec<GpuSlot> {
+    let mut after = slots.to_vec();
+    for grant in grants {
+        let held = entries[grant.entry].partial_reservation().held_from(now);
+        after[grant.gpu_id as usize] = GpuSlot::Held(held);
+    }
+    after
+}
+
+/// The queue as `canhazgpu queue --json` and the web dashboard show it. Field names
+/// follow upstream's `/api/queue`, plus `position`, `actual_user` and `enqueue_time`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct QueueReport {
+    pub entries: Vec<QueueRow>,
+    pub total_waiting: usize,
+    pub total_gpus_requested: u32,
+    pub total_gpus_allocated: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct QueueRow {
+    pub position: usize,
+    pub id: String,
+    pub user: String,
+    pub actual_user: String,
+    pub requested_count: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested_ids: Option<Vec<u32>>,
+    pub allocated_gpus: Vec<u32>,
+    pub allocated_count: usize,
+    pub reservation_type: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// Unix seconds.
+    pub enqueue_time: UnixTime,
+    pub wait_time: String,
+    pub wait_time_seconds: i64,
+}
+
+impl QueueRow {
+    /// `alice`, or `alice (svc)` with a display name, as `status` shows users.
+    pub fn user_label(&self) -> String {
+        if self.user == self.actual_user || self.actual_user.is_empty() {
+            self.user.clone()
+        } else {
+            format!("{} ({})", self.actual_user, self.user)
+        }
+    }
+
+    /// `2 GPUs`, or `IDs: [1, 3]`.
+    pub fn requested(&self) -> String {
+        match &self.requested_ids {
+            Some(ids) => format!("IDs: {}", crate::commands::id_list(ids)),
+            None if self.requested_count == 1 => "1 GPU".into(),
+            None => format!("{} GPUs", self.requested_count),
+        }
+    }
+}
+
+/// The live entries of `entries` (in queue order) as rows.
+pub fn report(entries: &[QueueEntry], dead_ids: &[String], now: UnixTime) -> QueueReport {
+    let rows: Vec<QueueRow> = entries
+        .iter()
+        .filter(|entry| entry.is_alive(now, dead_ids))
+        .enumerate()
+        .map(|(index, entry)| {
+            let waited = (now - entry.enqueue_time).max(0);
+            QueueRow {
+                position: index + 1,
+                id: entry.id.clone(),
+                user: entry.user.clone(),
+                actual_user: entry.actual_user.clone(),
+                requested_count: entry.selection.len(),
+                requested_ids: match &entry.selection {
+                    Selection::Ids(ids) => Some(ids.clone()),
+                    Selection::Count(_) => None,
+                },
+                allocated_gpus: entry.collected.clone(),
+                allocated_count: entry.collected.len(),
+                reservation_type: entry.kind.as_str(),
+                note: entry.note.clone(),
+                enqueue_time: entry.enqueue_time,
+                wait_time: format_duration(waited),
+                wait_time_seconds: waited,
+            }
+        })
+        .collect();
+    QueueReport {
+        total_waiting: rows.len(),
+        total_gpus_requested: rows.iter().map(|row| row.requested_count).sum(),
+        total_gpus_allocated: rows.iter().map(|row| row.allocated_count).sum(),
+        entries: rows,
+    }
+}
