@@ -47,6 +47,16 @@ macro_rules! store_conformance {
             history_window_selects_overlapping_records,
             concurrent_allocations_never_share_a_gpu,
             allocation_matches_the_placement_policy,
+            queue_join_is_served_at_once_when_gpus_are_free,
+            queue_serves_waiters_in_order,
+            queue_large_request_collects_until_served,
+            queue_newcomers_get_only_what_waiters_cannot_use,
+            queue_leaving_releases_what_was_collected,
+            queue_dead_and_silent_waiters_are_dropped,
+            queue_turns_refresh_and_respect_usage,
+            queue_init_force_empties_the_queue,
+            queue_watchers_hear_about_releases,
+            queue_distribution_matches_the_policy,
         );
     };
     (@cases $backend:ident, $factory:path, $($case:ident),* $(,)?) => {
@@ -66,6 +76,9 @@ store_conformance!(redis, crate::support::redis::redis_store_fixture);
 store_conformance!(sqlite, crate::support::sqlite::sqlite_store_fixture);
 
 pub mod cases {
+    mod queue;
+    pub use queue::*;
+
     use std::collections::{BTreeSet, HashMap};
     use std::sync::Barrier;
 

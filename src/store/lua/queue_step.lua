@@ -4,7 +4,7 @@
 -- ARGV[1]: {"now", "id", "unreserved" (absent: usage not checked, hand out nothing),
 --           "dead_ids"}
 -- Returns {1, ids...} when served, {0, position, collected ids...} while waiting.
--- Error replies: NOT_INITIALIZED, QUEUE_GONE (the entry is no longer queued).
+-- Error replies: NOT_INITIALIZED, QUEUE_GONE <id> (the entry is no longer queued).
 return run(function()
   local request = cjson.decode(ARGV[1])
   local now = request.now
@@ -22,7 +22,7 @@ return run(function()
     if history_written then
       prune_history(now)
     end
-    fail("QUEUE_GONE")
+    fail("QUEUE_GONE " .. request.id)
   end
 
   entry.doc.last_heartbeat = now
