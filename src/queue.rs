@@ -129,6 +129,29 @@ impl QueueEntry {
     }
 }
 
+/// The slots as the next change leaves them: the partial reservations of entries
+/// that are no longer alive are free (every store drops them first).
+pub fn without_dead_partials(
+    mut slots: Vec<GpuSlot>,
+    entries: &[QueueEntry],
+    dead_ids: &[String],
+    now: UnixTime,
+) -> Vec<GpuSlot> {
+    for entry in entries
+        .iter()
+        .filter(|entry| !entry.is_alive(now, dead_ids))
+    {
+        for &gpu_id in &entry.collected {
+            if let Some(slot) = slots.get_mut(gpu_id as usize) {
+                *slot = GpuSlot::Free {
+                    last_released: Some(now),
+                };
+            }
+        }
+    }
+    slots
+}
+
 /// IDs of queue entries whose waiting process on `host` is gone.
 pub fn dead_waiter_ids(entries: &[QueueEntry], host: &str) -> Vec<String> {
     entries

@@ -60,12 +60,14 @@ impl Session {
     }
 
     /// The slots and the queue, with the IDs of reservations and entries whose
-    /// process on this host is gone.
+    /// process on this host is gone. The partial reservations of queue entries that
+    /// are gone show as free, as the next change leaves them.
     pub fn read_state(&mut self) -> Result<(Vec<GpuSlot>, Vec<QueueEntry>, Vec<String>)> {
         let slots = self.store.slots()?;
         let queue = self.store.queue()?;
         let mut dead_ids = gpu_status::dead_reservation_ids(&slots, &self.host);
         dead_ids.extend(queue::dead_waiter_ids(&queue, &self.host));
+        let slots = queue::without_dead_partials(slots, &queue, &dead_ids, now());
         Ok((slots, queue, dead_ids))
     }
 

@@ -110,8 +110,7 @@ pub enum Liveness {
     Stale {
         ended_at: UnixTime,
     },
-    /// A reservation whose process on this host is gone: a run's supervisor, or the
-    /// waiter of a partial reservation.
+    /// A run reservation whose supervisor on this host is gone.
     OwnerGone {
         ended_at: UnixTime,
     },
@@ -134,14 +133,11 @@ impl Liveness {
 
 impl Reservation {
     /// Decides liveness from stored data alone; `dead_ids` lists reservations whose
-    /// process on this host is known to be gone (checked by the caller through /proc):
-    /// a run's supervisor, or the waiter a partial reservation was collected for.
+    /// local supervisor is known to be gone (checked by the caller through /proc).
+    /// Only run reservations have a supervisor: a manual reservation outlives the
+    /// process that made it, even one whose ID is in `dead_ids` (a waiter that was
+    /// served and has exited).
     pub fn liveness(&self, now: UnixTime, dead_ids: &[String]) -> Liveness {
-        if !self.id.is_empty() && dead_ids.contains(&self.id) {
-            return Liveness::OwnerGone {
-                ended_at: now.max(self.start_time),
-            };
-        }
         match self.kind {
             ReservationKind::Manual => match self.expiry_time {
                 Some(expiry) if now >= expiry => Liveness::Expired { ended_at: expiry },
@@ -149,6 +145,11 @@ impl Reservation {
             },
             ReservationKind::Run => {
                 let last = self.last_heartbeat.unwrap_or(self.start_time);
+                if !self.id.is_empty() && dead_ids.contains(&self.id) {
+                    return Liveness::OwnerGone {
+                        ended_at: now.max(self.start_time),
+                    };
+                }
                 let stale_after = if self.owner.is_some() {
                     RUN_STALE_AFTER_SECS
                 } else {
@@ -284,15 +285,11 @@ mod tests {
     }
 
     #[test]
-    fn a_gone_process_ends_any_reservation_it_names() {
+    fn a_gone_process_ends_only_run_reservations() {
         let mut manual = run_reservation(false);
         manual.kind = ReservationKind::Manual;
         manual.expiry_time = Some(2000);
-        assert_eq!(
-            manual.liveness(1500, &["r1".to_string()]),
-            Liveness::OwnerGone { ended_at: 1500 }
-        );
-        assert!(manual.liveness(1500, &["other".to_string()]).is_active());
+        assert!(manual.liveness(1500, &["r1".to_string()]).is_active());
     }
 
     #[test]

@@ -4,6 +4,7 @@ mod cli_core;
 mod cli_gpu;
 mod gpu_providers;
 mod multi_user;
+mod queue;
 mod redis_store;
 mod sqlite_store;
 mod store_conformance;

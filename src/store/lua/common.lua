@@ -224,9 +224,6 @@ end
 
 -- Mirrors state::Reservation::liveness: nil while active, else when it ended.
 local function ended_at(slot, now, dead_ids)
-  if slot.reservation_id ~= "" and dead_ids[slot.reservation_id] then
-    return math.max(now, slot.start_time)
-  end
   if slot.type == "manual" then
     if slot.expiry_time and now >= slot.expiry_time then
       return slot.expiry_time
@@ -234,6 +231,9 @@ local function ended_at(slot, now, dead_ids)
     return nil
   end
   local last = slot.last_heartbeat or slot.start_time
+  if slot.reservation_id ~= "" and dead_ids[slot.reservation_id] then
+    return math.max(now, slot.start_time)
+  end
   local stale_after = LEGACY_RUN_STALE_AFTER_SECS
   if slot.host then
     stale_after = RUN_STALE_AFTER_SECS

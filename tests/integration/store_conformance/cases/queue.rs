@@ -147,6 +147,14 @@ pub fn queue_serves_waiters_in_order(fixture: StoreFixture) {
         }
         other => panic!("GPU 0 should be held by w1, not {other:?}"),
     }
+    // Its waiter exits once served; a caller that still saw the entry and found the
+    // process gone does not end the reservation.
+    let mut request = super::request(manual("n", "n", T + 99), Selection::Count(1), T + 21);
+    request.dead_ids = vec!["w1".into()];
+    assert!(matches!(
+        store.allocate(&request),
+        Err(Error::NotEnough { .. })
+    ));
     assert_eq!(step(&mut *store, "w2", T + 21), Ok(waiting(1, &[])));
     assert_eq!(step(&mut *store, "w1", T + 21), Err(queue::entry_gone()));
 }
