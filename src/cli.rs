@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::commands::{Command, admin, release, reserve, status};
+use crate::commands::{Command, admin, release, report, reserve, status, web};
 use crate::config::Overrides;
 use crate::state::ProviderKind;
 
@@ -96,6 +96,27 @@ pub enum CliCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Generate GPU usage reports
+    Report {
+        /// Number of days to include in the report (a whole number from 1)
+        #[arg(long, default_value = "30", allow_hyphen_values = true)]
+        days: String,
+        /// Output the report as JSON
+        #[arg(short, long)]
+        json: bool,
+    },
+    /// Start a web server for GPU status monitoring
+    Web {
+        /// Port to run the web server on
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Host to bind the web server to
+        #[arg(long, default_value = "0.0.0.0")]
+        host: String,
+        /// Seconds one GPU snapshot is shared between requests
+        #[arg(long, default_value_t = crate::web::DEFAULT_SNAPSHOT_SECONDS, value_name = "SECONDS")]
+        cache_seconds: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -155,6 +176,16 @@ impl Cli {
             CliCommand::Release { gpu_ids, force } => {
                 Command::Release(release::ReleaseArgs { gpu_ids, force })
             }
+            CliCommand::Report { days, json } => Command::Report(report::ReportArgs { days, json }),
+            CliCommand::Web {
+                port,
+                host,
+                cache_seconds,
+            } => Command::Web(web::WebArgs {
+                host,
+                port,
+                cache_seconds,
+            }),
         }
     }
 }

@@ -9,6 +9,8 @@ pub mod error;
 pub mod gpu;
 pub mod gpu_status;
 pub mod output;
+pub mod report;
 pub mod session;
 pub mod state;
 pub mod store;
+pub mod web;

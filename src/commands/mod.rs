@@ -2,8 +2,10 @@
 
 pub mod admin;
 pub mod release;
+pub mod report;
 pub mod reserve;
 pub mod status;
+pub mod web;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -16,6 +18,8 @@ pub enum Command {
     Status(status::StatusArgs),
     Reserve(reserve::ReserveArgs),
     Release(release::ReleaseArgs),
+    Report(report::ReportArgs),
+    Web(web::WebArgs),
 }
 
 /// Runs a command; `Ok` carries the process exit code.
@@ -25,6 +29,8 @@ pub fn execute(command: Command, config: &Config) -> Result<u8> {
         Command::Status(args) => status::execute(&args, config),
         Command::Reserve(args) => reserve::execute(&args, config),
         Command::Release(args) => release::execute(&args, config),
+        Command::Report(args) => report::execute(&args, config),
+        Command::Web(args) => web::execute(&args, config),
     }
     .map(|()| 0)
 }
