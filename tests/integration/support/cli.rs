@@ -2,7 +2,7 @@
 //! own store (a SQLite directory or a Redis URL), and no inherited CANHAZGPU_* settings.
 
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 use tempfile::TempDir;
@@ -53,6 +53,7 @@ pub enum Backend {
 }
 
 pub struct CliEnv {
+    /// Holds the temporary directory for as long as the environment lives.
     pub dir: TempDir,
     pub home: PathBuf,
     pub backend: Backend,
@@ -87,10 +88,6 @@ impl CliEnv {
         }
     }
 
-    pub fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
     pub fn set_var(&mut self, key: &str, value: &str) {
         self.vars.push((key.to_string(), value.to_string()));
     }
@@ -114,7 +111,9 @@ impl CliEnv {
         };
         if !self.path_prefix.is_empty() {
             let mut paths = self.path_prefix.clone();
-            paths.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+            paths.extend(std::env::split_paths(
+                &std::env::var_os("PATH").unwrap_or_default(),
+            ));
             cmd.env("PATH", std::env::join_paths(paths).expect("PATH"));
         }
         for (key, value) in &self.vars {
