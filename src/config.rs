@@ -151,6 +151,10 @@ pub static KEYS: &[Key] = &[
         .flag("--redis-password", |o| text(&o.redis_password)),
     Key::new("memory.threshold", "a whole number of MB")
         .flag("--memory-threshold", |o| text(&o.memory_threshold)),
+    Key::new(
+        "history.retention_days",
+        "a whole number of days from 1 to 36500",
+    ),
 ];
 
 fn key(name: &str) -> Option<&'static Key> {
@@ -622,6 +626,7 @@ mod tests {
                 "CANHAZGPU_REDIS_URL",
                 "CANHAZGPU_REDIS_PASSWORD",
                 "CANHAZGPU_MEMORY_THRESHOLD",
+                "CANHAZGPU_HISTORY_RETENTION_DAYS",
             ]
         );
     }
@@ -749,7 +754,7 @@ mod tests {
     }
 
     /// A valid value per layer (file, env, flag) for every registered key.
-    const LAYER_VALUES: [(&str, [&str; 3]); 8] = [
+    const LAYER_VALUES: [(&str, [&str; 3]); 9] = [
         ("backend", ["sqlite", "redis", "sqlite"]),
         ("state_dir", ["/f", "/e", "/c"]),
         ("redis.host", ["f", "e", "c"]),
@@ -758,9 +763,12 @@ mod tests {
         ("redis.url", ["redis://f", "redis://e", "redis://c"]),
         ("redis.password", ["f", "e", "c"]),
         ("memory.threshold", ["1", "2", "3"]),
+        ("history.retention_days", ["1", "2", "3"]),
     ];
 
-    fn flag(key: &str, value: &str) -> Overrides {
+    /// Flags giving `key` the value, or `None` for keys only files and the
+    /// environment set.
+    fn flag(key: &str, value: &str) -> Option<Overrides> {
         let mut flags = Overrides::default();
         let value = Some(value.to_owned());
         match key {
@@ -772,9 +780,10 @@ mod tests {
             "redis.url" => flags.redis_url = value,
             "redis.password" => flags.redis_password = value,
             "memory.threshold" => flags.memory_threshold = value,
+            "history.retention_days" => return None,
             other => panic!("no flag for {other}"),
         }
-        flags
+        Some(flags)
     }
 
     #[test]
@@ -796,7 +805,10 @@ mod tests {
             assert_eq!(setting.value, in_env);
             assert_eq!(setting.source, Source::Env(env_var));
 
-            let config = world.resolve(&flag(key, in_flag)).unwrap();
+            let Some(flags) = flag(key, in_flag) else {
+                continue;
+            };
+            let config = world.resolve(&flags).unwrap();
             let setting = &config.settings[key];
             assert_eq!(setting.value, in_flag);
             let flag_name = format!("--{}", key.replace(['.', '_'], "-"));

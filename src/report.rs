@@ -91,27 +91,63 @@ pub fn account(record: &UsageRecord) -> &str {
     }
 }
 
-/// Sums records per account, counting only their parts inside `window`.
-pub fn tally<'a>(
-    records: impl IntoIterator<Item = &'a UsageRecord>,
+/// Sums records per account, counting only their parts inside a window.
+pub struct Tally {
     window: Window,
-) -> Vec<UserUsage> {
-    let mut by_user: BTreeMap<&str, UserUsage> = BTreeMap::new();
-    for record in records {
-        if !window.touches(record.start_time, record.end_time) {
-            continue;
+    by_user: BTreeMap<String, UserUsage>,
+}
+
+impl Tally {
+    pub fn new(window: Window) -> Self {
+        Tally {
+            window,
+            by_user: BTreeMap::new(),
         }
-        let usage = by_user.entry(account(record)).or_insert_with(|| UserUsage {
-            user: account(record).to_string(),
-            ..UserUsage::default()
-        });
-        usage.seconds += window.overlap(record.start_time, record.end_time);
-        match record.kind {
+    }
+
+    pub fn add_record(&mut self, record: &UsageRecord) {
+        self.add(
+            account(record),
+            record.start_time,
+            record.end_time,
+            record.kind,
+        );
+    }
+
+    /// Adds one reservation of `user` over `[start, end]`.
+    pub fn add(&mut self, user: &str, start: UnixTime, end: UnixTime, kind: ReservationKind) {
+        if !self.window.touches(start, end) {
+            return;
+        }
+        let usage = match self.by_user.get_mut(user) {
+            Some(usage) => usage,
+            None => self.by_user.entry(user.to_string()).or_insert(UserUsage {
+                user: user.to_string(),
+                ..UserUsage::default()
+            }),
+        };
+        usage.seconds += self.window.overlap(start, end);
+        match kind {
             ReservationKind::Run => usage.run_count += 1,
             ReservationKind::Manual => usage.manual_count += 1,
         }
     }
-    by_user.into_values().collect()
+
+    pub fn into_usages(self) -> Vec<UserUsage> {
+        self.by_user.into_values().collect()
+    }
+}
+
+/// `Tally` over `records`.
+pub fn tally<'a>(
+    records: impl IntoIterator<Item = &'a UsageRecord>,
+    window: Window,
+) -> Vec<UserUsage> {
+    let mut tally = Tally::new(window);
+    for record in records {
+        tally.add_record(record);
+    }
+    tally.into_usages()
 }
 
 /// The reservations the store still holds, as records ending now, or when they

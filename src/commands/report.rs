@@ -21,7 +21,7 @@ pub struct ReportArgs {
 
 pub fn execute(args: &ReportArgs, config: &Config) -> Result<()> {
     let days = report::parse_days(&args.days)?;
-    let mut store = store::open(&config.store)?;
+    let mut store = store::open(config)?;
     store.pool()?.ok_or(Error::NotInitialized)?;
     let report = generate(
         store.as_mut(),
@@ -50,10 +50,9 @@ pub fn generate(
     let window = Window::last_days(days, now);
     // History first, then the held GPUs: a reservation ending in between is left
     // out rather than counted twice.
-    let finished = store.history(window.from, window.to)?;
+    let mut usages = store.usage_summary(window.from, window.to)?;
     let slots = store.slots()?;
     let dead_ids = gpu_status::dead_reservation_ids(&slots, host);
-    let mut usages = report::tally(&finished, window);
     usages.extend(report::tally(
         &report::in_progress(&slots, &dead_ids, now),
         window,

@@ -9,7 +9,9 @@ pub mod sqlite;
 
 use std::path::PathBuf;
 
+use crate::config::Config;
 use crate::error::Result;
+use crate::report::{self, UserUsage};
 use crate::state::{
     GpuSlot, Pool, ProviderKind, ReservationKind, RunOwner, Selection, UnixTime, UsageRecord,
 };
@@ -103,7 +105,17 @@ pub trait Store: Send {
 
     /// Finished reservations overlapping `[from, to]` (end ≥ from, start ≤ to).
     fn history(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UsageRecord>>;
+
+    /// What `report::tally` makes of `history(from, to)`: per-account seconds inside
+    /// `[from, to]` and counts, computed without holding every record in memory.
+    fn usage_summary(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UserUsage>>;
 }
+
+/// Days of usage history kept unless `history.retention_days` says otherwise.
+pub const DEFAULT_HISTORY_RETENTION_DAYS: u32 = 90;
+/// Every write that records history prunes at most this many expired records, so
+/// pruning is continuous and never one long pause.
+pub const HISTORY_PRUNE_BATCH: u32 = 100;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InitOutcome {
@@ -113,10 +125,30 @@ pub struct InitOutcome {
     pub cleared: u32,
 }
 
-/// Opens the configured store.
-pub fn open(config: &StoreConfig) -> Result<Box<dyn Store>> {
-    match config {
-        StoreConfig::Sqlite { path } => Ok(Box::new(sqlite::SqliteStore::open(path)?)),
-        StoreConfig::Redis(redis) => Ok(Box::new(redis::RedisStore::connect(redis)?)),
+/// Opens the configured store, keeping history for the configured retention (every
+/// writer prunes, so every opener must use the same setting).
+pub fn open(config: &Config) -> Result<Box<dyn Store>> {
+    let retention = history_retention_secs(config)?;
+    match &config.store {
+        StoreConfig::Sqlite { path } => Ok(Box::new(
+            sqlite::SqliteStore::open(path)?.with_history_retention(retention),
+        )),
+        StoreConfig::Redis(redis) => Ok(Box::new(
+            redis::RedisStore::connect(redis)?.with_history_retention(retention),
+        )),
     }
+}
+
+/// `history.retention_days` (default 90) in seconds.
+pub fn history_retention_secs(config: &Config) -> Result<i64> {
+    let days = match config.settings.get("history.retention_days") {
+        Some(setting) => setting.parse(|value| {
+            value
+                .parse::<u32>()
+                .ok()
+                .filter(|days| (1..=report::MAX_DAYS).contains(days))
+        })?,
+        None => DEFAULT_HISTORY_RETENTION_DAYS,
+    };
+    Ok(i64::from(days) * 86_400)
 }

@@ -5,6 +5,7 @@
 //! The scripts also read GPU states, so upstream's mixed time formats are decoded in
 //! one place; Rust only sees normalized JSON.
 
+use std::borrow::Cow;
 use std::fmt::Display;
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -16,9 +17,12 @@ use redis::{
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{AllocRequest, InitOutcome, RedisConfig, ReleaseScope, Store};
+use super::{
+    AllocRequest, DEFAULT_HISTORY_RETENTION_DAYS, InitOutcome, RedisConfig, ReleaseScope, Store,
+};
 use crate::alloc::validate_selection;
 use crate::error::{Error, Result};
+use crate::report::{Tally, UserUsage, Window};
 use crate::state::{
     GpuSlot, Pool, ProviderKind, Reservation, ReservationKind, RunOwner, Selection, UnixTime,
     UsageRecord,
@@ -27,6 +31,10 @@ use crate::state::{
 const GPU_COUNT_KEY: &str = "canhazgpu:gpu_count";
 const PROVIDER_KEY: &str = "canhazgpu:provider";
 const HISTORY_KEY: &str = "canhazgpu:usage_history_sorted";
+
+/// History records `usage_summary` fetches per round trip, so that one report over a
+/// long history never keeps Redis from serving other clients for long.
+const SUMMARY_PAGE: usize = 20_000;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -55,6 +63,8 @@ pub struct RedisStore {
     connection: Option<Connection>,
     /// Where the store lives, without any password, for messages.
     location: String,
+    /// Seconds of history kept; the scripts that record history prune older records.
+    history_retention: i64,
 }
 
 /// Why a Redis call failed.
@@ -91,9 +101,16 @@ impl RedisStore {
             client,
             connection: None,
             location,
+            history_retention: i64::from(DEFAULT_HISTORY_RETENTION_DAYS) * 86_400,
         };
         store.connection()?;
         Ok(store)
+    }
+
+    /// Keeps `seconds` of history instead of the default 90 days.
+    pub fn with_history_retention(mut self, seconds: i64) -> Self {
+        self.history_retention = seconds;
+        self
     }
 
     fn connection(&mut self) -> Result<&mut Connection> {
@@ -166,6 +183,7 @@ impl Store for RedisStore {
             "gpu_count": gpu_count,
             "provider": provider.as_str(),
             "force": force,
+            "history_retention": self.history_retention,
         });
         let (previous, cleared): (i64, u32) = self
             .run_script(&INIT_POOL, &[request.to_string()])
@@ -233,6 +251,7 @@ impl Store for RedisStore {
             ids,
             unreserved: &request.unreserved,
             dead_ids: &request.dead_ids,
+            history_retention: self.history_retention,
         };
         let state = StoredReservation {
             user: &new.user,
@@ -252,7 +271,7 @@ impl Store for RedisStore {
     }
 
     fn release(&mut self, scope: &ReleaseScope, now: UnixTime) -> Result<Vec<u32>> {
-        let request = match scope {
+        let mut request = match scope {
             ReleaseScope::OwnManual { actual_user } => serde_json::json!({
                 "now": now, "scope": "own_manual", "actual_user": actual_user,
             }),
@@ -266,6 +285,7 @@ impl Store for RedisStore {
                 "now": now, "scope": "reservation", "id": id,
             }),
         };
+        request["history_retention"] = self.history_retention.into();
         self.run_script(&RELEASE, &[request.to_string()])
             .map_err(|failure| match scope {
                 ReleaseScope::OwnIds { ids, .. } | ReleaseScope::AnyIds { ids } => {
@@ -298,6 +318,48 @@ impl Store for RedisStore {
             .filter(|record| record.end_time >= from && record.start_time <= to)
             .collect())
     }
+
+    /// Pages through the records by score (end time) with a cursor of (score, members
+    /// of that score already seen), which stays exact while other clients add records.
+    fn usage_summary(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UserUsage>> {
+        let mut tally = Tally::new(Window { from, to });
+        let mut score = from as f64;
+        let mut seen_at_score = 0;
+        loop {
+            let page: Vec<(String, f64)> = self
+                .call(|connection| {
+                    redis::cmd("ZRANGEBYSCORE")
+                        .arg(HISTORY_KEY)
+                        .arg(score)
+                        .arg("+inf")
+                        .arg("WITHSCORES")
+                        .arg("LIMIT")
+                        .arg(seen_at_score)
+                        .arg(SUMMARY_PAGE)
+                        .query(connection)
+                })
+                .map_err(Failure::into_error)?;
+            for (member, _) in &page {
+                if let Some(entry) = parse_usage_entry(member) {
+                    tally.add(&entry.account, entry.start_time, entry.end_time, entry.kind);
+                }
+            }
+            let Some(&(_, last)) = page.last() else {
+                break;
+            };
+            let at_last = page.iter().rev().take_while(|(_, s)| *s == last).count();
+            seen_at_score = if last == score {
+                seen_at_score + at_last
+            } else {
+                at_last
+            };
+            score = last;
+            if page.len() < SUMMARY_PAGE {
+                break;
+            }
+        }
+        Ok(tally.into_usages())
+    }
 }
 
 /// The arguments of `allocate.lua`.
@@ -311,6 +373,7 @@ struct AllocateArgs<'a> {
     ids: Option<&'a [u32]>,
     unreserved: &'a [u32],
     dead_ids: &'a [String],
+    history_retention: i64,
 }
 
 /// A held GPU's state as stored in `canhazgpu:gpu:<id>`: upstream's fields (integer
@@ -448,22 +511,58 @@ fn reply_error(failure: Failure, selection: &Selection) -> Error {
     }
 }
 
-/// One history entry, written by us (integer seconds) or upstream (RFC 3339 strings,
-/// float durations, possibly no `actual_user`).
-fn parse_usage_record(member: &str) -> Option<UsageRecord> {
-    let record: Value = serde_json::from_str(member).ok()?;
-    let user = record.get("user")?.as_str()?.to_string();
-    let actual_user = match record.get("actual_user").and_then(Value::as_str) {
-        Some(actual_user) if !actual_user.is_empty() => actual_user.to_string(),
-        _ => user.clone(),
+/// One history entry as stored, borrowed from the member where possible: written by
+/// us (integer seconds) or upstream (RFC 3339 strings, float durations, possibly no
+/// `actual_user`). Other fields (`duration_seconds`) are ignored.
+#[derive(Deserialize)]
+struct StoredUsage<'a> {
+    #[serde(borrow)]
+    user: Cow<'a, str>,
+    #[serde(borrow, default)]
+    actual_user: Option<Cow<'a, str>>,
+    gpu_id: u64,
+    start_time: Value,
+    end_time: Value,
+    #[serde(borrow)]
+    reservation_type: Cow<'a, str>,
+}
+
+/// A readable history entry: its account, GPU, times and type.
+struct UsageEntry<'a> {
+    user: Cow<'a, str>,
+    account: Cow<'a, str>,
+    gpu_id: u32,
+    start_time: UnixTime,
+    end_time: UnixTime,
+    kind: ReservationKind,
+}
+
+/// Decodes a history member; `None` for entries that cannot be read.
+fn parse_usage_entry(member: &str) -> Option<UsageEntry<'_>> {
+    let stored: StoredUsage = serde_json::from_str(member).ok()?;
+    let account = match stored.actual_user {
+        Some(actual_user) if !actual_user.is_empty() => actual_user,
+        _ => stored.user.clone(),
     };
+    Some(UsageEntry {
+        gpu_id: u32::try_from(stored.gpu_id).ok()?,
+        start_time: parse_time(&stored.start_time)?,
+        end_time: parse_time(&stored.end_time)?,
+        kind: ReservationKind::parse(&stored.reservation_type)?,
+        user: stored.user,
+        account,
+    })
+}
+
+fn parse_usage_record(member: &str) -> Option<UsageRecord> {
+    let entry = parse_usage_entry(member)?;
     Some(UsageRecord {
-        gpu_id: u32::try_from(record.get("gpu_id")?.as_u64()?).ok()?,
-        start_time: parse_time(record.get("start_time")?)?,
-        end_time: parse_time(record.get("end_time")?)?,
-        kind: ReservationKind::parse(record.get("reservation_type")?.as_str()?)?,
-        user,
-        actual_user,
+        user: entry.user.into_owned(),
+        actual_user: entry.account.into_owned(),
+        gpu_id: entry.gpu_id,
+        start_time: entry.start_time,
+        end_time: entry.end_time,
+        kind: entry.kind,
     })
 }
 

@@ -24,9 +24,13 @@ use rusqlite::{
     Connection, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior, params,
 };
 
-use super::{AllocRequest, InitOutcome, NewReservation, ReleaseScope, Store};
+use super::{
+    AllocRequest, DEFAULT_HISTORY_RETENTION_DAYS, HISTORY_PRUNE_BATCH, InitOutcome, NewReservation,
+    ReleaseScope, Store,
+};
 use crate::alloc::{self, PlanInput};
 use crate::error::{Error, Result};
+use crate::report::UserUsage;
 use crate::state::{
     GpuSlot, Pool, ProviderKind, Reservation, ReservationKind, RunOwner, UnixTime, UsageRecord,
 };
@@ -36,12 +40,6 @@ const SCHEMA_VERSION: i64 = 1;
 
 /// How long a write waits for another process's transaction before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// History older than this is pruned.
-const HISTORY_RETENTION_SECS: i64 = 90 * 24 * 3600;
-
-/// The most old history rows one insert prunes, so pruning stays cheap and continuous.
-const PRUNE_BATCH: i64 = 100;
 
 /// A `gpus` row with a NULL `user` is a free GPU; a GPU without a row is free too.
 const SCHEMA: &str = "
@@ -90,6 +88,8 @@ const GPU_COLUMNS: &str = "id, user, actual_user, type, start_time, last_heartbe
 pub struct SqliteStore {
     conn: Connection,
     path: PathBuf,
+    /// Seconds of history kept; older records are pruned by writes.
+    history_retention: i64,
 }
 
 /// What can go wrong inside a store operation: SQLite itself, or a domain refusal
@@ -173,7 +173,14 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn,
             path: path.to_path_buf(),
+            history_retention: i64::from(DEFAULT_HISTORY_RETENTION_DAYS) * 86_400,
         })
+    }
+
+    /// Keeps `seconds` of history instead of the default 90 days.
+    pub fn with_history_retention(mut self, seconds: i64) -> Self {
+        self.history_retention = seconds;
+        self
     }
 
     /// Runs `body` in one transaction; `Immediate` takes the write lock up front so a
@@ -473,14 +480,14 @@ fn end_reservation(
             end_time: ended_at,
             kind: reservation.kind,
         },
-        now,
     )?;
     touch_last_used(conn, &reservation.actual_user, gpu_id, ended_at)?;
     free_gpu(conn, gpu_id, now)
 }
 
-/// Appends a history record and prunes a bounded batch of expired ones.
-fn record_history(conn: &Connection, record: &UsageRecord, now: UnixTime) -> Outcome<()> {
+/// Appends a history record, in the transaction that ends the reservation, so a
+/// reservation is recorded once however many processes end it at the same time.
+fn record_history(conn: &Connection, record: &UsageRecord) -> Outcome<()> {
     conn.prepare_cached(
         "INSERT INTO history (user, actual_user, gpu_id, start_time, end_time, type)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -493,11 +500,17 @@ fn record_history(conn: &Connection, record: &UsageRecord, now: UnixTime) -> Out
         record.end_time,
         record.kind.as_str(),
     ])?;
+    Ok(())
+}
+
+/// Deletes a bounded batch of the records that ended before `before`. Every write
+/// that records history runs it, so pruning is continuous and each write cheap.
+fn prune_history(conn: &Connection, before: UnixTime) -> Outcome<()> {
     conn.prepare_cached(
         "DELETE FROM history WHERE id IN
          (SELECT id FROM history WHERE end_time < ?1 ORDER BY end_time LIMIT ?2)",
     )?
-    .execute(params![now - HISTORY_RETENTION_SECS, PRUNE_BATCH])?;
+    .execute(params![before, HISTORY_PRUNE_BATCH])?;
     Ok(())
 }
 
@@ -530,6 +543,7 @@ impl Store for SqliteStore {
         if gpu_count == 0 {
             return Err(Error::Usage("GPU count must be greater than 0".into()));
         }
+        let prune_before = now - self.history_retention;
         self.transact(TransactionBehavior::Immediate, |conn| {
             let previous = read_pool(conn)?;
             if let Some(pool) = previous
@@ -567,6 +581,9 @@ impl Store for SqliteStore {
             }
             set_meta(conn, "gpu_count", &gpu_count.to_string())?;
             set_meta(conn, "provider", provider.as_str())?;
+            if cleared > 0 {
+                prune_history(conn, prune_before)?;
+            }
             Ok(InitOutcome {
                 previous_count: previous.map(|pool| pool.gpu_count),
                 cleared,
@@ -587,6 +604,7 @@ impl Store for SqliteStore {
 
     fn allocate(&mut self, request: &AllocRequest) -> Result<Vec<u32>> {
         let reservation = &request.reservation;
+        let prune_before = request.now - self.history_retention;
         self.transact(TransactionBehavior::Immediate, |conn| {
             let pool = require_pool(conn)?;
             let slots = read_slots(conn, pool.gpu_count)?;
@@ -614,11 +632,15 @@ impl Store for SqliteStore {
                 claim_gpu(conn, id, reservation, request.now)?;
                 touch_last_used(conn, &reservation.actual_user, id, request.now)?;
             }
+            if !plan.ended.is_empty() {
+                prune_history(conn, prune_before)?;
+            }
             Ok(plan.claim)
         })
     }
 
     fn release(&mut self, scope: &ReleaseScope, now: UnixTime) -> Result<Vec<u32>> {
+        let prune_before = now - self.history_retention;
         self.transact(TransactionBehavior::Immediate, |conn| {
             let pool = require_pool(conn)?;
             if let ReleaseScope::OwnIds { ids, .. } | ReleaseScope::AnyIds { ids } = scope
@@ -646,6 +668,9 @@ impl Store for SqliteStore {
                     }
                     _ => {}
                 }
+            }
+            if !freed.is_empty() {
+                prune_history(conn, prune_before)?;
             }
             Ok(freed)
         })
@@ -697,6 +722,30 @@ impl Store for SqliteStore {
                 });
             }
             Ok(records)
+        })
+    }
+
+    fn usage_summary(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UserUsage>> {
+        self.transact(TransactionBehavior::Deferred, |conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT CASE actual_user WHEN '' THEN user ELSE actual_user END AS account,
+                        SUM(MAX(0, MIN(end_time, ?2) - MAX(start_time, ?1))),
+                        SUM(type = 'run'), SUM(type = 'manual')
+                 FROM history
+                 WHERE end_time >= ?1 AND start_time <= ?2
+                 GROUP BY account ORDER BY account",
+            )?;
+            let usages = statement
+                .query_map([from, to], |row| {
+                    Ok(UserUsage {
+                        user: row.get(0)?,
+                        seconds: row.get(1)?,
+                        run_count: row.get::<_, i64>(2)?.max(0) as u64,
+                        manual_count: row.get::<_, i64>(3)?.max(0) as u64,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(usages)
         })
     }
 }
@@ -818,9 +867,8 @@ mod tests {
     }
 
     #[test]
-    fn history_pruning_is_bounded_per_insert() {
+    fn history_pruning_is_bounded_per_write() {
         let (_dir, store) = fresh();
-        let now = 100 * 24 * 3600;
         let old = UsageRecord {
             user: "a".into(),
             actual_user: "a".into(),
@@ -830,8 +878,7 @@ mod tests {
             kind: ReservationKind::Manual,
         };
         for _ in 0..150 {
-            // Written "back then", so nothing is pruned yet.
-            record_history(&store.conn, &old, 2).unwrap();
+            record_history(&store.conn, &old).unwrap();
         }
         let count = |store: &SqliteStore| -> i64 {
             store
@@ -842,18 +889,11 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(count(&store), 150);
-        let recent = UsageRecord {
-            end_time: now,
-            ..old.clone()
-        };
-        record_history(&store.conn, &recent, now).unwrap();
-        assert_eq!(count(&store), 150 - PRUNE_BATCH);
-        record_history(&store.conn, &recent, now).unwrap();
+        prune_history(&store.conn, 1).unwrap();
+        assert_eq!(count(&store), 150, "records ending at the cutoff are kept");
+        prune_history(&store.conn, 2).unwrap();
+        assert_eq!(count(&store), 150 - i64::from(HISTORY_PRUNE_BATCH));
+        prune_history(&store.conn, 2).unwrap();
         assert_eq!(count(&store), 0);
-        let kept: i64 = store
-            .conn
-            .query_row("SELECT count(*) FROM history", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(kept, 2);
     }
 }

@@ -47,6 +47,9 @@ macro_rules! store_conformance {
             history_window_selects_overlapping_records,
             concurrent_allocations_never_share_a_gpu,
             allocation_matches_the_placement_policy,
+            usage_summary_matches_the_clipped_history,
+            history_is_pruned_in_bounded_batches,
+            concurrent_endings_record_a_reservation_once,
         );
     };
     (@cases $backend:ident, $factory:path, $($case:ident),* $(,)?) => {
@@ -71,10 +74,13 @@ pub mod cases {
 
     use canhazgpu::alloc::{PlanInput, plan, validate_selection};
     use canhazgpu::error::Error;
+    use canhazgpu::report::{Window, tally};
     use canhazgpu::state::{
         GpuSlot, Pool, ProviderKind, ReservationKind, RunOwner, Selection, UnixTime, UsageRecord,
     };
-    use canhazgpu::store::{AllocRequest, InitOutcome, NewReservation, ReleaseScope, Store};
+    use canhazgpu::store::{
+        AllocRequest, HISTORY_PRUNE_BATCH, InitOutcome, NewReservation, ReleaseScope, Store,
+    };
 
     use super::StoreFixture;
 
@@ -866,5 +872,148 @@ pub mod cases {
                 }
             }
         }
+    }
+
+    /// One finished reservation of `reservation` on `gpu` over `[start, end]`.
+    fn finished(
+        store: &mut dyn Store,
+        reservation: NewReservation,
+        gpu: u32,
+        start: UnixTime,
+        end: UnixTime,
+    ) {
+        let id = reservation.id.clone();
+        let run = reservation.kind == ReservationKind::Run;
+        allocate(store, reservation, ids(&[gpu]), start).unwrap();
+        if run {
+            store.heartbeat(&id, &[gpu], end).unwrap();
+        }
+        store
+            .release(&ReleaseScope::Reservation { id }, end)
+            .unwrap();
+    }
+
+    pub fn usage_summary_matches_the_clipped_history(fixture: StoreFixture) {
+        let mut store = initialized(&fixture, 2);
+        let as_service = NewReservation {
+            user: "svc".into(),
+            ..manual("s", "alice", T + 99_999)
+        };
+        finished(&mut *store, as_service, 0, T, T + 3600);
+        finished(&mut *store, legacy_run("r", "alice"), 1, T + 100, T + 400);
+        finished(
+            &mut *store,
+            manual("b", "bob", T + 99_999),
+            0,
+            T + 4000,
+            T + 4100,
+        );
+        finished(
+            &mut *store,
+            manual("c", "carol", T + 99_999),
+            1,
+            T + 5000,
+            T + 5000,
+        );
+
+        for (from, to) in [
+            (0, UnixTime::MAX / 2),
+            (T + 1800, T + 4050),
+            (T + 4100, T + 4100),
+            (T + 6000, T + 7000),
+        ] {
+            let window = Window { from, to };
+            let expected = tally(&store.history(from, to).unwrap(), window);
+            assert_eq!(
+                store.usage_summary(from, to).unwrap(),
+                expected,
+                "[{from}, {to}]"
+            );
+        }
+        let summary = store.usage_summary(T + 1800, T + 4050).unwrap();
+        let figures: Vec<(&str, i64, u64, u64)> = summary
+            .iter()
+            .map(|u| (u.user.as_str(), u.seconds, u.run_count, u.manual_count))
+            .collect();
+        assert_eq!(figures, [("alice", 1800, 0, 1), ("bob", 50, 0, 1)]);
+    }
+
+    pub fn history_is_pruned_in_bounded_batches(fixture: StoreFixture) {
+        const OLD: u32 = 150;
+        let mut store = initialized(&fixture, 1);
+        for n in 0..OLD {
+            let start = T + UnixTime::from(n) * 10;
+            finished(
+                &mut *store,
+                manual(&format!("m{n}"), "old", start + 9),
+                0,
+                start,
+                start + 5,
+            );
+        }
+        assert_eq!(all_history(&mut *store).len(), OLD as usize);
+        // 91 days later every one of them is past the default 90-day retention.
+        let later = T + 91 * 86_400;
+        let old_left = |store: &mut dyn Store| {
+            all_history(store)
+                .iter()
+                .filter(|r| r.user == "old")
+                .count() as u32
+        };
+        finished(
+            &mut *store,
+            manual("n1", "new", later + 99),
+            0,
+            later,
+            later + 1,
+        );
+        assert_eq!(old_left(&mut *store), OLD - HISTORY_PRUNE_BATCH);
+        finished(
+            &mut *store,
+            manual("n2", "new", later + 99),
+            0,
+            later + 2,
+            later + 3,
+        );
+        assert_eq!(old_left(&mut *store), 0);
+        assert_eq!(all_history(&mut *store).len(), 2);
+    }
+
+    pub fn concurrent_endings_record_a_reservation_once(fixture: StoreFixture) {
+        const CLIENTS: usize = 16;
+        initialized(&fixture, 1);
+        allocate(
+            &mut *open(&fixture),
+            manual("x", "bob", T + 10),
+            ids(&[0]),
+            T,
+        )
+        .unwrap();
+        let barrier = Barrier::new(CLIENTS);
+        // Half release the expired reservation, half claim its GPU; each ends it if
+        // it gets there first.
+        std::thread::scope(|scope| {
+            for client in 0..CLIENTS {
+                let (barrier, open) = (&barrier, &fixture.open);
+                scope.spawn(move || {
+                    let mut store = open();
+                    barrier.wait();
+                    if client % 2 == 0 {
+                        store.release(&ReleaseScope::AnyIds { ids: vec![0] }, T + 20)
+                    } else {
+                        let wanted = manual(&format!("c{client}"), "carol", T + 99);
+                        allocate(&mut *store, wanted, ids(&[0]), T + 20)
+                    }
+                });
+            }
+        });
+        let bob: Vec<UsageRecord> = all_history(&mut *open(&fixture))
+            .into_iter()
+            .filter(|record| record.user == "bob")
+            .collect();
+        assert_eq!(
+            bob,
+            vec![record("bob", 0, T, T + 10, ReservationKind::Manual)]
+        );
     }
 }

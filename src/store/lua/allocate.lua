@@ -97,7 +97,7 @@ return run(function()
     redis.call("HSET", last_used_key(request.actual_user), id, now)
   end
   if history_written then
-    prune_history(now)
+    prune_history(now, request.history_retention)
   end
   return claim
 end)

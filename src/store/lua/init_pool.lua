@@ -23,7 +23,7 @@ return run(function()
       redis.call("DEL", gpu_key(id))
     end
     if cleared > 0 then
-      prune_history(now)
+      prune_history(now, request.history_retention)
     end
   end
   redis.call("SET", GPU_COUNT_KEY, request.gpu_count)

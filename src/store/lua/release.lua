@@ -47,7 +47,7 @@ return run(function()
     end
   end
   if #freed > 0 then
-    prune_history(now)
+    prune_history(now, request.history_retention)
   end
   return sorted(freed)
 end)
