@@ -32,9 +32,10 @@ const GPU_COUNT_KEY: &str = "canhazgpu:gpu_count";
 const PROVIDER_KEY: &str = "canhazgpu:provider";
 const HISTORY_KEY: &str = "canhazgpu:usage_history_sorted";
 
-/// History records `usage_summary` fetches per round trip, so that one report over a
-/// long history never keeps Redis from serving other clients for long.
-const SUMMARY_PAGE: usize = 20_000;
+/// At most this many history records per reply (unless they all ended within one
+/// second), so that a report over a long history never keeps Redis busy for long.
+const SLICE_RECORDS: u64 = 10_000;
+const SLICES_PER_ROUND_TRIP: usize = 8;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -167,6 +168,75 @@ impl RedisStore {
             }
             invocation.invoke(connection)
         })
+    }
+}
+
+/// History records whose end time (score) is in `[from, to)`; `to: None` is unbounded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ScoreSlice {
+    from: UnixTime,
+    to: Option<UnixTime>,
+}
+
+impl ScoreSlice {
+    fn upper_bound(&self) -> String {
+        match self.to {
+            Some(to) => format!("({to}"),
+            None => "+inf".into(),
+        }
+    }
+
+    /// `parts` slices of (nearly) equal width covering this bounded slice.
+    fn split(&self, parts: u64) -> Vec<ScoreSlice> {
+        let to = self.to.unwrap_or(self.from + 1);
+        let width = ((to - self.from) as u64).div_ceil(parts.max(1)).max(1) as i64;
+        (self.from..to)
+            .step_by(width as usize)
+            .map(|lo| ScoreSlice {
+                from: lo,
+                to: Some((lo + width).min(to)),
+            })
+            .collect()
+    }
+}
+
+impl RedisStore {
+    /// Score slices covering `[from, +inf)` with at most `SLICE_RECORDS` records each
+    /// (a slice one second wide may hold more), found by rounds of `ZCOUNT`s.
+    fn history_slices(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<ScoreSlice>> {
+        let mut ready = vec![ScoreSlice {
+            from: to + 1,
+            to: None,
+        }];
+        let mut pending = vec![ScoreSlice {
+            from,
+            to: Some(to + 1),
+        }];
+        while !pending.is_empty() {
+            let mut pipe = redis::pipe();
+            for slice in &pending {
+                pipe.cmd("ZCOUNT")
+                    .arg(HISTORY_KEY)
+                    .arg(slice.from)
+                    .arg(slice.upper_bound());
+            }
+            let counts: Vec<u64> = self
+                .call(|connection| pipe.query(connection))
+                .map_err(Failure::into_error)?;
+            let mut next = Vec::new();
+            for (slice, count) in pending.iter().zip(counts) {
+                let one_second = slice.to.is_some_and(|to| to - slice.from <= 1);
+                if count == 0 {
+                    continue;
+                } else if count <= SLICE_RECORDS || one_second {
+                    ready.push(*slice);
+                } else {
+                    next.extend(slice.split(count.div_ceil(SLICE_RECORDS) + 1));
+                }
+            }
+            pending = next;
+        }
+        Ok(ready)
     }
 }
 
@@ -319,43 +389,28 @@ impl Store for RedisStore {
             .collect())
     }
 
-    /// Pages through the records by score (end time) with a cursor of (score, members
-    /// of that score already seen), which stays exact while other clients add records.
+    /// Fetches the records in slices of end times (scores), several slices per round
+    /// trip so that Redis prepares one reply while the previous one is decoded here.
+    /// Slices are disjoint score ranges: records written or pruned meanwhile never make
+    /// another record count twice or not at all.
     fn usage_summary(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UserUsage>> {
         let mut tally = Tally::new(Window { from, to });
-        let mut score = from as f64;
-        let mut seen_at_score = 0;
-        loop {
-            let page: Vec<(String, f64)> = self
-                .call(|connection| {
-                    redis::cmd("ZRANGEBYSCORE")
-                        .arg(HISTORY_KEY)
-                        .arg(score)
-                        .arg("+inf")
-                        .arg("WITHSCORES")
-                        .arg("LIMIT")
-                        .arg(seen_at_score)
-                        .arg(SUMMARY_PAGE)
-                        .query(connection)
-                })
+        let slices = self.history_slices(from, to)?;
+        for group in slices.chunks(SLICES_PER_ROUND_TRIP) {
+            let mut pipe = redis::pipe();
+            for slice in group {
+                pipe.cmd("ZRANGEBYSCORE")
+                    .arg(HISTORY_KEY)
+                    .arg(slice.from)
+                    .arg(slice.upper_bound());
+            }
+            let pages: Vec<Vec<String>> = self
+                .call(|connection| pipe.query(connection))
                 .map_err(Failure::into_error)?;
-            for (member, _) in &page {
+            for member in pages.iter().flatten() {
                 if let Some(entry) = parse_usage_entry(member) {
                     tally.add(&entry.account, entry.start_time, entry.end_time, entry.kind);
                 }
-            }
-            let Some(&(_, last)) = page.last() else {
-                break;
-            };
-            let at_last = page.iter().rev().take_while(|(_, s)| *s == last).count();
-            seen_at_score = if last == score {
-                seen_at_score + at_last
-            } else {
-                at_last
-            };
-            score = last;
-            if page.len() < SUMMARY_PAGE {
-                break;
             }
         }
         Ok(tally.into_usages())

@@ -12,7 +12,7 @@
 //! `alloc::plan`, write), so concurrent processes are serialised by SQLite's lock and a
 //! GPU is never held by two reservations.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, OpenOptions, Permissions};
 use std::io;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -78,7 +78,9 @@ CREATE TABLE IF NOT EXISTS history (
     type TEXT NOT NULL CHECK (type IN ('run', 'manual'))
 ) STRICT;
 CREATE INDEX IF NOT EXISTS history_by_end ON history (end_time);
-CREATE INDEX IF NOT EXISTS history_by_start ON history (start_time);
+-- Covers `usage_summary`: one pass over the index, already grouped by account.
+CREATE INDEX IF NOT EXISTS history_by_account
+    ON history (actual_user, user, end_time, start_time, type);
 ";
 
 const GPU_COLUMNS: &str = "id, user, actual_user, type, start_time, last_heartbeat, \
@@ -726,27 +728,38 @@ impl Store for SqliteStore {
     }
 
     fn usage_summary(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UserUsage>> {
-        self.transact(TransactionBehavior::Deferred, |conn| {
+        let tally = self.transact(TransactionBehavior::Deferred, |conn| {
+            // Grouped by index columns (no sort); the few (account, display name)
+            // groups are merged per account below.
             let mut statement = conn.prepare_cached(
-                "SELECT CASE actual_user WHEN '' THEN user ELSE actual_user END AS account,
+                "SELECT actual_user, user,
                         SUM(MAX(0, MIN(end_time, ?2) - MAX(start_time, ?1))),
                         SUM(type = 'run'), SUM(type = 'manual')
-                 FROM history
+                 FROM history INDEXED BY history_by_account
                  WHERE end_time >= ?1 AND start_time <= ?2
-                 GROUP BY account ORDER BY account",
+                 GROUP BY actual_user, user",
             )?;
-            let usages = statement
-                .query_map([from, to], |row| {
-                    Ok(UserUsage {
-                        user: row.get(0)?,
-                        seconds: row.get(1)?,
-                        run_count: row.get::<_, i64>(2)?.max(0) as u64,
-                        manual_count: row.get::<_, i64>(3)?.max(0) as u64,
-                    })
-                })?
-                .collect::<rusqlite::Result<_>>()?;
-            Ok(usages)
-        })
+            let mut tally: BTreeMap<String, UserUsage> = BTreeMap::new();
+            let mut rows = statement.query([from, to])?;
+            while let Some(row) = rows.next()? {
+                let actual_user: String = row.get(0)?;
+                let user = if actual_user.is_empty() {
+                    row.get(1)?
+                } else {
+                    actual_user
+                };
+                let count = |index| row.get::<_, i64>(index).map(|n| n.max(0) as u64);
+                let usage = tally.entry(user.clone()).or_insert_with(|| UserUsage {
+                    user,
+                    ..UserUsage::default()
+                });
+                usage.seconds += row.get::<_, i64>(2)?;
+                usage.run_count += count(3)?;
+                usage.manual_count += count(4)?;
+            }
+            Ok(tally)
+        })?;
+        Ok(tally.into_values().collect())
     }
 }
 
