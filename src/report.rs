@@ -22,9 +22,9 @@ const SECONDS_PER_DAY: i64 = 86_400;
 
 /// Parses a number of days: a whole number from 1 to `MAX_DAYS`.
 pub fn parse_days(text: &str) -> Result<u32> {
-    text.trim()
-        .parse::<u32>()
-        .ok()
+    Some(text)
+        .filter(|digits| digits.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|digits| digits.parse::<u32>().ok())
         .filter(|days| (1..=MAX_DAYS).contains(days))
         .ok_or_else(|| {
             Error::Usage(format!(
@@ -349,7 +349,17 @@ mod tests {
     fn days_must_be_a_positive_whole_number() {
         assert_eq!(parse_days("7").unwrap(), 7);
         assert_eq!(parse_days("90").unwrap(), 90);
-        for bad in ["0", "-1", "1.5", "abc", "", "36501", "99999999999"] {
+        for bad in [
+            "0",
+            "-1",
+            "1.5",
+            "abc",
+            "",
+            " 7",
+            "+7",
+            "36501",
+            "99999999999",
+        ] {
             let err = parse_days(bad).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{bad}");
             assert!(err.to_string().contains("whole number"), "{err}");

@@ -5,6 +5,8 @@ mod cli_gpu;
 mod gpu_providers;
 mod multi_user;
 mod redis_store;
+mod report;
 mod sqlite_store;
 mod store_conformance;
 mod support;
+mod web;
