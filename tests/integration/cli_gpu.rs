@@ -9,10 +9,10 @@ use crate::support::cli::CliEnv;
 use crate::support::fake_smi::FakeSmi;
 
 /// A real process whose command line names a model, killed on drop.
-struct GpuJob(Child);
+pub struct GpuJob(Child);
 
 impl GpuJob {
-    fn start(args: &[&str]) -> Self {
+    pub fn start(args: &[&str]) -> Self {
         let child = Command::new("python3")
             .args(["-c", "import time; time.sleep(60)"])
             .args(args)
@@ -22,7 +22,7 @@ impl GpuJob {
         GpuJob(child)
     }
 
-    fn pid(&self) -> u32 {
+    pub fn pid(&self) -> u32 {
         self.0.id()
     }
 }

@@ -49,7 +49,15 @@ function setProblem(source, message) {
     return;
   }
   banner.hidden = false;
-  banner.textContent = [...problems.values()].join(" · ");
+  banner.replaceChildren(...[...problems.values()].map((message) => el("div", null, message)));
+}
+
+// Keeps what was shown before a failed refresh (the banner says it is stale);
+// replaces the loading note when there is nothing to show.
+function showUnavailable(container, text) {
+  if (!container.querySelector(".card, .report-period")) {
+    container.replaceChildren(el("p", "muted", text));
+  }
 }
 
 function field(list, label, value, mono) {
@@ -78,7 +86,9 @@ function gpuCard(gpu) {
   if (gpu.model && gpu.model.model) field(fields, "Model", gpu.model.model, true);
   field(fields, "Details", unreserved ? gpu.process_info || gpu.details : gpu.details);
   field(fields, "Validation", gpu.validation);
-  if (typeof gpu.memory_used_mb === "number") field(fields, "Memory", `${gpu.memory_used_mb} MB used`);
+  if (gpu.status !== "AVAILABLE" && typeof gpu.memory_used_mb === "number") {
+    field(fields, "Memory", `${gpu.memory_used_mb} MB used`);
+  }
   field(fields, "Note", gpu.note);
   field(fields, "Error", gpu.error);
   card.append(fields);
@@ -109,6 +119,7 @@ async function refreshStatus() {
     setProblem("status", null);
   } catch (err) {
     setProblem("status", `GPU status unavailable: ${err.message}`);
+    showUnavailable($("gpus"), "GPU status unavailable.");
   }
 }
 
@@ -158,6 +169,7 @@ async function refreshReport() {
     setProblem("report", null);
   } catch (err) {
     setProblem("report", `Report unavailable: ${err.message}`);
+    showUnavailable($("report"), "Report unavailable.");
   }
 }
 
