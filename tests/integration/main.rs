@@ -1,5 +1,6 @@
 //! The integration tests, in one binary.
 
+mod cli_config;
 mod cli_core;
 mod cli_gpu;
 mod gpu_providers;
