@@ -30,7 +30,8 @@ use backend::{Answer, Backend};
 
 /// How long one GPU snapshot is shared between requests by default.
 pub const DEFAULT_SNAPSHOT_SECONDS: u64 = 5;
-/// Where the dashboard's "Repository" link points when the package names none.
+/// Where the dashboard's repository link points while `Cargo.toml` names no
+/// `repository` of this project.
 const UPSTREAM_REPOSITORY: &str = "https://github.com/russellb/canhazgpu";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,14 +170,12 @@ fn days_param(pairs: &[(String, String)]) -> std::result::Result<u32, ApiError> 
 }
 
 async fn api_info() -> Response {
-    let repository = match env!("CARGO_PKG_REPOSITORY") {
-        "" => UPSTREAM_REPOSITORY,
-        ours => ours,
-    };
+    let ours = env!("CARGO_PKG_REPOSITORY");
     let body = json!({
         "hostname": procinfo::hostname(),
         "version": env!("CARGO_PKG_VERSION"),
-        "repository": repository,
+        "repository": if ours.is_empty() { UPSTREAM_REPOSITORY } else { ours },
+        "repository_is_upstream": ours.is_empty(),
         "readme": "/README.md",
     });
     json_response(StatusCode::OK, Bytes::from(body.to_string()))

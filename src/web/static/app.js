@@ -181,7 +181,7 @@ async function loadInfo() {
     $("version").textContent = `canhazgpu ${info.version}`;
     if (/^https:\/\//.test(info.repository)) {
       $("repo-link").href = info.repository;
-      $("docs-link").href = `${info.repository}#readme`;
+      $("repo-link").textContent = info.repository_is_upstream ? "Upstream repository" : "Repository";
     }
   } catch (err) {
     $("hostname").textContent = "unknown host";
