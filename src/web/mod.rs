@@ -41,14 +41,6 @@ pub struct ServeOptions {
     pub snapshot_interval: Duration,
 }
 
-impl Default for ServeOptions {
-    fn default() -> Self {
-        ServeOptions {
-            snapshot_interval: Duration::from_secs(DEFAULT_SNAPSHOT_SECONDS),
-        }
-    }
-}
-
 /// Serves the dashboard on `listener` until `shutdown` completes, then finishes the
 /// requests in flight and returns. The store need not be reachable at start: the API
 /// answers 503 until it is.

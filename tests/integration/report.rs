@@ -289,3 +289,47 @@ fn retention_case(mut env: CliEnv) {
         "Error: CANHAZGPU_HISTORY_RETENTION_DAYS: expected a whole number of days from 1 to 36500, got \"0\""
     );
 }
+
+#[test]
+fn upstream_history_on_redis_is_reported() {
+    let server = crate::support::redis::TestRedis::launch();
+    let env = CliEnv::redis(&server.url());
+    env.init_fake(4);
+    let t = now();
+    // Upstream (Go) writes display names only, and RFC 3339 times with fractions and
+    // the local offset; the Python version wrote Unix seconds.
+    let go_time = |secs: i64| {
+        let local = jiff::Timestamp::from_second(secs - 4 * HOUR).unwrap();
+        format!("{}.25-04:00", local.strftime("%Y-%m-%dT%H:%M:%S"))
+    };
+    let records = [
+        (
+            t - HOUR,
+            serde_json::json!({"user": "bob", "gpu_id": 3, "start_time": go_time(t - 3 * HOUR),
+                "end_time": go_time(t - HOUR), "duration_seconds": 7200.0, "reservation_type": "run"}),
+        ),
+        (
+            t - 2 * HOUR,
+            serde_json::json!({"user": "carol", "gpu_id": 1, "start_time": t - 3 * HOUR,
+                "end_time": t - 2 * HOUR, "duration_seconds": 3600, "reservation_type": "manual"}),
+        ),
+    ];
+    let mut raw = server.raw();
+    for (score, member) in records {
+        let added: i64 = ::redis::cmd("ZADD")
+            .arg("canhazgpu:usage_history_sorted")
+            .arg(score)
+            .arg(member.to_string())
+            .query(&mut raw)
+            .unwrap();
+        assert_eq!(added, 1);
+    }
+    let report = report_json(&env, "1");
+    assert_eq!(
+        rows(&report),
+        [
+            ("bob".to_string(), 2.0, 1, 0),
+            ("carol".to_string(), 1.0, 0, 1)
+        ]
+    );
+}
