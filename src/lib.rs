@@ -12,3 +12,4 @@ pub mod output;
 pub mod session;
 pub mod state;
 pub mod store;
+pub mod supervise;

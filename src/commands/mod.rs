@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod release;
 pub mod reserve;
+pub mod run;
 pub mod status;
 
 use crate::config::Config;
@@ -16,17 +17,18 @@ pub enum Command {
     Status(status::StatusArgs),
     Reserve(reserve::ReserveArgs),
     Release(release::ReleaseArgs),
+    Run(run::RunArgs),
 }
 
 /// Runs a command; `Ok` carries the process exit code.
 pub fn execute(command: Command, config: &Config) -> Result<u8> {
     match command {
-        Command::Admin(args) => admin::execute(&args, config),
-        Command::Status(args) => status::execute(&args, config),
-        Command::Reserve(args) => reserve::execute(&args, config),
-        Command::Release(args) => release::execute(&args, config),
+        Command::Admin(args) => admin::execute(&args, config).map(|()| 0),
+        Command::Status(args) => status::execute(&args, config).map(|()| 0),
+        Command::Reserve(args) => reserve::execute(&args, config).map(|()| 0),
+        Command::Release(args) => release::execute(&args, config).map(|()| 0),
+        Command::Run(args) => run::execute(&args, config),
     }
-    .map(|()| 0)
 }
 
 /// Combines `--gpus` and `--gpu-ids` as the reference allows: either alone, or both
