@@ -1,1 +1,1 @@
-
+mod sqlite_store;
