@@ -85,7 +85,7 @@ pub enum CliCommand {
         #[arg(short = 'G', long, value_delimiter = ',', num_args = 1..)]
         gpu_ids: Option<Vec<u32>>,
         /// Duration to reserve GPUs: 30s, 30m, 2h, 1d, 0.5h, 1h30m
-        #[arg(short, long, default_value = "8h")]
+        #[arg(short, long, default_value = "8h", allow_hyphen_values = true)]
         duration: String,
     },
     /// Reserve GPUs and run a command with CUDA_VISIBLE_DEVICES set

