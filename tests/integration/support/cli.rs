@@ -154,3 +154,38 @@ impl CliEnv {
             .collect()
     }
 }
+
+impl CliEnv {
+    /// The store this environment's binary uses, opened in this process.
+    pub fn store(&self) -> Box<dyn canhazgpu::store::Store> {
+        use canhazgpu::store::{RedisConfig, StoreConfig};
+        let config = match &self.backend {
+            Backend::Sqlite(dir) => StoreConfig::Sqlite {
+                path: dir.join("state.db"),
+            },
+            Backend::Redis(url) => StoreConfig::Redis(RedisConfig {
+                url: Some(url.clone()),
+                host: "localhost".into(),
+                port: 6379,
+                db: 0,
+                password: None,
+            }),
+        };
+        canhazgpu::store::open(&config).expect("open the store")
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes; returns
+/// whether it held.
+pub fn wait_until(timeout: std::time::Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
