@@ -10,8 +10,9 @@ pub mod nvidia_smi;
 #[cfg(feature = "nvml")]
 pub mod nvml;
 pub mod procinfo;
+pub mod tool;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::state::ProviderKind;
 
 /// One process using a GPU.
@@ -55,17 +56,62 @@ pub fn provider_for(kind: ProviderKind, fake_count: u32) -> Box<dyn GpuProvider>
 /// NVML when the driver library loads (unless `CANHAZGPU_NVML=0`), else `nvidia-smi`.
 fn nvidia() -> Box<dyn GpuProvider> {
     #[cfg(feature = "nvml")]
-    if std::env::var_os("CANHAZGPU_NVML").is_none_or(|v| v != "0")
-        && let Ok(provider) = nvml::NvmlProvider::init()
-    {
+    if let Some(provider) = nvml_provider() {
         return Box::new(provider);
     }
     Box::new(nvidia_smi::NvidiaSmi::from_path())
 }
 
+#[cfg(feature = "nvml")]
+fn nvml_provider() -> Option<nvml::NvmlProvider> {
+    let disabled = std::env::var_os("CANHAZGPU_NVML").is_some_and(|value| value == "0");
+    if disabled {
+        return None;
+    }
+    nvml::NvmlProvider::init().ok()
+}
+
+fn nvml_loads() -> bool {
+    #[cfg(feature = "nvml")]
+    {
+        nvml_provider().is_some()
+    }
+    #[cfg(not(feature = "nvml"))]
+    {
+        false
+    }
+}
+
 /// Detects which provider this machine has, for `admin` without `--provider`.
 pub fn detect() -> Result<ProviderKind> {
-    Err(crate::error::Error::Gpu(
-        "provider detection not implemented".into(),
-    ))
+    detect_among(
+        nvml_loads(),
+        &nvidia_smi::NvidiaSmi::from_path(),
+        &amd_smi::AmdSmi::from_path(),
+    )
+}
+
+/// NVIDIA when NVML loaded or `nvidia-smi --help` answers, AMD when `amd-smi --help`
+/// answers; exactly one of them must be present.
+pub fn detect_among(
+    nvml_loaded: bool,
+    nvidia_smi: &nvidia_smi::NvidiaSmi,
+    amd_smi: &amd_smi::AmdSmi,
+) -> Result<ProviderKind> {
+    let nvidia = nvml_loaded || nvidia_smi.answers();
+    let amd = amd_smi.answers();
+    match (nvidia, amd) {
+        (true, false) => Ok(ProviderKind::Nvidia),
+        (false, true) => Ok(ProviderKind::Amd),
+        (true, true) => Err(Error::Usage(
+            "both NVIDIA and AMD GPU tools were found - choose one with \
+             'canhazgpu admin --provider nvidia' or '--provider amd'"
+                .into(),
+        )),
+        (false, false) => Err(Error::Gpu(
+            "no GPU provider found (NVML, nvidia-smi and amd-smi are missing) - \
+             use 'canhazgpu admin --provider fake' for a demo pool"
+                .into(),
+        )),
+    }
 }

@@ -1,4 +1,5 @@
 mod cli_core;
+mod gpu_providers;
 mod multi_user;
 mod sqlite_store;
 mod support;
