@@ -1,9 +1,9 @@
 //! `canhazgpu run`: reserve GPUs, run a command on them, release them when it ends.
 
 use std::ffi::OsString;
-use std::io::ErrorKind;
-use std::process::Command;
 use std::time::Duration;
+
+use nix::errno::Errno;
 
 use crate::config::Config;
 use crate::duration::{format_duration, parse_duration};
@@ -13,6 +13,7 @@ use crate::session::{Session, new_reservation_id};
 use crate::state::{ProviderKind, ReservationKind, RunOwner};
 use crate::store::NewReservation;
 use crate::supervise::keeper::{self, Keeper, Kept};
+use crate::supervise::spawn::{EnvChange, SpawnError};
 use crate::supervise::{Ending, Limits, Supervisor};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,22 +126,14 @@ pub fn execute(args: &RunArgs, config: &Config) -> Result<u8> {
         super::id_list(&gpus)
     );
 
-    let mut command = Command::new(&args.command[0]);
-    command.args(&args.command[1..]);
-    for (key, value) in visible_devices(provider, &gpus) {
-        match value {
-            Some(value) => command.env(key, value),
-            None => command.env_remove(key),
-        };
-    }
-    let child = match supervisor.spawn(&mut command) {
-        Ok(child) => child,
+    let pid = match supervisor.spawn(&args.command, &visible_devices(provider, &gpus)) {
+        Ok(pid) => pid,
         Err(e) => {
             release(keeper);
-            return Err(spawn_error(&args.command[0], &e));
+            return Err(spawn_error(&args.command[0], e));
         }
     };
-    let ending = supervisor.supervise(child, checked.limits);
+    let ending = supervisor.supervise(pid, checked.limits);
     let freed = release(keeper);
     let ending = ending?;
     if let Ending::TimedOut { .. } = ending {
@@ -173,10 +166,7 @@ fn release(keeper: Keeper) -> Vec<u32> {
 /// ROCr first narrows those by `ROCR_VISIBLE_DEVICES` and renumbers them from 0.
 /// Setting both to the same physical IDs would select the wrong GPUs, so an
 /// inherited `ROCR_VISIBLE_DEVICES` is removed and HIP gets the physical IDs.
-pub fn visible_devices(
-    provider: ProviderKind,
-    gpus: &[u32],
-) -> Vec<(&'static str, Option<String>)> {
+pub fn visible_devices(provider: ProviderKind, gpus: &[u32]) -> Vec<EnvChange> {
     let list = gpus
         .iter()
         .map(u32::to_string)
@@ -193,14 +183,22 @@ pub fn visible_devices(
     vars
 }
 
-fn spawn_error(program: &OsString, error: &std::io::Error) -> Error {
+fn spawn_error(program: &OsString, error: SpawnError) -> Error {
     let name = program.to_string_lossy();
-    match error.kind() {
-        ErrorKind::NotFound => Error::CommandNotFound(format!("command not found: {name}")),
-        ErrorKind::PermissionDenied => {
-            Error::CommandNotExecutable(format!("command not executable: {name}: {error}"))
+    match error {
+        SpawnError::Os(Errno::ENOENT) => {
+            Error::CommandNotFound(format!("command not found: {name}"))
         }
-        _ => Error::CommandNotExecutable(format!("cannot run {name}: {error}")),
+        SpawnError::Os(errno @ (Errno::EACCES | Errno::EPERM)) => {
+            Error::CommandNotExecutable(format!("command not executable: {name}: {}", errno.desc()))
+        }
+        SpawnError::Os(errno) => {
+            Error::CommandNotExecutable(format!("cannot run {name}: {}", errno.desc()))
+        }
+        SpawnError::Nul(text) => Error::Usage(format!(
+            "cannot pass {} to the command: it contains a NUL byte",
+            text.to_string_lossy()
+        )),
     }
 }
 
@@ -261,10 +259,16 @@ mod tests {
     #[test]
     fn spawn_errors_map_to_shell_codes() {
         let program = OsString::from("nope");
-        let not_found = spawn_error(&program, &std::io::Error::from(ErrorKind::NotFound));
+        let not_found = spawn_error(&program, SpawnError::Os(Errno::ENOENT));
         assert_eq!(not_found.exit_code(), 127);
         assert_eq!(not_found.to_string(), "command not found: nope");
-        let denied = spawn_error(&program, &std::io::Error::from(ErrorKind::PermissionDenied));
+        let denied = spawn_error(&program, SpawnError::Os(Errno::EACCES));
         assert_eq!(denied.exit_code(), 126);
+        assert_eq!(
+            denied.to_string(),
+            "command not executable: nope: Permission denied"
+        );
+        let format = spawn_error(&program, SpawnError::Os(Errno::ENOEXEC));
+        assert_eq!(format.exit_code(), 126);
     }
 }

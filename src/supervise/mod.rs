@@ -8,17 +8,19 @@
 pub mod keeper;
 pub mod proctree;
 mod signals;
+pub mod spawn;
 
-use std::os::unix::process::ExitStatusExt;
-use std::process::{Child, Command, ExitStatus};
+use std::ffi::OsString;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
-use nix::sys::wait::{Id, WaitPidFlag, waitid};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::Pid;
+
+use self::spawn::{EnvChange, SpawnError};
 
 use crate::error::{Error, Result, exit};
 
@@ -41,8 +43,10 @@ pub struct Limits {
 /// How the command ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ending {
-    /// It ended by itself, or from a signal someone else sent it.
-    Finished(ExitStatus),
+    /// It exited by itself with this status.
+    Exited(i32),
+    /// A signal ended it (not one sent because of the timeout).
+    Killed(Signal),
     /// `--timeout` expired; `killed` when SIGKILL was needed after the grace period.
     TimedOut { killed: bool },
 }
@@ -52,11 +56,9 @@ impl Ending {
     /// ended it (as a shell reports it), 124 after a timeout (as `timeout(1)`).
     pub fn exit_code(self) -> u8 {
         match self {
-            Ending::Finished(status) => match (status.code(), status.signal()) {
-                (Some(code), _) => code as u8,
-                (None, Some(signal)) => 128u8.wrapping_add(signal as u8),
-                (None, None) => exit::FAILURE,
-            },
+            // Exit statuses are 0-255; the kernel keeps only the low byte.
+            Ending::Exited(code) => code as u8,
+            Ending::Killed(signal) => 128u8.wrapping_add(signal as u8),
             Ending::TimedOut { .. } => exit::TIMEOUT,
         }
     }
@@ -91,20 +93,20 @@ impl Supervisor {
         })
     }
 
-    /// Starts the command. canhazgpu becomes a child subreaper first, so processes
-    /// the command leaves behind stay below canhazgpu, where a timeout finds them.
-    pub fn spawn(&self, command: &mut Command) -> std::io::Result<Child> {
+    /// Starts the command (see `spawn::spawn`). canhazgpu becomes a child subreaper
+    /// first, so processes the command leaves behind stay below canhazgpu, where a
+    /// timeout finds them.
+    pub fn spawn(&self, argv: &[OsString], env: &[EnvChange]) -> Result<Pid, SpawnError> {
         // Best effort: without it a timeout still reaches every process that is
         // below the command when it expires.
         let _ = nix::sys::prctl::set_child_subreaper(true);
-        let child = command.spawn()?;
+        let pid = spawn::spawn(argv, env)?;
         self.started.store(true, Ordering::SeqCst);
-        Ok(child)
+        Ok(pid)
     }
 
     /// Waits for the command to end, passing on signals and enforcing the timeout.
-    pub fn supervise(&self, mut child: Child, limits: Limits) -> Result<Ending> {
-        let pid = child.id();
+    pub fn supervise(&self, pid: Pid, limits: Limits) -> Result<Ending> {
         self.watch_exit(pid)?;
         let mut timeout_at = limits.timeout.map(|t| Instant::now() + t);
         let mut grace_until = None;
@@ -126,11 +128,9 @@ impl Supervisor {
             match event {
                 Some(Event::Signal(signal)) => pass_on(pid, signal),
                 Some(Event::Exited) => {
-                    let status = child.wait().map_err(|e| {
-                        Error::Runtime(format!("cannot collect the command's status: {e}"))
-                    })?;
+                    let ending = reap(pid)?;
                     if !timed_out {
-                        return Ok(Ending::Finished(status));
+                        return Ok(ending);
                     }
                     if let Some(until) = grace_until {
                         killed |= stop_leftovers(until, limits.kill_grace);
@@ -161,7 +161,7 @@ impl Supervisor {
     }
 
     /// Reports the command's exit on the event channel without reaping it.
-    fn watch_exit(&self, pid: u32) -> Result<()> {
+    fn watch_exit(&self, pid: Pid) -> Result<()> {
         let sender = self.sender.clone();
         std::thread::Builder::new()
             .name("wait".into())
@@ -169,13 +169,27 @@ impl Supervisor {
                 let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT;
                 // EINTR cannot happen (signals are blocked in this thread); any other
                 // error means the child is gone, which the main thread then finds out.
-                while waitid(Id::Pid(Pid::from_raw(pid as i32)), flags)
-                    == Err(nix::errno::Errno::EINTR)
-                {}
+                while waitid(Id::Pid(pid), flags) == Err(nix::errno::Errno::EINTR) {}
                 let _ = sender.send(Event::Exited);
             })
             .map(drop)
             .map_err(|e| Error::Runtime(format!("cannot start the wait thread: {e}")))
+    }
+}
+
+/// Collects the exit status of the command, which has exited.
+fn reap(pid: Pid) -> Result<Ending> {
+    loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(Ending::Exited(code)),
+            Ok(WaitStatus::Signaled(_, signal, _)) => return Ok(Ending::Killed(signal)),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                return Err(Error::Runtime(format!(
+                    "cannot collect the command's exit status: {e}"
+                )));
+            }
+        }
     }
 }
 
@@ -187,11 +201,11 @@ fn unreachable_channel() -> ! {
 /// terminal already reached the command (it is in the foreground process group
 /// with canhazgpu), so they are passed on only when canhazgpu is not in the
 /// terminal's foreground, i.e. when someone sent them to canhazgpu alone.
-fn pass_on(pid: u32, signal: Signal) {
+fn pass_on(pid: Pid, signal: Signal) {
     let from_terminal = matches!(signal, Signal::SIGINT | Signal::SIGQUIT)
         && proctree::in_terminal_foreground(std::process::id());
     if !from_terminal {
-        let _ = kill(Pid::from_raw(pid as i32), signal);
+        let _ = kill(pid, signal);
     }
 }
 
@@ -246,13 +260,10 @@ mod tests {
 
     #[test]
     fn exit_codes_follow_the_shell() {
-        let code = |raw: i32| Ending::Finished(ExitStatus::from_raw(raw)).exit_code();
-        assert_eq!(code(0), 0);
-        assert_eq!(code(3 << 8), 3);
-        assert_eq!(code(255 << 8), 255);
-        // A raw wait status below 128 is "killed by that signal".
-        assert_eq!(code(Signal::SIGKILL as i32), 137);
-        assert_eq!(code(Signal::SIGINT as i32), 130);
-        assert_eq!(Ending::TimedOut { killed: true }.exit_code(), 124);
+        assert_eq!(Ending::Exited(0).exit_code(), 0);
+        assert_eq!(Ending::Exited(255).exit_code(), 255);
+        assert_eq!(Ending::Killed(Signal::SIGKILL).exit_code(), 137);
+        assert_eq!(Ending::Killed(Signal::SIGINT).exit_code(), 130);
+        assert_eq!(Ending::TimedOut { killed: false }.exit_code(), 124);
     }
 }

@@ -7,55 +7,21 @@ use std::collections::HashMap;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-/// One process as `/proc/PID/stat` describes it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct ProcEntry {
-    pid: u32,
-    ppid: u32,
-    zombie: bool,
+use crate::gpu::procinfo::{self, Stat};
+
+fn is_exited(stat: &Stat) -> bool {
+    matches!(stat.state, 'Z' | 'X')
 }
 
-/// Parses `/proc/PID/stat`: `pid (comm) state ppid ...`. The command name may hold
-/// spaces and parentheses, so the fields are read after its last `)`.
-fn parse_stat(text: &str) -> Option<ProcEntry> {
-    let (head, rest) = text.rsplit_once(')')?;
-    let pid = head.split_once('(')?.0.trim().parse().ok()?;
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?;
-    let ppid = fields.next()?.parse().ok()?;
-    Some(ProcEntry {
-        pid,
-        ppid,
-        zombie: state == "Z" || state == "X",
-    })
-}
-
-/// Whether `pid`'s process group is the foreground group of its controlling
-/// terminal (`/proc/PID/stat` fields `pgrp` and `tpgid`; -1 without a terminal).
-pub fn in_terminal_foreground(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| foreground_fields(&stat))
-        .is_some_and(|(pgrp, tpgid)| pgrp == tpgid)
-}
-
-/// `(pgrp, tpgid)` from a stat line: fields 5 and 8.
-fn foreground_fields(text: &str) -> Option<(i64, i64)> {
-    let (_, rest) = text.rsplit_once(')')?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    Some((fields.get(2)?.parse().ok()?, fields.get(5)?.parse().ok()?))
-}
-
-fn all_processes() -> Vec<ProcEntry> {
+/// Every process with its stat, as far as it could be read.
+fn all_processes() -> Vec<(u32, Stat)> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     dir.filter_map(|entry| {
-        let name = entry.ok()?.file_name();
-        let pid: u32 = name.to_str()?.parse().ok()?;
+        let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
         // The process may exit between listing and reading; skip it then.
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        parse_stat(&stat)
+        Some((pid, procinfo::stat(pid)?))
     })
     .collect()
 }
@@ -66,20 +32,20 @@ pub fn live_descendants(root: u32) -> Vec<u32> {
     descendants_in(&all_processes(), root)
 }
 
-fn descendants_in(processes: &[ProcEntry], root: u32) -> Vec<u32> {
-    let mut children: HashMap<u32, Vec<&ProcEntry>> = HashMap::new();
-    for entry in processes {
-        children.entry(entry.ppid).or_default().push(entry);
+fn descendants_in(processes: &[(u32, Stat)], root: u32) -> Vec<u32> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    for (pid, stat) in processes {
+        // An exited process has no children left to find: they were reparented.
+        if !is_exited(stat) && *pid != root {
+            children.entry(stat.parent_pid).or_default().push(*pid);
+        }
     }
     let mut found = Vec::new();
     let mut queue = vec![root];
     while let Some(parent) = queue.pop() {
-        for child in children.get(&parent).into_iter().flatten() {
-            // A zombie has no children of its own left to find: they were reparented.
-            if !child.zombie && child.pid != root {
-                found.push(child.pid);
-                queue.push(child.pid);
-            }
+        for &child in children.get(&parent).into_iter().flatten() {
+            found.push(child);
+            queue.push(child);
         }
     }
     found
@@ -93,48 +59,36 @@ pub fn signal_descendants(root: u32, signal: Signal) -> usize {
         .count()
 }
 
+/// Whether `pid`'s process group is the foreground group of its controlling terminal.
+pub fn in_terminal_foreground(pid: u32) -> bool {
+    procinfo::stat(pid).is_some_and(|stat| stat.process_group == stat.terminal_group)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn entry(pid: u32, ppid: u32, zombie: bool) -> ProcEntry {
-        ProcEntry { pid, ppid, zombie }
-    }
-
-    #[test]
-    fn parses_stat_with_awkward_command_names() {
-        let text = "4242 (my (odd) prog) S 17 4242 4242 0 -1 4194560 ...";
-        assert_eq!(parse_stat(text), Some(entry(4242, 17, false)));
-        assert_eq!(
-            parse_stat("7 (a b) Z 1 7 7"),
-            Some(entry(7, 1, true)),
-            "zombies are recognised"
-        );
-        assert_eq!(parse_stat("garbage"), None);
-        assert_eq!(parse_stat("12 (x) S notanumber"), None);
-    }
-
-    #[test]
-    fn reads_the_terminal_foreground_group() {
-        // pid (comm) state ppid pgrp session tty_nr tpgid
-        assert_eq!(
-            foreground_fields("9 (vim) S 8 9 8 34816 9 4194304"),
-            Some((9, 9))
-        );
-        assert_eq!(foreground_fields("9 (x) S 1 9 9 0 -1 0"), Some((9, -1)));
-        assert_eq!(foreground_fields("9 (x) S 1"), None);
+    fn entry(pid: u32, parent_pid: u32, state: char) -> (u32, Stat) {
+        let stat = Stat {
+            state,
+            parent_pid,
+            process_group: 1,
+            terminal_group: -1,
+            start_time: 1,
+        };
+        (pid, stat)
     }
 
     #[test]
     fn finds_the_whole_subtree_and_nothing_else() {
         let procs = [
-            entry(1, 0, false),
-            entry(10, 1, false), // root
-            entry(11, 10, false),
-            entry(12, 11, false), // grandchild
-            entry(13, 10, true),  // exited child
-            entry(20, 1, false),  // unrelated
-            entry(21, 20, false),
+            entry(1, 0, 'S'),
+            entry(10, 1, 'S'), // root
+            entry(11, 10, 'R'),
+            entry(12, 11, 'S'), // grandchild
+            entry(13, 10, 'Z'), // exited child
+            entry(20, 1, 'S'),  // unrelated
+            entry(21, 20, 'S'),
         ];
         let mut found = descendants_in(&procs, 10);
         found.sort_unstable();
@@ -143,7 +97,7 @@ mod tests {
     }
 
     #[test]
-    fn sees_real_grandchildren() {
+    fn sees_and_signals_real_grandchildren() {
         let mut shell = std::process::Command::new("sh")
             .args(["-c", "sleep 30 & sleep 30; wait"])
             .spawn()
@@ -157,5 +111,20 @@ mod tests {
         assert_eq!(signal_descendants(root, Signal::SIGKILL), 2);
         shell.kill().expect("kill sh");
         shell.wait().expect("reap sh");
+    }
+
+    #[test]
+    fn a_process_without_terminal_is_not_in_its_foreground() {
+        use std::os::unix::process::CommandExt;
+        let child = std::process::Command::new("sleep")
+            .arg("5")
+            .process_group(0)
+            .stdin(std::process::Stdio::null())
+            .spawn();
+        let mut child = child.expect("spawn sleep");
+        // Its own new group cannot be the foreground group of any terminal.
+        assert!(!in_terminal_foreground(child.id()));
+        child.kill().expect("kill sleep");
+        child.wait().expect("reap sleep");
     }
 }

@@ -64,7 +64,6 @@ macro_rules! cli_core_tests {
 
 cli_core_tests!(sqlite, (CliEnv::sqlite(), ()));
 
-
 fn admin_initialises_and_refuses_reinit_case(env: &CliEnv) {
     let run = env.run(["admin", "--gpus", "4", "--provider", "fake"]);
     run.assert_ok();
@@ -82,7 +81,10 @@ fn admin_initialises_and_refuses_reinit_case(env: &CliEnv) {
     assert_eq!(env.statuses(), vec!["AVAILABLE"; 8]);
     let zero = env.run(["admin", "--gpus", "0", "--provider", "fake"]);
     zero.assert_code(2);
-    assert!(zero.stderr.contains("--gpus must be at least 1"), "{zero:?}");
+    assert!(
+        zero.stderr.contains("--gpus must be at least 1"),
+        "{zero:?}"
+    );
 }
 
 fn status_case(env: &CliEnv) {
@@ -92,14 +94,24 @@ fn status_case(env: &CliEnv) {
     let lines: Vec<&str> = table.stdout.lines().collect();
     assert_eq!(
         lines[0].split_whitespace().collect::<Vec<_>>(),
-        ["GPU", "STATUS", "USER", "DURATION", "TYPE", "MODEL", "DETAILS", "VALIDATION"]
+        [
+            "GPU",
+            "STATUS",
+            "USER",
+            "DURATION",
+            "TYPE",
+            "MODEL",
+            "DETAILS",
+            "VALIDATION"
+        ]
     );
     assert!(lines[1].starts_with("---  ------"), "{}", lines[1]);
     assert!(lines[2].starts_with("0    AVAILABLE"), "{}", lines[2]);
     assert!(lines[2].contains("never used") && lines[2].ends_with("0MB used"));
     assert!(!table.stdout.contains('\u{1b}'), "no colour when piped");
 
-    env.run(["reserve", "--gpu-ids", "1", "--duration", "2h"]).assert_ok();
+    env.run(["reserve", "--gpu-ids", "1", "--duration", "2h"])
+        .assert_ok();
     let rows = env.status_json();
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0]["status"], "AVAILABLE");
@@ -132,22 +144,39 @@ fn reserve_case(env: &CliEnv) {
     );
     let default = env.run(["reserve"]);
     default.assert_ok();
-    assert!(default.stdout.starts_with("Reserved 1 GPU(s): [2] for 8h 0m 0s"), "{default:?}");
+    assert!(
+        default
+            .stdout
+            .starts_with("Reserved 1 GPU(s): [2] for 8h 0m 0s"),
+        "{default:?}"
+    );
 
     for bad in ["0m", "-5m", "abc", "5", "1.2.3h", ""] {
         let run = env.run(["reserve", "--duration", bad]);
         run.assert_code(2);
-        assert_eq!(run.stderr.lines().count(), 1, "one line for {bad:?}: {run:?}");
+        assert_eq!(
+            run.stderr.lines().count(),
+            1,
+            "one line for {bad:?}: {run:?}"
+        );
         assert!(run.stderr.starts_with("Error: invalid duration"), "{run:?}");
     }
     let conflict = env.run(["reserve", "--gpus", "3", "--gpu-ids", "1,2"]);
     conflict.assert_code(2);
-    assert!(conflict.stderr.contains("conflicting --gpus (3) and --gpu-ids (2 IDs)"));
-    env.run(["reserve", "--gpus", "1", "--gpu-ids", "3"]).assert_ok();
+    assert!(
+        conflict
+            .stderr
+            .contains("conflicting --gpus (3) and --gpu-ids (2 IDs)")
+    );
+    env.run(["reserve", "--gpus", "1", "--gpu-ids", "3"])
+        .assert_ok();
 
     let taken = env.run(["reserve", "--gpu-ids", "1"]);
     taken.assert_code(3);
-    assert!(taken.stderr.contains("GPU 1 is already reserved by user"), "{taken:?}");
+    assert!(
+        taken.stderr.contains("GPU 1 is already reserved by user"),
+        "{taken:?}"
+    );
     let range = env.run(["reserve", "--gpu-ids", "9"]);
     range.assert_code(2);
     assert_eq!(range.stderr.trim(), "Error: GPU ID 9 is out of range (0-3)");
@@ -158,7 +187,10 @@ fn reserve_case(env: &CliEnv) {
     env.run(["release", "--gpu-ids", "0,1"]).assert_ok();
     let partial = env.run(["reserve", "--gpu-ids", "2,3"]);
     partial.assert_code(3);
-    assert_eq!(env.statuses(), ["AVAILABLE", "AVAILABLE", "IN_USE", "AVAILABLE"]);
+    assert_eq!(
+        env.statuses(),
+        ["AVAILABLE", "AVAILABLE", "IN_USE", "AVAILABLE"]
+    );
 
     let not_enough = env.run(["reserve", "--gpus", "4"]);
     not_enough.assert_code(3);
@@ -178,7 +210,10 @@ fn release_case(env: &CliEnv) {
     env.init_fake(4);
     let none = env.run(["release"]);
     none.assert_ok();
-    assert_eq!(none.stdout.trim(), "No manually reserved GPUs found for current user");
+    assert_eq!(
+        none.stdout.trim(),
+        "No manually reserved GPUs found for current user"
+    );
     env.run(["reserve", "--gpu-ids", "1,3"]).assert_ok();
     let released = env.run(["release"]);
     assert_eq!(released.stdout.trim(), "Released 2 GPU(s): [1, 3]");
@@ -192,7 +227,11 @@ fn release_case(env: &CliEnv) {
     );
     // $USER is not an identity: pretending to be someone else releases nothing of theirs
     // and still releases the caller's own reservations.
-    let spoof = env.command(["release"]).env("USER", "mallory").output().unwrap();
+    let spoof = env
+        .command(["release"])
+        .env("USER", "mallory")
+        .output()
+        .unwrap();
     let spoof = Run::from(spoof);
     assert_eq!(spoof.stdout.trim(), "Released 1 GPU(s): [1]");
     assert_eq!(env.statuses(), vec!["AVAILABLE"; 4]);
@@ -205,7 +244,10 @@ fn expiry_case(env: &CliEnv) {
     std::thread::sleep(std::time::Duration::from_millis(2100));
     // No `status` in between: allocation itself treats the expired reservation as free.
     env.run(["reserve", "--duration", "1h"]).assert_ok();
-    assert_eq!(env.status_json()[0]["details"].as_str().unwrap(), "expires in 1h 0m 0s");
+    assert_eq!(
+        env.status_json()[0]["details"].as_str().unwrap(),
+        "expires in 1h 0m 0s"
+    );
 }
 
 fn concurrency_case(env: &CliEnv) {
@@ -233,7 +275,9 @@ fn concurrency_case(env: &CliEnv) {
     for loser in runs.iter().filter(|r| !r.ok()) {
         loser.assert_code(3);
         assert!(
-            loser.stderr.starts_with("Error: Not enough GPUs available. Requested: 1, Available: 0"),
+            loser
+                .stderr
+                .starts_with("Error: Not enough GPUs available. Requested: 1, Available: 0"),
             "{loser:?}"
         );
     }
@@ -241,6 +285,9 @@ fn concurrency_case(env: &CliEnv) {
 }
 
 pub fn current_user() -> String {
-    let out = std::process::Command::new("id").arg("-un").output().unwrap();
+    let out = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }

@@ -54,13 +54,25 @@ fn two_users_share_the_embedded_store() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let state = dir.path().join("state");
 
-    as_user(None, &state, &["admin", "--gpus", "4", "--provider", "fake"]).assert_ok();
-    assert_eq!(mode(&state) & 0o777, 0o777, "store directory usable by everyone");
+    as_user(
+        None,
+        &state,
+        &["admin", "--gpus", "4", "--provider", "fake"],
+    )
+    .assert_ok();
+    assert_eq!(
+        mode(&state) & 0o777,
+        0o777,
+        "store directory usable by everyone"
+    );
     assert_eq!(mode(&state.join("state.db")), 0o666);
 
     let alice = as_user(Some("chg_alice"), &state, &["reserve", "--gpus", "1"]);
     alice.assert_ok();
-    assert!(alice.stdout.starts_with("Reserved 1 GPU(s): [0]"), "{alice:?}");
+    assert!(
+        alice.stdout.starts_with("Reserved 1 GPU(s): [0]"),
+        "{alice:?}"
+    );
     let bob = as_user(Some("chg_bob"), &state, &["reserve", "--gpus", "1"]);
     bob.assert_ok();
     assert!(bob.stdout.starts_with("Reserved 1 GPU(s): [1]"), "{bob:?}");
@@ -85,14 +97,26 @@ fn two_users_share_the_embedded_store() {
     );
     let mut spoof = Command::new("runuser");
     spoof
-        .args(["-u", "chg_bob", "--", "env", "USER=chg_alice", "LOGNAME=chg_alice", BIN])
+        .args([
+            "-u",
+            "chg_bob",
+            "--",
+            "env",
+            "USER=chg_alice",
+            "LOGNAME=chg_alice",
+            BIN,
+        ])
         .env("CANHAZGPU_NVML", "0")
         .arg("--state-dir")
         .arg(&state)
         .arg("release");
     let spoof: Run = spoof.output().unwrap().into();
     assert_eq!(spoof.stdout.trim(), "Released 1 GPU(s): [1]", "{spoof:?}");
-    let not_root = as_user(Some("chg_bob"), &state, &["release", "--gpu-ids", "0", "--force"]);
+    let not_root = as_user(
+        Some("chg_bob"),
+        &state,
+        &["release", "--gpu-ids", "0", "--force"],
+    );
     not_root.assert_code(2);
     assert!(not_root.stderr.contains("root only"), "{not_root:?}");
 
@@ -110,10 +134,19 @@ fn unreadable_store_is_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let state = dir.path().join("state");
-    as_user(None, &state, &["admin", "--gpus", "2", "--provider", "fake"]).assert_ok();
+    as_user(
+        None,
+        &state,
+        &["admin", "--gpus", "2", "--provider", "fake"],
+    )
+    .assert_ok();
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
     let run = as_user(Some("chg_bob"), &state, &["status"]);
     run.assert_code(1);
     assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
-    assert!(run.stderr.contains(&state.join("state.db").display().to_string()), "{run:?}");
+    assert!(
+        run.stderr
+            .contains(&state.join("state.db").display().to_string()),
+        "{run:?}"
+    );
 }

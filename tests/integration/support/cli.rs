@@ -114,7 +114,9 @@ impl CliEnv {
         };
         if !self.path_prefix.is_empty() {
             let mut paths = self.path_prefix.clone();
-            paths.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+            paths.extend(std::env::split_paths(
+                &std::env::var_os("PATH").unwrap_or_default(),
+            ));
             cmd.env("PATH", std::env::join_paths(paths).expect("PATH"));
         }
         for (key, value) in &self.vars {
