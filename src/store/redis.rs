@@ -1,40 +1,620 @@
-//! Placeholder: the Redis store.
+//! The Redis store, data-compatible with upstream canhazgpu v1.1.x.
+//!
+//! Every read-modify-write is one Lua script (`lua/*.lua`, each prefixed with
+//! `lua/common.lua`), which Redis runs atomically with respect to every other client.
+//! The scripts also read GPU states, so upstream's mixed time formats are decoded in
+//! one place; Rust only sees normalized JSON.
 
-use super::RedisConfig;
+use std::fmt::Display;
+use std::sync::LazyLock;
+use std::time::Duration;
 
-use super::{AllocRequest, InitOutcome, ReleaseScope, Store};
+use redis::{
+    Client, Connection, ConnectionAddr, ConnectionInfo, ErrorKind, FromRedisValue,
+    IntoConnectionInfo, RedisError, RedisResult, Script,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{AllocRequest, InitOutcome, RedisConfig, ReleaseScope, Store};
+use crate::alloc::validate_selection;
 use crate::error::{Error, Result};
-use crate::state::{GpuSlot, Pool, ProviderKind, UnixTime, UsageRecord};
+use crate::state::{
+    GpuSlot, Pool, ProviderKind, Reservation, ReservationKind, RunOwner, Selection, UnixTime,
+    UsageRecord,
+};
 
-pub struct RedisStore;
+const GPU_COUNT_KEY: &str = "canhazgpu:gpu_count";
+const PROVIDER_KEY: &str = "canhazgpu:provider";
+const HISTORY_KEY: &str = "canhazgpu:usage_history_sorted";
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+macro_rules! lua_script {
+    ($file:literal) => {
+        LazyLock::new(|| {
+            Script::new(concat!(
+                include_str!("lua/common.lua"),
+                include_str!(concat!("lua/", $file))
+            ))
+        })
+    };
+}
+
+static INIT_POOL: LazyLock<Script> = lua_script!("init_pool.lua");
+static SLOTS: LazyLock<Script> = lua_script!("slots.lua");
+static ALLOCATE: LazyLock<Script> = lua_script!("allocate.lua");
+static RELEASE: LazyLock<Script> = lua_script!("release.lua");
+static HEARTBEAT: LazyLock<Script> = lua_script!("heartbeat.lua");
+
+pub struct RedisStore {
+    client: Client,
+    /// Dropped after an I/O error and reopened by the next call, so that a long-running
+    /// supervisor survives a Redis restart.
+    connection: Option<Connection>,
+    /// Where the store lives, without any password, for messages.
+    location: String,
+}
+
+/// Why a Redis call failed.
+enum Failure {
+    /// An error reply `CODE detail` raised by one of our scripts (or an unknown code).
+    Reply {
+        code: String,
+        detail: String,
+    },
+    Other(Error),
+}
+
+impl Failure {
+    /// The error for codes the caller does not handle itself.
+    fn into_error(self) -> Error {
+        match self {
+            Failure::Reply { code, .. } if code == "NOT_INITIALIZED" => Error::NotInitialized,
+            Failure::Reply { code, detail } => {
+                Error::Store(format!("unexpected Redis error: {code} {detail}"))
+            }
+            Failure::Other(err) => err,
+        }
+    }
+}
 
 impl RedisStore {
+    /// Connects to the configured Redis (timeouts: 3 s to connect, 5 s per reply).
     pub fn connect(config: &RedisConfig) -> Result<Self> {
-        let _ = config;
-        Err(Error::Store("not implemented".into()))
+        let location = display_location(config);
+        let client = connection_info(config)
+            .and_then(Client::open)
+            .map_err(|err| connect_error(&location, err))?;
+        let mut store = RedisStore {
+            client,
+            connection: None,
+            location,
+        };
+        store.connection()?;
+        Ok(store)
+    }
+
+    fn connection(&mut self) -> Result<&mut Connection> {
+        let connection = match self.connection.take() {
+            Some(connection) => connection,
+            None => self
+                .client
+                .get_connection_with_timeout(CONNECT_TIMEOUT)
+                .and_then(|connection| {
+                    connection.set_read_timeout(Some(IO_TIMEOUT))?;
+                    connection.set_write_timeout(Some(IO_TIMEOUT))?;
+                    Ok(connection)
+                })
+                .map_err(|err| connect_error(&self.location, err))?,
+        };
+        Ok(self.connection.insert(connection))
+    }
+
+    fn call<T>(
+        &mut self,
+        command: impl FnOnce(&mut Connection) -> RedisResult<T>,
+    ) -> Result<T, Failure> {
+        let result = command(self.connection().map_err(Failure::Other)?);
+        result.map_err(|err| {
+            if err.kind() == ErrorKind::Extension
+                && let Some(code) = err.code()
+            {
+                return Failure::Reply {
+                    code: code.to_string(),
+                    detail: err.detail().unwrap_or_default().to_string(),
+                };
+            }
+            if err.is_io_error() || err.is_unrecoverable_error() {
+                self.connection = None;
+            }
+            Failure::Other(Error::Store(format!(
+                "Redis at {} failed: {}",
+                self.location,
+                one_line(&err)
+            )))
+        })
+    }
+
+    /// Runs one of our scripts with JSON arguments.
+    fn run_script<T: FromRedisValue>(
+        &mut self,
+        script: &Script,
+        args: &[String],
+    ) -> Result<T, Failure> {
+        self.call(|connection| {
+            let mut invocation = script.prepare_invoke();
+            for arg in args {
+                invocation.arg(arg);
+            }
+            invocation.invoke(connection)
+        })
     }
 }
 
 impl Store for RedisStore {
-    fn init_pool(&mut self, _: u32, _: ProviderKind, _: bool, _: UnixTime) -> Result<InitOutcome> {
-        Err(Error::Store("not implemented".into()))
+    fn init_pool(
+        &mut self,
+        gpu_count: u32,
+        provider: ProviderKind,
+        force: bool,
+        now: UnixTime,
+    ) -> Result<InitOutcome> {
+        let request = serde_json::json!({
+            "now": now,
+            "gpu_count": gpu_count,
+            "provider": provider.as_str(),
+            "force": force,
+        });
+        let (previous, cleared): (i64, u32) = self
+            .run_script(&INIT_POOL, &[request.to_string()])
+            .map_err(|failure| match failure {
+            Failure::Reply { code, detail } if code == "ALREADY_INITIALIZED" => {
+                Error::Usage(format!(
+                    "GPU pool already initialized with {detail} GPUs. Use --force to reinitialize"
+                ))
+            }
+            other => other.into_error(),
+        })?;
+        Ok(InitOutcome {
+            previous_count: u32::try_from(previous).ok(),
+            cleared,
+        })
     }
+
     fn pool(&mut self) -> Result<Option<Pool>> {
-        Err(Error::Store("not implemented".into()))
+        let (count, provider): (Option<String>, Option<String>) = self
+            .call(|connection| {
+                redis::cmd("MGET")
+                    .arg(GPU_COUNT_KEY)
+                    .arg(PROVIDER_KEY)
+                    .query(connection)
+            })
+            .map_err(Failure::into_error)?;
+        let Some(count) = count else {
+            return Ok(None);
+        };
+        let gpu_count = count
+            .parse()
+            .map_err(|_| Error::Store(format!("invalid {GPU_COUNT_KEY} in Redis: '{count}'")))?;
+        // Pools created before upstream recorded the provider are NVIDIA pools.
+        let provider = match provider {
+            None => ProviderKind::Nvidia,
+            Some(name) => ProviderKind::parse(&name).ok_or_else(|| {
+                Error::Store(format!("unknown GPU provider '{name}' in {PROVIDER_KEY}"))
+            })?,
+        };
+        Ok(Some(Pool {
+            gpu_count,
+            provider,
+        }))
     }
+
     fn slots(&mut self) -> Result<Vec<GpuSlot>> {
-        Err(Error::Store("not implemented".into()))
+        let slots: Vec<String> = self.run_script(&SLOTS, &[]).map_err(Failure::into_error)?;
+        Ok(slots
+            .iter()
+            .enumerate()
+            .map(|(id, json)| decode_slot(id, json))
+            .collect())
     }
-    fn allocate(&mut self, _: &AllocRequest) -> Result<Vec<u32>> {
-        Err(Error::Store("not implemented".into()))
+
+    fn allocate(&mut self, request: &AllocRequest) -> Result<Vec<u32>> {
+        let new = &request.reservation;
+        let (count, ids) = match &request.selection {
+            Selection::Count(count) => (Some(*count), None),
+            Selection::Ids(ids) => (None, Some(ids.as_slice())),
+        };
+        let args = AllocateArgs {
+            now: request.now,
+            actual_user: &new.actual_user,
+            count,
+            ids,
+            unreserved: &request.unreserved,
+            dead_ids: &request.dead_ids,
+        };
+        let state = StoredReservation {
+            user: &new.user,
+            actual_user: &new.actual_user,
+            kind: new.kind.as_str(),
+            start_time: request.now,
+            last_heartbeat: (new.kind == ReservationKind::Run).then_some(request.now),
+            expiry_time: new.expiry_time,
+            note: new.note.as_deref().filter(|note| !note.is_empty()),
+            reservation_id: Some(new.id.as_str()).filter(|id| !id.is_empty()),
+            host: new.owner.as_ref().map(|owner| owner.host.as_str()),
+            pid: new.owner.as_ref().map(|owner| owner.pid),
+            pid_start_time: new.owner.as_ref().map(|owner| owner.pid_start),
+        };
+        self.run_script(&ALLOCATE, &[to_json(&args)?, to_json(&state)?])
+            .map_err(|failure| reply_error(failure, &request.selection))
     }
-    fn release(&mut self, _: &ReleaseScope, _: UnixTime) -> Result<Vec<u32>> {
-        Err(Error::Store("not implemented".into()))
+
+    fn release(&mut self, scope: &ReleaseScope, now: UnixTime) -> Result<Vec<u32>> {
+        let request = match scope {
+            ReleaseScope::OwnManual { actual_user } => serde_json::json!({
+                "now": now, "scope": "own_manual", "actual_user": actual_user,
+            }),
+            ReleaseScope::OwnIds { actual_user, ids } => serde_json::json!({
+                "now": now, "scope": "own_ids", "actual_user": actual_user, "ids": ids,
+            }),
+            ReleaseScope::AnyIds { ids } => serde_json::json!({
+                "now": now, "scope": "any_ids", "ids": ids,
+            }),
+            ReleaseScope::Reservation { id } => serde_json::json!({
+                "now": now, "scope": "reservation", "id": id,
+            }),
+        };
+        self.run_script(&RELEASE, &[request.to_string()])
+            .map_err(|failure| match scope {
+                ReleaseScope::OwnIds { ids, .. } | ReleaseScope::AnyIds { ids } => {
+                    reply_error(failure, &Selection::Ids(ids.clone()))
+                }
+                _ => failure.into_error(),
+            })
     }
-    fn heartbeat(&mut self, _: &str, _: &[u32], _: UnixTime) -> Result<Vec<u32>> {
-        Err(Error::Store("not implemented".into()))
+
+    fn heartbeat(&mut self, reservation_id: &str, gpus: &[u32], now: UnixTime) -> Result<Vec<u32>> {
+        let request = serde_json::json!({ "now": now, "id": reservation_id, "gpus": gpus });
+        self.run_script(&HEARTBEAT, &[request.to_string()])
+            .map_err(Failure::into_error)
     }
-    fn history(&mut self, _: UnixTime, _: UnixTime) -> Result<Vec<UsageRecord>> {
-        Err(Error::Store("not implemented".into()))
+
+    /// Records that cannot be read (foreign or damaged entries) are skipped.
+    fn history(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UsageRecord>> {
+        let members: Vec<String> = self
+            .call(|connection| {
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(HISTORY_KEY)
+                    .arg(from)
+                    .arg("+inf")
+                    .query(connection)
+            })
+            .map_err(Failure::into_error)?;
+        Ok(members
+            .iter()
+            .filter_map(|member| parse_usage_record(member))
+            .filter(|record| record.end_time >= from && record.start_time <= to)
+            .collect())
+    }
+}
+
+/// The arguments of `allocate.lua`.
+#[derive(Serialize)]
+struct AllocateArgs<'a> {
+    now: UnixTime,
+    actual_user: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    count: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ids: Option<&'a [u32]>,
+    unreserved: &'a [u32],
+    dead_ids: &'a [String],
+}
+
+/// A held GPU's state as stored in `canhazgpu:gpu:<id>`: upstream's fields (integer
+/// Unix seconds, absent fields omitted) plus the reservation ID and run owner.
+#[derive(Serialize)]
+struct StoredReservation<'a> {
+    user: &'a str,
+    actual_user: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    start_time: UnixTime,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_heartbeat: Option<UnixTime>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expiry_time: Option<UnixTime>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reservation_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pid_start_time: Option<u64>,
+}
+
+/// A slot as `read_slot` in `lua/common.lua` normalizes it.
+#[derive(Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+enum NormalizedSlot {
+    Free {
+        last_released: Option<UnixTime>,
+    },
+    Held {
+        reservation_id: String,
+        user: String,
+        actual_user: String,
+        #[serde(rename = "type")]
+        kind: ReservationKind,
+        start_time: UnixTime,
+        last_heartbeat: Option<UnixTime>,
+        expiry_time: Option<UnixTime>,
+        note: Option<String>,
+        host: Option<String>,
+        pid: Option<u32>,
+        pid_start_time: Option<u64>,
+    },
+    Corrupt {
+        reason: String,
+    },
+}
+
+fn decode_slot(id: usize, json: &str) -> GpuSlot {
+    let slot = match serde_json::from_str(json) {
+        Ok(slot) => slot,
+        Err(err) => {
+            return GpuSlot::Corrupt(format!("corrupted GPU state for GPU {id}: {err}"));
+        }
+    };
+    match slot {
+        NormalizedSlot::Free { last_released } => GpuSlot::Free { last_released },
+        NormalizedSlot::Corrupt { reason } => GpuSlot::Corrupt(reason),
+        NormalizedSlot::Held {
+            reservation_id,
+            user,
+            actual_user,
+            kind,
+            start_time,
+            last_heartbeat,
+            expiry_time,
+            note,
+            host,
+            pid,
+            pid_start_time,
+        } => GpuSlot::Held(Reservation {
+            id: reservation_id,
+            user,
+            actual_user,
+            kind,
+            start_time,
+            last_heartbeat,
+            expiry_time,
+            note,
+            owner: host
+                .zip(pid.zip(pid_start_time))
+                .map(|(host, (pid, pid_start))| RunOwner {
+                    host,
+                    pid,
+                    pid_start,
+                }),
+        }),
+    }
+}
+
+/// Maps the error replies of `allocate.lua` and `release.lua` to our errors, with the
+/// exact messages of `alloc::plan` and `alloc::validate_selection`.
+fn reply_error(failure: Failure, selection: &Selection) -> Error {
+    let Failure::Reply { code, detail } = failure else {
+        return failure.into_error();
+    };
+    let unexpected = || Error::Store(format!("unexpected Redis error: {code} {detail}"));
+    match code.as_str() {
+        "BAD_SELECTION" => match detail.parse() {
+            Ok(gpu_count) => validate_selection(selection, gpu_count).err(),
+            Err(_) => None,
+        }
+        .unwrap_or_else(unexpected),
+        "NOT_ENOUGH" => {
+            let numbers: Vec<u32> = detail
+                .split(' ')
+                .filter_map(|number| number.parse().ok())
+                .collect();
+            match numbers[..] {
+                [requested, available, unreserved] => Error::NotEnough {
+                    requested,
+                    available,
+                    unreserved,
+                },
+                _ => unexpected(),
+            }
+        }
+        "UNRESERVED" => Error::GpuTaken(format!("GPU {detail} is in use without reservation")),
+        "RESERVED" => match detail.split_once(' ') {
+            Some((id, user)) => {
+                Error::GpuTaken(format!("GPU {id} is already reserved by user '{user}'"))
+            }
+            None => unexpected(),
+        },
+        "CORRUPT" => match detail.split_once(' ') {
+            Some((id, reason)) => Error::Store(format!("GPU {id} has unreadable state: {reason}")),
+            None => unexpected(),
+        },
+        _ => Failure::Reply { code, detail }.into_error(),
+    }
+}
+
+/// One history entry, written by us (integer seconds) or upstream (RFC 3339 strings,
+/// float durations, possibly no `actual_user`).
+fn parse_usage_record(member: &str) -> Option<UsageRecord> {
+    let record: Value = serde_json::from_str(member).ok()?;
+    let user = record.get("user")?.as_str()?.to_string();
+    let actual_user = match record.get("actual_user").and_then(Value::as_str) {
+        Some(actual_user) if !actual_user.is_empty() => actual_user.to_string(),
+        _ => user.clone(),
+    };
+    Some(UsageRecord {
+        gpu_id: u32::try_from(record.get("gpu_id")?.as_u64()?).ok()?,
+        start_time: parse_time(record.get("start_time")?)?,
+        end_time: parse_time(record.get("end_time")?)?,
+        kind: ReservationKind::parse(record.get("reservation_type")?.as_str()?)?,
+        user,
+        actual_user,
+    })
+}
+
+/// A time as upstream stores it: seconds (fraction truncated), as a number or numeric
+/// string, or RFC 3339 with any offset.
+fn parse_time(value: &Value) -> Option<UnixTime> {
+    let seconds = |float: f64| float.is_finite().then_some(float.trunc() as UnixTime);
+    match value {
+        Value::Number(number) => number.as_i64().or_else(|| seconds(number.as_f64()?)),
+        Value::String(text) => text
+            .parse()
+            .ok()
+            .or_else(|| seconds(text.parse().ok()?))
+            .or_else(|| Some(text.parse::<jiff::Timestamp>().ok()?.as_second())),
+        _ => None,
+    }
+}
+
+fn to_json(value: &impl Serialize) -> Result<String> {
+    serde_json::to_string(value).map_err(|err| Error::store("cannot encode Redis request", err))
+}
+
+fn connection_info(config: &RedisConfig) -> RedisResult<ConnectionInfo> {
+    let info = match &config.url {
+        Some(url) => url.as_str().into_connection_info()?,
+        None => ConnectionAddr::Tcp(config.host.clone(), config.port).into_connection_info()?,
+    };
+    let mut settings = info.redis_settings().clone();
+    if config.url.is_none() {
+        settings = settings.set_db(config.db);
+    }
+    if let Some(password) = &config.password {
+        settings = settings.set_password(password);
+    }
+    Ok(info.set_redis_settings(settings))
+}
+
+fn connect_error(location: &str, err: RedisError) -> Error {
+    Error::Store(format!(
+        "failed to connect to Redis at {location}: {}",
+        one_line(&err)
+    ))
+}
+
+/// The configured Redis as a URL without password, for messages.
+fn display_location(config: &RedisConfig) -> String {
+    match &config.url {
+        Some(url) => without_password(url),
+        None if config.host.contains(':') => {
+            format!("redis://[{}]:{}/{}", config.host, config.port, config.db)
+        }
+        None => format!("redis://{}:{}/{}", config.host, config.port, config.db),
+    }
+}
+
+/// Drops the password from a Redis URL: `redis://user:secret@host` → `redis://user@host`,
+/// and `?pass=`/`?password=` query parameters (Unix-socket URLs).
+fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let rest = match rest.rfind('@') {
+        Some(at) if !rest.starts_with('/') => {
+            let (userinfo, host) = (&rest[..at], &rest[at..]);
+            match userinfo.split_once(':') {
+                Some(("", _)) => host[1..].to_string(),
+                Some((user, _)) => format!("{user}{host}"),
+                None => rest.to_string(),
+            }
+        }
+        _ => rest.to_string(),
+    };
+    let rest = match rest.split_once('?') {
+        Some((path, query)) => {
+            let kept: Vec<&str> = query
+                .split('&')
+                .filter(|param| {
+                    let key = param.split('=').next().unwrap_or_default();
+                    key != "pass" && key != "password"
+                })
+                .collect();
+            if kept.is_empty() {
+                path.to_string()
+            } else {
+                format!("{path}?{}", kept.join("&"))
+            }
+        }
+        None => rest,
+    };
+    format!("{scheme}://{rest}")
+}
+
+fn one_line(err: &impl Display) -> String {
+    err.to_string()
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_hidden_from_locations() {
+        for (url, shown) in [
+            (
+                "redis://alice:s3cret@db.example:6380/2",
+                "redis://alice@db.example:6380/2",
+            ),
+            ("redis://:s3cret@db.example", "redis://db.example"),
+            ("rediss://alice@db.example", "rediss://alice@db.example"),
+            (
+                "redis+unix:///run/r.sock?db=3&pass=s3cret",
+                "redis+unix:///run/r.sock?db=3",
+            ),
+            (
+                "redis+unix:///run/r.sock?password=s3cret",
+                "redis+unix:///run/r.sock",
+            ),
+            ("redis://:p@ss/w@rd@host/0", "redis://host/0"),
+        ] {
+            assert_eq!(without_password(url), shown, "{url}");
+        }
+        let config = RedisConfig {
+            url: None,
+            host: "::1".into(),
+            port: 6379,
+            db: 4,
+            password: Some("s3cret".into()),
+        };
+        assert_eq!(display_location(&config), "redis://[::1]:6379/4");
+    }
+
+    #[test]
+    fn history_times_in_every_upstream_encoding() {
+        let go = r#"{"user":"bob","gpu_id":3,"start_time":"2026-05-14T16:36:44-04:00","end_time":"2026-05-14T20:46:44.9Z","duration_seconds":600.5,"reservation_type":"run"}"#;
+        let record = parse_usage_record(go).unwrap();
+        assert_eq!(record.actual_user, "bob");
+        assert_eq!(record.end_time - record.start_time, 600);
+        assert_eq!(record.start_time, 1_778_791_004);
+        assert_eq!(parse_time(&serde_json::json!(1.9)), Some(1));
+        assert_eq!(
+            parse_time(&serde_json::json!("1700000000")),
+            Some(1_700_000_000)
+        );
+        assert_eq!(parse_time(&serde_json::json!("17.5")), Some(17));
+        assert_eq!(parse_time(&Value::Null), None);
+        assert_eq!(parse_time(&serde_json::json!("yesterday")), None);
+        assert!(parse_usage_record(r#"{"user":"bob","gpu_id":-1}"#).is_none());
     }
 }

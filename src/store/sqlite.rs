@@ -559,7 +559,8 @@ impl Store for SqliteStore {
                     }
                 }
             }
-            conn.execute("DELETE FROM gpus WHERE id < 0 OR id >= ?1", [gpu_count])?;
+            // A re-initialised pool starts fresh, as on Redis: every GPU never used.
+            conn.execute("DELETE FROM gpus", [])?;
             let mut add = conn.prepare_cached("INSERT OR IGNORE INTO gpus (id) VALUES (?1)")?;
             for id in 0..gpu_count {
                 add.execute([id])?;
@@ -620,6 +621,14 @@ impl Store for SqliteStore {
     fn release(&mut self, scope: &ReleaseScope, now: UnixTime) -> Result<Vec<u32>> {
         self.transact(TransactionBehavior::Immediate, |conn| {
             let pool = require_pool(conn)?;
+            if let ReleaseScope::OwnIds { ids, .. } | ReleaseScope::AnyIds { ids } = scope
+                && let Some(bad) = ids.iter().find(|id| **id >= pool.gpu_count)
+            {
+                return Err(Fault::Domain(Error::Usage(format!(
+                    "GPU ID {bad} is out of range (0-{})",
+                    pool.gpu_count - 1
+                ))));
+            }
             let mut freed = Vec::new();
             for (id, slot) in (0..).zip(read_slots(conn, pool.gpu_count)?) {
                 match slot {

@@ -63,6 +63,10 @@ macro_rules! cli_core_tests {
 }
 
 cli_core_tests!(sqlite, (CliEnv::sqlite(), ()));
+cli_core_tests!(redis, {
+    let server = crate::support::redis::TestRedis::launch();
+    (CliEnv::redis(&server.url()), server)
+});
 
 fn admin_initialises_and_refuses_reinit_case(env: &CliEnv) {
     let run = env.run(["admin", "--gpus", "4", "--provider", "fake"]);

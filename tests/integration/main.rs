@@ -1,5 +1,10 @@
+//! The integration tests, in one binary.
+
 mod cli_core;
+mod cli_gpu;
 mod gpu_providers;
 mod multi_user;
+mod redis_store;
 mod sqlite_store;
+mod store_conformance;
 mod support;

@@ -2,7 +2,7 @@
 //! own store (a SQLite directory or a Redis URL), and no inherited CANHAZGPU_* settings.
 
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 use tempfile::TempDir;
@@ -53,6 +53,7 @@ pub enum Backend {
 }
 
 pub struct CliEnv {
+    /// Holds the temporary directory for as long as the environment lives.
     pub dir: TempDir,
     pub home: PathBuf,
     pub backend: Backend,
@@ -85,10 +86,6 @@ impl CliEnv {
             path_prefix: Vec::new(),
             vars: Vec::new(),
         }
-    }
-
-    pub fn path(&self) -> &Path {
-        self.dir.path()
     }
 
     pub fn set_var(&mut self, key: &str, value: &str) {

@@ -1,2 +1,6 @@
+//! Fixtures shared by the integration tests.
+
 pub mod cli;
 pub mod fake_smi;
+pub mod redis;
+pub mod sqlite;
