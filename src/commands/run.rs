@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::duration::{format_duration, parse_duration};
 use crate::error::{Error, Result};
 use crate::gpu::procinfo;
-use crate::session::{Session, new_reservation_id};
+use crate::session::{Session, new_reservation_id, now};
 use crate::state::{ProviderKind, ReservationKind, RunOwner};
 use crate::store::NewReservation;
 use crate::supervise::keeper::{self, Keeper, Kept};
@@ -93,14 +93,18 @@ pub fn execute(args: &RunArgs, config: &Config) -> Result<u8> {
             pid_start,
         }),
     };
-    let reservation_id = reservation.id.clone();
-    let gpus = session.claim(reservation, checked.selection)?;
-    let provider = session.pool.provider;
+    // The store records its own clock reading; this one is within a second of it
+    // and only used if the reservation ever has to be written again.
+    let start_time = now();
+    let gpus = session.claim(reservation.clone(), checked.selection)?;
+    let pool = session.pool;
     let keeper = Keeper::start(
         session.store,
         config.store.clone(),
         Kept {
-            reservation_id,
+            reservation,
+            start_time,
+            pool,
             gpus: gpus.clone(),
             interval: checked.interval,
         },
@@ -126,7 +130,7 @@ pub fn execute(args: &RunArgs, config: &Config) -> Result<u8> {
         super::id_list(&gpus)
     );
 
-    let pid = match supervisor.spawn(&args.command, &visible_devices(provider, &gpus)) {
+    let pid = match supervisor.spawn(&args.command, &visible_devices(pool.provider, &gpus)) {
         Ok(pid) => pid,
         Err(e) => {
             release(keeper);

@@ -24,7 +24,9 @@ use rusqlite::{
     Connection, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior, params,
 };
 
-use super::{AllocRequest, InitOutcome, NewReservation, ReleaseScope, Store};
+use super::{
+    AllocRequest, InitOutcome, NewReservation, ReassertRequest, Reasserted, ReleaseScope, Store,
+};
 use crate::alloc::{self, PlanInput};
 use crate::error::{Error, Result};
 use crate::state::{
@@ -322,6 +324,17 @@ fn read_pool(conn: &Connection) -> Outcome<Option<Pool>> {
     }))
 }
 
+/// Writes a fresh pool: every GPU free and never used, as on Redis.
+fn create_pool(conn: &Connection, pool: Pool) -> Outcome<()> {
+    conn.execute("DELETE FROM gpus", [])?;
+    let mut add = conn.prepare_cached("INSERT OR IGNORE INTO gpus (id) VALUES (?1)")?;
+    for id in 0..pool.gpu_count {
+        add.execute([id])?;
+    }
+    set_meta(conn, "gpu_count", &pool.gpu_count.to_string())?;
+    set_meta(conn, "provider", pool.provider.as_str())
+}
+
 fn require_pool(conn: &Connection) -> Outcome<Pool> {
     read_pool(conn)?.ok_or(Fault::Domain(Error::NotInitialized))
 }
@@ -420,6 +433,7 @@ fn claim_gpu(
     conn: &Connection,
     gpu_id: u32,
     reservation: &NewReservation,
+    start_time: UnixTime,
     now: UnixTime,
 ) -> Outcome<()> {
     let owner = reservation.owner.as_ref();
@@ -443,7 +457,7 @@ fn claim_gpu(
         reservation.user,
         reservation.actual_user,
         reservation.kind.as_str(),
-        now,
+        start_time,
         last_heartbeat,
         reservation.expiry_time,
         reservation.note,
@@ -559,14 +573,13 @@ impl Store for SqliteStore {
                     }
                 }
             }
-            // A re-initialised pool starts fresh, as on Redis: every GPU never used.
-            conn.execute("DELETE FROM gpus", [])?;
-            let mut add = conn.prepare_cached("INSERT OR IGNORE INTO gpus (id) VALUES (?1)")?;
-            for id in 0..gpu_count {
-                add.execute([id])?;
-            }
-            set_meta(conn, "gpu_count", &gpu_count.to_string())?;
-            set_meta(conn, "provider", provider.as_str())?;
+            create_pool(
+                conn,
+                Pool {
+                    gpu_count,
+                    provider,
+                },
+            )?;
             Ok(InitOutcome {
                 previous_count: previous.map(|pool| pool.gpu_count),
                 cleared,
@@ -611,7 +624,7 @@ impl Store for SqliteStore {
                 )?;
             }
             for &id in &plan.claim {
-                claim_gpu(conn, id, reservation, request.now)?;
+                claim_gpu(conn, id, reservation, request.now, request.now)?;
                 touch_last_used(conn, &reservation.actual_user, id, request.now)?;
             }
             Ok(plan.claim)
@@ -668,6 +681,46 @@ impl Store for SqliteStore {
             }
             held.sort_unstable();
             Ok(held)
+        })
+    }
+
+    fn reassert(&mut self, request: &ReassertRequest) -> Result<Reasserted> {
+        let now = request.now;
+        self.transact(TransactionBehavior::Immediate, |conn| {
+            let pool = match read_pool(conn)? {
+                Some(pool) => pool,
+                None => {
+                    create_pool(conn, request.pool)?;
+                    request.pool
+                }
+            };
+            let slots = read_slots(conn, pool.gpu_count)?;
+            let mut outcome = Reasserted::default();
+            for &id in &request.gpus {
+                let ended = match slots.get(id as usize) {
+                    None => continue,
+                    Some(GpuSlot::Free { .. }) => None,
+                    Some(GpuSlot::Held(held)) if held.id == request.reservation.id => None,
+                    Some(GpuSlot::Held(other)) => match other.liveness(now, &[]).ended_at() {
+                        Some(ended_at) => Some((other, ended_at)),
+                        None => {
+                            outcome.taken.push((id, other.user_label()));
+                            continue;
+                        }
+                    },
+                    Some(GpuSlot::Corrupt(reason)) => {
+                        outcome.taken.push((id, reason.clone()));
+                        continue;
+                    }
+                };
+                if let Some((other, ended_at)) = ended {
+                    end_reservation(conn, id, other, ended_at, now)?;
+                }
+                claim_gpu(conn, id, &request.reservation, request.start_time, now)?;
+                outcome.held.push(id);
+            }
+            outcome.held.sort_unstable();
+            Ok(outcome)
         })
     }
 

@@ -10,7 +10,8 @@ use std::time::Duration;
 use crate::commands::id_list;
 use crate::error::{Error, Result};
 use crate::session::now;
-use crate::store::{self, ReleaseScope, Store, StoreConfig};
+use crate::state::{Pool, UnixTime};
+use crate::store::{self, NewReservation, ReassertRequest, ReleaseScope, Store, StoreConfig};
 
 /// Default time between two heartbeats. Other hosts treat a run reservation as
 /// dead 60 s (`state::RUN_STALE_AFTER_SECS`) after its last heartbeat.
@@ -26,10 +27,12 @@ const RELEASE_RETRIES: [Duration; 3] = [
     Duration::from_secs(1),
 ];
 
-/// The reservation a keeper looks after.
+/// The reservation a keeper looks after, with what it takes to write it again.
 #[derive(Clone, Debug)]
 pub struct Kept {
-    pub reservation_id: String,
+    pub reservation: NewReservation,
+    pub start_time: UnixTime,
+    pub pool: Pool,
     pub gpus: Vec<u32>,
     pub interval: Duration,
 }
@@ -70,6 +73,14 @@ impl Keeper {
         let _ = self.thread.join();
         result
     }
+}
+
+/// The IDs of `all` that are not in `removed`.
+fn without(all: &[u32], removed: &[u32]) -> Vec<u32> {
+    all.iter()
+        .copied()
+        .filter(|id| !removed.contains(id))
+        .collect()
 }
 
 fn keeper_gone() -> Error {
@@ -120,34 +131,29 @@ impl KeeperState {
         Ok(self.store.as_mut().expect("just opened"))
     }
 
+    /// One heartbeat; during an outage, a re-assertion instead, which also puts
+    /// back what the store lost meanwhile.
     fn beat(&mut self) {
         if self.held.is_empty() {
             return;
         }
-        let id = self.kept.reservation_id.clone();
-        let held = self.held.clone();
-        let result = self
-            .store()
-            .and_then(|store| store.heartbeat(&id, &held, now()));
-        match result {
-            Ok(still_held) => self.confirmed(still_held),
-            Err(e) => self.failed(&e),
+        let result = if self.outage.is_some() {
+            self.reassert()
+        } else {
+            let id = self.kept.reservation.id.clone();
+            let held = self.held.clone();
+            self.store()
+                .and_then(|store| store.heartbeat(&id, &held, now()))
+                .map(|still_held| self.confirmed(still_held))
+        };
+        if let Err(e) = result {
+            self.failed(&e);
         }
     }
 
+    /// Between two heartbeats only a release can end the reservation on a GPU.
     fn confirmed(&mut self, still_held: Vec<u32>) {
-        let lost: Vec<u32> = self
-            .held
-            .iter()
-            .copied()
-            .filter(|id| !still_held.contains(id))
-            .collect();
-        if self.outage.take().is_some() {
-            eprintln!(
-                "canhazgpu: the store answers again; reservation of GPU(s) {} confirmed",
-                id_list(&still_held)
-            );
-        }
+        let lost = without(&self.held, &still_held);
         if !lost.is_empty() {
             eprintln!(
                 "canhazgpu: the reservation of GPU(s) {} was released from outside (canhazgpu release); the command keeps running",
@@ -155,6 +161,39 @@ impl KeeperState {
             );
         }
         self.held = still_held;
+    }
+
+    fn reassert(&mut self) -> Result<()> {
+        let request = ReassertRequest {
+            pool: self.kept.pool,
+            reservation: self.kept.reservation.clone(),
+            start_time: self.kept.start_time,
+            gpus: self.held.clone(),
+            now: now(),
+        };
+        let outcome = self.store()?.reassert(&request)?;
+        self.outage = None;
+        if !outcome.held.is_empty() {
+            eprintln!(
+                "canhazgpu: the store answers again; reservation of GPU(s) {} re-asserted",
+                id_list(&outcome.held)
+            );
+        }
+        for (gpu, holder) in &outcome.taken {
+            eprintln!(
+                "canhazgpu: WARNING: GPU {gpu} was taken by {holder} while the store was unreachable; this command is still running on it"
+            );
+        }
+        let taken: Vec<u32> = outcome.taken.iter().map(|(gpu, _)| *gpu).collect();
+        let gone = without(&without(&self.held, &outcome.held), &taken);
+        if !gone.is_empty() {
+            eprintln!(
+                "canhazgpu: warning: GPU(s) {} are no longer in the pool; the command keeps running on them",
+                id_list(&gone)
+            );
+        }
+        self.held = outcome.held;
+        Ok(())
     }
 
     fn failed(&mut self, error: &Error) {
@@ -176,7 +215,7 @@ impl KeeperState {
     /// Ends the reservation, retrying briefly when the store does not answer.
     fn release(&mut self) -> Result<Vec<u32>> {
         let scope = ReleaseScope::Reservation {
-            id: self.kept.reservation_id.clone(),
+            id: self.kept.reservation.id.clone(),
         };
         let mut last_error = keeper_gone();
         for delay in RELEASE_RETRIES {

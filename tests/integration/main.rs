@@ -5,6 +5,7 @@ mod cli_gpu;
 mod gpu_providers;
 mod multi_user;
 mod redis_store;
+mod run;
 mod sqlite_store;
 mod store_conformance;
 mod support;
