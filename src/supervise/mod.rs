@@ -27,7 +27,9 @@ use crate::error::{Error, Result, exit};
 /// What the supervising loop waits for.
 #[derive(Debug)]
 pub enum Event {
-    Signal(Signal),
+    /// A signal to canhazgpu; `before_start` when it came before the command was
+    /// spawned, so that the terminal's copy cannot have reached the command.
+    Signal { signal: Signal, before_start: bool },
     /// The command has exited; it is not reaped yet, so its PID cannot be reused
     /// while a signal might still be sent to it.
     Exited,
@@ -88,7 +90,7 @@ impl Supervisor {
     /// The first signal that arrived before the command was started, if any.
     pub fn pending_signal(&self) -> Option<Signal> {
         self.events.try_iter().find_map(|event| match event {
-            Event::Signal(signal) => Some(signal),
+            Event::Signal { signal, .. } => Some(signal),
             Event::Exited => None,
         })
     }
@@ -126,7 +128,10 @@ impl Supervisor {
                 None => Some(self.events.recv().unwrap_or_else(|_| unreachable_channel())),
             };
             match event {
-                Some(Event::Signal(signal)) => pass_on(pid, signal),
+                Some(Event::Signal {
+                    signal,
+                    before_start,
+                }) => pass_on(pid, signal, before_start),
                 Some(Event::Exited) => {
                     let ending = reap(pid)?;
                     if !timed_out {
@@ -200,9 +205,11 @@ fn unreachable_channel() -> ! {
 /// Passes a signal sent to canhazgpu on to the command. SIGINT and SIGQUIT from the
 /// terminal already reached the command (it is in the foreground process group
 /// with canhazgpu), so they are passed on only when canhazgpu is not in the
-/// terminal's foreground, i.e. when someone sent them to canhazgpu alone.
-fn pass_on(pid: Pid, signal: Signal) {
+/// terminal's foreground, i.e. when someone sent them to canhazgpu alone, or when
+/// they came before the command existed.
+fn pass_on(pid: Pid, signal: Signal, before_start: bool) {
     let from_terminal = matches!(signal, Signal::SIGINT | Signal::SIGQUIT)
+        && !before_start
         && proctree::in_terminal_foreground(std::process::id());
     if !from_terminal {
         let _ = kill(pid, signal);

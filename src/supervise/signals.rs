@@ -47,17 +47,22 @@ pub fn listen(deliver: Sender<Event>, started: Arc<AtomicBool>) -> Result<()> {
         .spawn(move || {
             let mut early = 0u32;
             while let Ok(signal) = set.wait() {
-                if !started.load(Ordering::SeqCst) {
+                let before_start = !started.load(Ordering::SeqCst);
+                if before_start {
                     early += 1;
                     if early == 1 {
                         eprintln!(
-                            "canhazgpu: {signal} received; cancelling as soon as the allocation finishes (again to quit at once)"
+                            "canhazgpu: {signal} received; cancelling as soon as the allocation finishes (repeat it to quit at once)"
                         );
                     } else {
                         std::process::exit(128 + signal as i32);
                     }
                 }
-                if deliver.send(Event::Signal(signal)).is_err() {
+                let event = Event::Signal {
+                    signal,
+                    before_start,
+                };
+                if deliver.send(event).is_err() {
                     break;
                 }
             }

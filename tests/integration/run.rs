@@ -220,6 +220,27 @@ fn environment_case(env: &CliEnv) {
     all_available(env);
 }
 
+/// On AMD, HIP gets the same IDs and an inherited ROCR_VISIBLE_DEVICES (which would
+/// renumber the GPUs HIP sees) is removed.
+#[test]
+fn amd_child_sees_hip_visible_devices() {
+    let mut env = CliEnv::sqlite();
+    let smi = crate::support::fake_smi::FakeSmi::amd(env.dir.path(), 4);
+    env.path_prefix.push(smi.path_dir());
+    env.run(["admin", "--gpus", "4", "--provider", "amd"])
+        .assert_ok();
+    let script = r#"echo "$CUDA_VISIBLE_DEVICES|$HIP_VISIBLE_DEVICES|${ROCR_VISIBLE_DEVICES-unset}|$CUDA_DEVICE_ORDER""#;
+    let run: Run = env
+        .command(["run", "--gpu-ids", "2,0", "--", "sh", "-c", script])
+        .env("ROCR_VISIBLE_DEVICES", "3")
+        .env("HIP_VISIBLE_DEVICES", "3")
+        .output()
+        .expect("run")
+        .into();
+    run.assert_ok();
+    assert_eq!(run.stdout, "0,2|0,2|unset|PCI_BUS_ID\n");
+}
+
 fn stdin_case(env: &CliEnv) {
     env.init_fake(1);
     let mut child = env
