@@ -212,13 +212,19 @@ impl KeeperState {
         }
     }
 
-    /// Ends the reservation, retrying briefly when the store does not answer.
+    /// Ends the reservation, retrying briefly when the store does not answer (once
+    /// only if it has not been answering already, so the user is not kept waiting).
     fn release(&mut self) -> Result<Vec<u32>> {
         let scope = ReleaseScope::Reservation {
             id: self.kept.reservation.id.clone(),
         };
+        let attempts = if self.outage.is_some() {
+            &RELEASE_RETRIES[..1]
+        } else {
+            &RELEASE_RETRIES[..]
+        };
         let mut last_error = keeper_gone();
-        for delay in RELEASE_RETRIES {
+        for &delay in attempts {
             std::thread::sleep(delay);
             match self.store().and_then(|store| store.release(&scope, now())) {
                 Ok(freed) => return Ok(freed),
