@@ -87,6 +87,9 @@ impl Failure {
 impl RedisStore {
     /// Connects to the configured Redis (timeouts: 3 s to connect, 5 s per reply).
     pub fn connect(config: &RedisConfig) -> Result<Self> {
+        // rediss:// goes through rustls, which needs a process-wide crypto provider;
+        // installing it twice is harmless (the second call reports the first).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let location = display_location(config);
         let client = connection_info(config)
             .and_then(Client::open)

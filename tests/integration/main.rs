@@ -1,10 +1,12 @@
 //! The integration tests, in one binary.
 
+mod cli_config;
 mod cli_core;
 mod cli_gpu;
 mod gpu_providers;
 mod multi_user;
 mod redis_store;
+mod redis_tls;
 mod run;
 mod sqlite_store;
 mod store_conformance;
