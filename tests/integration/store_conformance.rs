@@ -47,6 +47,7 @@ macro_rules! store_conformance {
             reassert_puts_back_a_lost_run_reservation,
             reassert_recreates_a_lost_pool,
             history_window_selects_overlapping_records,
+            identical_short_reservations_are_each_recorded,
             concurrent_allocations_never_share_a_gpu,
             allocation_matches_the_placement_policy,
         );
@@ -765,6 +766,17 @@ pub mod cases {
             T + 50,
             ReservationKind::Run
         )));
+    }
+
+    /// Two runs on one GPU that start and end in the same second are two records.
+    pub fn identical_short_reservations_are_each_recorded(fixture: StoreFixture) {
+        let mut store = initialized(&fixture, 1);
+        for id in ["first", "second"] {
+            allocate(&mut *store, run(id, "alice"), ids(&[0]), T).unwrap();
+            let scope = ReleaseScope::Reservation { id: id.into() };
+            assert_eq!(store.release(&scope, T).unwrap(), vec![0]);
+        }
+        assert_eq!(all_history(&mut *store).len(), 2);
     }
 
     pub fn history_window_selects_overlapping_records(fixture: StoreFixture) {
