@@ -1,11 +1,12 @@
 //! Command-line parsing (clap). Nothing outside this file sees clap types: `Cli`
 //! turns into `config::Overrides` and a plain `commands::Command`.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::commands::{Command, admin, release, report, reserve, status, web};
+use crate::commands::{Command, admin, release, report, reserve, run, status, web};
 use crate::config::Overrides;
 use crate::state::ProviderKind;
 
@@ -86,6 +87,30 @@ pub enum CliCommand {
         /// Duration to reserve GPUs: 30s, 30m, 2h, 1d, 0.5h, 1h30m
         #[arg(short, long, default_value = "8h", allow_hyphen_values = true)]
         duration: String,
+    },
+    /// Reserve GPUs and run a command with CUDA_VISIBLE_DEVICES set
+    Run {
+        /// Number of GPUs to reserve (default: 1)
+        #[arg(short, long)]
+        gpus: Option<u32>,
+        /// Specific GPU IDs to reserve (comma-separated, e.g. 1,3,5)
+        #[arg(short = 'G', long, value_delimiter = ',', num_args = 1..)]
+        gpu_ids: Option<Vec<u32>>,
+        /// Maximum time to run the command before stopping it: 30s, 30m, 2h, 1d, 0.5h (default: none)
+        #[arg(short, long)]
+        timeout: Option<String>,
+        /// After a timeout, how long the command gets to exit after SIGINT before SIGKILL
+        #[arg(long, default_value = "30s", value_name = "DURATION")]
+        kill_grace: String,
+        /// Time between heartbeats of the reservation (at most 30s)
+        #[arg(long, default_value = "10s", value_name = "DURATION")]
+        heartbeat_interval: String,
+        /// Words given without `--` in front, only to point at the missing `--`
+        #[arg(hide = true, value_name = "WORDS")]
+        unseparated: Vec<OsString>,
+        /// The command to run and its arguments, after `--`
+        #[arg(last = true, value_name = "COMMAND")]
+        command: Vec<OsString>,
     },
     /// Release manually reserved GPUs held by the current user
     Release {
@@ -172,6 +197,23 @@ impl Cli {
                 gpus,
                 gpu_ids,
                 duration,
+            }),
+            CliCommand::Run {
+                gpus,
+                gpu_ids,
+                timeout,
+                kill_grace,
+                heartbeat_interval,
+                unseparated,
+                command,
+            } => Command::Run(run::RunArgs {
+                gpus,
+                gpu_ids,
+                timeout,
+                kill_grace,
+                heartbeat_interval,
+                command,
+                unseparated,
             }),
             CliCommand::Release { gpu_ids, force } => {
                 Command::Release(release::ReleaseArgs { gpu_ids, force })

@@ -12,6 +12,12 @@ pub mod exit {
     pub const UNAVAILABLE: u8 = 3;
     /// The pool has not been initialised with `canhazgpu admin`.
     pub const NOT_INITIALIZED: u8 = 4;
+    /// `run`: the command was stopped because `--timeout` expired (as `timeout(1)`).
+    pub const TIMEOUT: u8 = 124;
+    /// `run`: the command exists but cannot be executed (as a shell).
+    pub const NOT_EXECUTABLE: u8 = 126;
+    /// `run`: the command was not found (as a shell).
+    pub const NOT_FOUND: u8 = 127;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,6 +46,12 @@ pub enum Error {
     /// The GPU provider failed.
     #[error("{0}")]
     Gpu(String),
+    /// `run`: the command was not found.
+    #[error("{0}")]
+    CommandNotFound(String),
+    /// `run`: the command exists but cannot be executed.
+    #[error("{0}")]
+    CommandNotExecutable(String),
     /// Anything else that went wrong at run time.
     #[error("{0}")]
     Runtime(String),
@@ -62,6 +74,8 @@ impl Error {
             Error::Usage(_) | Error::Config(_) => exit::USAGE,
             Error::NotEnough { .. } | Error::GpuTaken(_) => exit::UNAVAILABLE,
             Error::NotInitialized => exit::NOT_INITIALIZED,
+            Error::CommandNotFound(_) => exit::NOT_FOUND,
+            Error::CommandNotExecutable(_) => exit::NOT_EXECUTABLE,
             Error::Store(_) | Error::Gpu(_) | Error::Runtime(_) => exit::FAILURE,
         }
     }

@@ -13,4 +13,5 @@ pub mod report;
 pub mod session;
 pub mod state;
 pub mod store;
+pub mod supervise;
 pub mod web;

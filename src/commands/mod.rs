@@ -4,6 +4,7 @@ pub mod admin;
 pub mod release;
 pub mod report;
 pub mod reserve;
+pub mod run;
 pub mod status;
 pub mod web;
 
@@ -18,6 +19,7 @@ pub enum Command {
     Status(status::StatusArgs),
     Reserve(reserve::ReserveArgs),
     Release(release::ReleaseArgs),
+    Run(run::RunArgs),
     Report(report::ReportArgs),
     Web(web::WebArgs),
 }
@@ -25,14 +27,14 @@ pub enum Command {
 /// Runs a command; `Ok` carries the process exit code.
 pub fn execute(command: Command, config: &Config) -> Result<u8> {
     match command {
-        Command::Admin(args) => admin::execute(&args, config),
-        Command::Status(args) => status::execute(&args, config),
-        Command::Reserve(args) => reserve::execute(&args, config),
-        Command::Release(args) => release::execute(&args, config),
-        Command::Report(args) => report::execute(&args, config),
-        Command::Web(args) => web::execute(&args, config),
+        Command::Admin(args) => admin::execute(&args, config).map(|()| 0),
+        Command::Status(args) => status::execute(&args, config).map(|()| 0),
+        Command::Reserve(args) => reserve::execute(&args, config).map(|()| 0),
+        Command::Release(args) => release::execute(&args, config).map(|()| 0),
+        Command::Run(args) => run::execute(&args, config),
+        Command::Report(args) => report::execute(&args, config).map(|()| 0),
+        Command::Web(args) => web::execute(&args, config).map(|()| 0),
     }
-    .map(|()| 0)
 }
 
 /// Combines `--gpus` and `--gpu-ids` as the reference allows: either alone, or both

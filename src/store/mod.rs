@@ -58,6 +58,28 @@ pub struct AllocRequest {
     pub now: UnixTime,
 }
 
+/// A run reservation to put back after the store lost it (see `Store::reassert`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReassertRequest {
+    /// The pool the reservation was made in; recreated if the store has none.
+    pub pool: Pool,
+    pub reservation: NewReservation,
+    /// When the reservation started, kept so that its history stays right.
+    pub start_time: UnixTime,
+    pub gpus: Vec<u32>,
+    pub now: UnixTime,
+}
+
+/// What `Store::reassert` found on each GPU.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reasserted {
+    /// GPUs that hold the reservation (again), ascending.
+    pub held: Vec<u32>,
+    /// GPUs another live reservation holds, with its holder (`Reservation::user_label`),
+    /// or unreadable ones, with the reason.
+    pub taken: Vec<(u32, String)>,
+}
+
 /// Which reservations a release ends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReleaseScope {
@@ -102,6 +124,14 @@ pub trait Store: Send {
     /// Refreshes the heartbeat of a run reservation on `gpus`. Returns the GPUs it
     /// still holds; the others were released or taken meanwhile.
     fn heartbeat(&mut self, reservation_id: &str, gpus: &[u32], now: UnixTime) -> Result<Vec<u32>>;
+
+    /// Puts a run reservation back where the store lost it (a Redis restart without
+    /// persistence, a stale-reservation cleanup during a long outage). Recreates the
+    /// pool record if it is missing. Each requested GPU of the pool that is free,
+    /// holds this reservation, or holds one that has ended (which is ended, with
+    /// history) gets the reservation with a fresh heartbeat; a GPU that another live
+    /// reservation holds is left alone and reported as taken.
+    fn reassert(&mut self, request: &ReassertRequest) -> Result<Reasserted>;
 
     /// Finished reservations overlapping `[from, to]` (end ≥ from, start ≤ to).
     fn history(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UsageRecord>>;

@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
-    AllocRequest, DEFAULT_HISTORY_RETENTION_DAYS, InitOutcome, RedisConfig, ReleaseScope, Store,
+    AllocRequest, DEFAULT_HISTORY_RETENTION_DAYS, InitOutcome, NewReservation, ReassertRequest,
+    Reasserted, RedisConfig, ReleaseScope, Store,
 };
 use crate::alloc::validate_selection;
 use crate::error::{Error, Result};
@@ -56,6 +57,7 @@ static SLOTS: LazyLock<Script> = lua_script!("slots.lua");
 static ALLOCATE: LazyLock<Script> = lua_script!("allocate.lua");
 static RELEASE: LazyLock<Script> = lua_script!("release.lua");
 static HEARTBEAT: LazyLock<Script> = lua_script!("heartbeat.lua");
+static REASSERT: LazyLock<Script> = lua_script!("reassert.lua");
 
 pub struct RedisStore {
     client: Client,
@@ -326,19 +328,7 @@ impl Store for RedisStore {
             dead_ids: &request.dead_ids,
             history_retention: self.history_retention,
         };
-        let state = StoredReservation {
-            user: &new.user,
-            actual_user: &new.actual_user,
-            kind: new.kind.as_str(),
-            start_time: request.now,
-            last_heartbeat: (new.kind == ReservationKind::Run).then_some(request.now),
-            expiry_time: new.expiry_time,
-            note: new.note.as_deref().filter(|note| !note.is_empty()),
-            reservation_id: Some(new.id.as_str()).filter(|id| !id.is_empty()),
-            host: new.owner.as_ref().map(|owner| owner.host.as_str()),
-            pid: new.owner.as_ref().map(|owner| owner.pid),
-            pid_start_time: new.owner.as_ref().map(|owner| owner.pid_start),
-        };
+        let state = StoredReservation::new(new, request.now, request.now);
         self.run_script(&ALLOCATE, &[to_json(&args)?, to_json(&state)?])
             .map_err(|failure| reply_error(failure, &request.selection))
     }
@@ -372,6 +362,36 @@ impl Store for RedisStore {
         let request = serde_json::json!({ "now": now, "id": reservation_id, "gpus": gpus });
         self.run_script(&HEARTBEAT, &[request.to_string()])
             .map_err(Failure::into_error)
+    }
+
+    fn reassert(&mut self, request: &ReassertRequest) -> Result<Reasserted> {
+        let args = serde_json::json!({
+            "now": request.now,
+            "id": request.reservation.id,
+            "gpus": request.gpus,
+            "gpu_count": request.pool.gpu_count,
+            "provider": request.pool.provider.as_str(),
+            "history_retention": self.history_retention,
+        });
+        let state = StoredReservation::new(&request.reservation, request.start_time, request.now);
+        let outcome: Vec<(u32, String)> = self
+            .run_script(&REASSERT, &[args.to_string(), to_json(&state)?])
+            .map_err(Failure::into_error)?;
+        let mut reasserted = Reasserted::default();
+        for (id, holder) in outcome {
+            if holder.is_empty() {
+                reasserted.held.push(id);
+                continue;
+            }
+            let label = match decode_slot(id as usize, &holder) {
+                GpuSlot::Held(other) => other.user_label(),
+                GpuSlot::Corrupt(reason) => reason,
+                GpuSlot::Free { .. } => String::new(),
+            };
+            reasserted.taken.push((id, label));
+        }
+        reasserted.held.sort_unstable();
+        Ok(reasserted)
     }
 
     /// Records that cannot be read (foreign or damaged entries) are skipped.
@@ -457,6 +477,26 @@ struct StoredReservation<'a> {
     pid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pid_start_time: Option<u64>,
+}
+
+impl<'a> StoredReservation<'a> {
+    /// The state of a GPU that `new` holds since `start_time`, with a heartbeat at
+    /// `now` for run reservations.
+    fn new(new: &'a NewReservation, start_time: UnixTime, now: UnixTime) -> Self {
+        StoredReservation {
+            user: &new.user,
+            actual_user: &new.actual_user,
+            kind: new.kind.as_str(),
+            start_time,
+            last_heartbeat: (new.kind == ReservationKind::Run).then_some(now),
+            expiry_time: new.expiry_time,
+            note: new.note.as_deref().filter(|note| !note.is_empty()),
+            reservation_id: Some(new.id.as_str()).filter(|id| !id.is_empty()),
+            host: new.owner.as_ref().map(|owner| owner.host.as_str()),
+            pid: new.owner.as_ref().map(|owner| owner.pid),
+            pid_start_time: new.owner.as_ref().map(|owner| owner.pid_start),
+        }
+    }
 }
 
 /// A slot as `read_slot` in `lua/common.lua` normalizes it.

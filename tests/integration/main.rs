@@ -9,6 +9,7 @@ mod multi_user;
 mod redis_store;
 mod redis_tls;
 mod report;
+mod run;
 mod sqlite_store;
 mod store_conformance;
 mod support;

@@ -44,7 +44,10 @@ macro_rules! store_conformance {
             release_any_ids_and_by_reservation,
             release_of_expired_manual_ends_at_expiry,
             heartbeat_keeps_run_alive_and_reports_held_gpus,
+            reassert_puts_back_a_lost_run_reservation,
+            reassert_recreates_a_lost_pool,
             history_window_selects_overlapping_records,
+            identical_short_reservations_are_each_recorded,
             concurrent_allocations_never_share_a_gpu,
             allocation_matches_the_placement_policy,
             usage_summary_matches_the_clipped_history,
@@ -79,7 +82,8 @@ pub mod cases {
         GpuSlot, Pool, ProviderKind, ReservationKind, RunOwner, Selection, UnixTime, UsageRecord,
     };
     use canhazgpu::store::{
-        AllocRequest, HISTORY_PRUNE_BATCH, InitOutcome, NewReservation, ReleaseScope, Store,
+        AllocRequest, HISTORY_PRUNE_BATCH, InitOutcome, NewReservation, ReassertRequest,
+        Reasserted, ReleaseScope, Store,
     };
 
     use super::StoreFixture;
@@ -689,6 +693,95 @@ pub mod cases {
             store.heartbeat("r-other", &[0], T + 101).unwrap(),
             Vec::<u32>::new()
         );
+    }
+
+    fn reassert_request(pool: Pool, gpus: &[u32], now: UnixTime) -> ReassertRequest {
+        ReassertRequest {
+            pool,
+            reservation: run("r1", "alice"),
+            start_time: T,
+            gpus: gpus.to_vec(),
+            now,
+        }
+    }
+
+    pub fn reassert_puts_back_a_lost_run_reservation(fixture: StoreFixture) {
+        let mut store = initialized(&fixture, 4);
+        let pool = store.pool().unwrap().unwrap();
+        allocate(&mut *store, run("r1", "alice"), ids(&[0, 1, 2]), T).unwrap();
+        // Lost meanwhile: GPU 1 to a live reservation of bob's, GPU 2 to one of
+        // carol's that has expired since.
+        store
+            .release(&ReleaseScope::AnyIds { ids: vec![1, 2] }, T + 10)
+            .unwrap();
+        allocate(&mut *store, manual("b", "bob", T + 999), ids(&[1]), T + 10).unwrap();
+        allocate(&mut *store, manual("c", "carol", T + 20), ids(&[2]), T + 10).unwrap();
+
+        let outcome = store
+            .reassert(&reassert_request(pool, &[0, 1, 2, 9], T + 30))
+            .unwrap();
+        assert_eq!(
+            outcome,
+            Reasserted {
+                held: vec![0, 2],
+                taken: vec![(1, "bob".into())],
+            }
+        );
+        assert_eq!(holders(&mut *store), vec!["alice", "bob", "alice", ""]);
+        for id in [0, 2] {
+            match &store.slots().unwrap()[id] {
+                GpuSlot::Held(reservation) => {
+                    assert_eq!(reservation.id, "r1");
+                    assert_eq!(reservation.start_time, T, "the original start is kept");
+                    assert_eq!(reservation.last_heartbeat, Some(T + 30));
+                    assert!(reservation.owner.is_some());
+                }
+                other => panic!("GPU {id} should be held, not {other:?}"),
+            }
+        }
+        let carol = record("carol", 2, T + 10, T + 20, ReservationKind::Manual);
+        assert!(
+            all_history(&mut *store).contains(&carol),
+            "carol's reservation ended"
+        );
+        assert_eq!(store.heartbeat("r1", &[0, 2], T + 40).unwrap(), vec![0, 2]);
+    }
+
+    pub fn reassert_recreates_a_lost_pool(fixture: StoreFixture) {
+        let mut store = open(&fixture);
+        let pool = Pool {
+            gpu_count: 4,
+            provider: ProviderKind::Fake,
+        };
+        let outcome = store
+            .reassert(&reassert_request(pool, &[3, 1], T + 5))
+            .unwrap();
+        assert_eq!(outcome.held, vec![1, 3]);
+        assert!(outcome.taken.is_empty());
+        assert_eq!(store.pool().unwrap(), Some(pool));
+        assert_eq!(holders(&mut *store), vec!["", "alice", "", "alice"]);
+        let released = store
+            .release(&ReleaseScope::Reservation { id: "r1".into() }, T + 50)
+            .unwrap();
+        assert_eq!(released, vec![1, 3]);
+        assert!(all_history(&mut *store).contains(&record(
+            "alice",
+            3,
+            T,
+            T + 50,
+            ReservationKind::Run
+        )));
+    }
+
+    /// Two runs on one GPU that start and end in the same second are two records.
+    pub fn identical_short_reservations_are_each_recorded(fixture: StoreFixture) {
+        let mut store = initialized(&fixture, 1);
+        for id in ["first", "second"] {
+            allocate(&mut *store, run(id, "alice"), ids(&[0]), T).unwrap();
+            let scope = ReleaseScope::Reservation { id: id.into() };
+            assert_eq!(store.release(&scope, T).unwrap(), vec![0]);
+        }
+        assert_eq!(all_history(&mut *store).len(), 2);
     }
 
     pub fn history_window_selects_overlapping_records(fixture: StoreFixture) {

@@ -253,6 +253,9 @@ local function end_reservation(id, slot, end_time)
     end_time = end_time,
     duration_seconds = math.max(0, end_time - slot.start_time),
     reservation_type = slot.type,
+    -- Makes each record a distinct member of the set: two short runs on one GPU can
+    -- share their start and end second.
+    reservation_id = slot.reservation_id ~= "" and slot.reservation_id or nil,
   })
   redis.call("ZADD", HISTORY_KEY, end_time, record)
   redis.call("HSET", last_used_key(owner_of(slot)), id, end_time)

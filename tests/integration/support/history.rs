@@ -1,13 +1,10 @@
 //! Reservations with chosen start and end times, written through the `Store` API to
 //! the same store (and with the same configuration) the binary of a `CliEnv` uses.
 
-use std::path::Path;
-
-use canhazgpu::config::{self, Overrides};
 use canhazgpu::state::{ReservationKind, Selection, UnixTime};
-use canhazgpu::store::{self, AllocRequest, NewReservation, ReleaseScope, Store};
+use canhazgpu::store::{AllocRequest, NewReservation, ReleaseScope, Store};
 
-use super::cli::{Backend, CliEnv};
+use super::cli::CliEnv;
 
 pub const HOUR: i64 = 3600;
 
@@ -26,26 +23,8 @@ pub struct History {
 impl History {
     /// Opens the store of `env`, configured by its variables as the binary would be.
     pub fn open(env: &CliEnv) -> Self {
-        let mut vars = env.vars.clone();
-        vars.push(match &env.backend {
-            Backend::Sqlite(dir) => ("CANHAZGPU_STATE_DIR".into(), dir.display().to_string()),
-            Backend::Redis(url) => ("CANHAZGPU_REDIS_URL".into(), url.clone()),
-        });
-        let lookup = move |name: &str| {
-            vars.iter()
-                .rev()
-                .find(|(key, _)| key == name)
-                .map(|(_, value)| value.clone())
-        };
-        let config = config::resolve_with(
-            &Overrides::default(),
-            &lookup,
-            None,
-            Path::new("/nonexistent"),
-        )
-        .expect("resolve the test configuration");
         History {
-            store: store::open(&config).expect("open the test store"),
+            store: env.store(),
             next_id: 0,
         }
     }
