@@ -63,6 +63,11 @@ fn unreserved_gpu_is_shown_and_never_allocated() {
     assert_eq!(rows[2]["status"], "UNRESERVED");
     assert_eq!(rows[2]["details"], "WITHOUT RESERVATION");
     assert_eq!(rows[2]["unreserved_users"], serde_json::json!([me]));
+    assert!(
+        rows[2].get("user").is_none(),
+        "as in the reference's JSON: {}",
+        rows[2]
+    );
     assert_eq!(
         rows[2]["process_info"],
         format!("2048MB used by PID {} (python3)", job.pid())

@@ -80,7 +80,7 @@ function gpuCard(gpu) {
 
   const fields = el("dl", "fields");
   const unreserved = gpu.status === "UNRESERVED";
-  field(fields, "User", gpu.user);
+  field(fields, "User", gpu.user ?? gpu.unreserved_users?.join(", "));
   field(fields, "Duration", gpu.duration);
   field(fields, "Type", gpu.type);
   if (gpu.model && gpu.model.model) field(fields, "Model", gpu.model.model, true);
