@@ -31,13 +31,14 @@ concurrent_reserves() {
     local times=() winners=()
     for _ in $(seq 11); do
         "$bin" "${args[@]}" admin --gpus 8 --provider fake --force >/dev/null 2>&1
-        local start end ok=0
+        local start end ok=0 pids=()
         start=$(date +%s%N)
         for _ in $(seq 64); do
             "$bin" "${args[@]}" reserve --gpus 1 --duration 1h >/dev/null 2>&1 &
+            pids+=($!)
         done
-        for job in $(jobs -p); do
-            if [ "$job" != "$redis_pid" ]; then wait "$job" && ok=$((ok + 1)) || true; fi
+        for pid in "${pids[@]}"; do
+            if wait "$pid"; then ok=$((ok + 1)); fi
         done
         end=$(date +%s%N)
         times+=($(( (end - start) / 1000000 )))

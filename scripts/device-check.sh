@@ -4,15 +4,18 @@
 # `nvml_matches_nvidia_smi_when_present` compares canhazgpu's NVML and nvidia-smi
 # providers (device count, names, memory, processes, owners, models).
 #
-# Usage: scripts/device-check.sh [PREBUILT_INTEGRATION_TEST_BINARY]
+# Usage: scripts/device-check.sh [PREBUILT_INTEGRATION_TEST_BINARY [PREBUILT_CANHAZGPU]]
 # Without an argument the tests are built with cargo (offline), if cargo exists. The
 # lent H100/H200 machines have no cargo and no network (Ubuntu 24.04, glibc 2.39), so
 # build here and carry the binary (it needs glibc >= 2.34):
 #   cargo test --test integration --no-run   # prints the executable's path
 #   mkdir -p target/device-check && cp <that path> target/device-check/integration
 #   strip target/device-check/integration    # about 3 MB
-#   then run `scripts/device-check.sh target/device-check/integration` on the device
-#   with carry ["target/device-check"].
+#   cargo build --release && cp target/release/canhazgpu target/device-check/
+#   then run `scripts/device-check.sh target/device-check/integration target/device-check/canhazgpu`
+#   on the device with carry ["target/device-check"]. The second part drives the real
+#   binary end to end (admin auto-detection, status with NVML and with nvidia-smi and
+#   their timings, UNRESERVED detection of the GPU job, run with CUDA_VISIBLE_DEVICES).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -62,3 +65,31 @@ else
     echo "neither a prebuilt test binary nor cargo: cannot run the tests" >&2
     exit 2
 fi
+
+chg="${2:-}"
+[ -n "$chg" ] || exit 0
+section "canhazgpu end to end"
+export CANHAZGPU_STATE_DIR
+CANHAZGPU_STATE_DIR=$(mktemp -d)/state
+"$chg" admin --gpus 1
+echo "--- status, NVML"
+"$chg" status
+"$chg" status --json
+echo "--- status, nvidia-smi (CANHAZGPU_NVML=0)"
+CANHAZGPU_NVML=0 "$chg" status
+median_ms() { # median wall time in ms of 21 runs of the given command
+    for _ in $(seq 21); do
+        s=$(date +%s%N); "$@" >/dev/null 2>&1; e=$(date +%s%N); echo $(((e - s) / 1000))
+    done | sort -n | sed -n 11p | awk '{printf "%.2f ms\n", $1 / 1000}'
+}
+echo "status median, NVML: $(median_ms "$chg" status)"
+echo "status median, nvidia-smi: $(CANHAZGPU_NVML=0 median_ms "$chg" status)"
+echo "--- reserve while the GPU job runs (expect UNRESERVED refusal when a job runs)"
+"$chg" reserve --duration 1m; echo "(exit $?)"
+if [ -n "$worker" ]; then kill "$worker"; wait "$worker" 2>/dev/null; worker=""; sleep 2; fi
+echo "--- after the job ended"
+"$chg" status
+echo "--- run with torch"
+"$chg" run -- python3 -c 'import os, torch; print("CUDA_VISIBLE_DEVICES", os.environ["CUDA_VISIBLE_DEVICES"], "CUDA_DEVICE_ORDER", os.environ["CUDA_DEVICE_ORDER"], "devices", torch.cuda.device_count(), torch.cuda.get_device_name(0)); x = torch.ones(256 << 20, device="cuda"); print("sum", x.sum().item())'
+echo "(exit $?)"
+"$chg" status

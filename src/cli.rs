@@ -1,11 +1,12 @@
 //! Command-line parsing (clap). Nothing outside this file sees clap types: `Cli`
 //! turns into `config::Overrides` and a plain `commands::Command`.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::commands::{Command, admin, queue, release, reserve, status};
+use crate::commands::{Command, admin, queue, release, report, reserve, run, status, web};
 use crate::config::Overrides;
 use crate::state::ProviderKind;
 
@@ -98,6 +99,30 @@ pub enum CliCommand {
         #[arg(short, long)]
         json: bool,
     },
+    /// Reserve GPUs and run a command with CUDA_VISIBLE_DEVICES set
+    Run {
+        /// Number of GPUs to reserve (default: 1)
+        #[arg(short, long)]
+        gpus: Option<u32>,
+        /// Specific GPU IDs to reserve (comma-separated, e.g. 1,3,5)
+        #[arg(short = 'G', long, value_delimiter = ',', num_args = 1..)]
+        gpu_ids: Option<Vec<u32>>,
+        /// Maximum time to run the command before stopping it: 30s, 30m, 2h, 1d, 0.5h (default: none)
+        #[arg(short, long)]
+        timeout: Option<String>,
+        /// After a timeout, how long the command gets to exit after SIGINT before SIGKILL
+        #[arg(long, default_value = "30s", value_name = "DURATION")]
+        kill_grace: String,
+        /// Time between heartbeats of the reservation (at most 30s)
+        #[arg(long, default_value = "10s", value_name = "DURATION")]
+        heartbeat_interval: String,
+        /// Words given without `--` in front, only to point at the missing `--`
+        #[arg(hide = true, value_name = "WORDS")]
+        unseparated: Vec<OsString>,
+        /// The command to run and its arguments, after `--`
+        #[arg(last = true, value_name = "COMMAND")]
+        command: Vec<OsString>,
+    },
     /// Release manually reserved GPUs held by the current user
     Release {
         /// Specific GPU IDs to release (comma-separated); includes run reservations
@@ -106,6 +131,27 @@ pub enum CliCommand {
         /// Release the given GPUs whoever holds them (root only)
         #[arg(long)]
         force: bool,
+    },
+    /// Generate GPU usage reports
+    Report {
+        /// Number of days to include in the report (a whole number from 1)
+        #[arg(long, default_value = "30", allow_hyphen_values = true)]
+        days: String,
+        /// Output the report as JSON
+        #[arg(short, long)]
+        json: bool,
+    },
+    /// Start a web server for GPU status monitoring
+    Web {
+        /// Port to run the web server on
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Host to bind the web server to
+        #[arg(long, default_value = "0.0.0.0")]
+        host: String,
+        /// Seconds one GPU snapshot is shared between requests
+        #[arg(long, default_value_t = crate::web::DEFAULT_SNAPSHOT_SECONDS, value_name = "SECONDS")]
+        cache_seconds: u64,
     },
 }
 
@@ -206,9 +252,36 @@ impl Cli {
                 short,
             }),
             CliCommand::Queue { json } => Command::Queue(queue::QueueArgs { json }),
+            CliCommand::Run {
+                gpus,
+                gpu_ids,
+                timeout,
+                kill_grace,
+                heartbeat_interval,
+                unseparated,
+                command,
+            } => Command::Run(run::RunArgs {
+                gpus,
+                gpu_ids,
+                timeout,
+                kill_grace,
+                heartbeat_interval,
+                command,
+                unseparated,
+            }),
             CliCommand::Release { gpu_ids, force } => {
                 Command::Release(release::ReleaseArgs { gpu_ids, force })
             }
+            CliCommand::Report { days, json } => Command::Report(report::ReportArgs { days, json }),
+            CliCommand::Web {
+                port,
+                host,
+                cache_seconds,
+            } => Command::Web(web::WebArgs {
+                host,
+                port,
+                cache_seconds,
+            }),
         }
     }
 }

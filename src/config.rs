@@ -152,6 +152,10 @@ pub static KEYS: &[Key] = &[
     Key::new("memory.threshold", "a whole number of MB")
         .flag("--memory-threshold", |o| text(&o.memory_threshold)),
     Key::new(
+        "history.retention_days",
+        "a whole number of days from 1 to 36500",
+    ),
+    Key::new(
         "run.wait",
         "a duration such as 30m, true (wait without limit) or false",
     ),
@@ -630,6 +634,7 @@ mod tests {
                 "CANHAZGPU_REDIS_URL",
                 "CANHAZGPU_REDIS_PASSWORD",
                 "CANHAZGPU_MEMORY_THRESHOLD",
+                "CANHAZGPU_HISTORY_RETENTION_DAYS",
                 "CANHAZGPU_RUN_WAIT",
                 "CANHAZGPU_RESERVE_WAIT",
             ]
@@ -759,7 +764,7 @@ mod tests {
     }
 
     /// A valid value per layer (file, env, flag) for every registered key.
-    const LAYER_VALUES: [(&str, [&str; 3]); 10] = [
+    const LAYER_VALUES: [(&str, [&str; 3]); 11] = [
         ("backend", ["sqlite", "redis", "sqlite"]),
         ("state_dir", ["/f", "/e", "/c"]),
         ("redis.host", ["f", "e", "c"]),
@@ -768,6 +773,7 @@ mod tests {
         ("redis.url", ["redis://f", "redis://e", "redis://c"]),
         ("redis.password", ["f", "e", "c"]),
         ("memory.threshold", ["1", "2", "3"]),
+        ("history.retention_days", ["1", "2", "3"]),
         ("run.wait", ["1m", "2m", "3m"]),
         ("reserve.wait", ["true", "false", "3m"]),
     ];
@@ -786,6 +792,7 @@ mod tests {
             "redis.url" => flags.redis_url = value,
             "redis.password" => flags.redis_password = value,
             "memory.threshold" => flags.memory_threshold = value,
+            "history.retention_days" => return None,
             // `--wait`/`--nonblock` belong to the commands (see commands::RequestOptions).
             "run.wait" | "reserve.wait" => return None,
             other => panic!("no flag for {other}"),

@@ -12,6 +12,12 @@ pub mod exit {
     pub const UNAVAILABLE: u8 = 3;
     /// The pool has not been initialised with `canhazgpu admin`.
     pub const NOT_INITIALIZED: u8 = 4;
+    /// `run`: the command was stopped because `--timeout` expired (as `timeout(1)`).
+    pub const TIMEOUT: u8 = 124;
+    /// `run`: the command exists but cannot be executed (as a shell).
+    pub const NOT_EXECUTABLE: u8 = 126;
+    /// `run`: the command was not found (as a shell).
+    pub const NOT_FOUND: u8 = 127;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,6 +52,12 @@ pub enum Error {
     /// A signal ended the wait for GPUs.
     #[error("{message}")]
     Interrupted { signal: i32, message: String },
+    /// `run`: the command was not found.
+    #[error("{0}")]
+    CommandNotFound(String),
+    /// `run`: the command exists but cannot be executed.
+    #[error("{0}")]
+    CommandNotExecutable(String),
     /// Anything else that went wrong at run time.
     #[error("{0}")]
     Runtime(String),
@@ -72,6 +84,8 @@ impl Error {
             // As a shell reports a process ended by a signal.
             Error::Interrupted { signal, .. } => 128u8.wrapping_add(*signal as u8),
             Error::NotInitialized => exit::NOT_INITIALIZED,
+            Error::CommandNotFound(_) => exit::NOT_FOUND,
+            Error::CommandNotExecutable(_) => exit::NOT_EXECUTABLE,
             Error::Store(_) | Error::Gpu(_) | Error::Runtime(_) => exit::FAILURE,
         }
     }

@@ -270,7 +270,6 @@ fn unreserved_row(id: u32, usage: &GpuUsage) -> GpuStatus {
         format!("{memory}MB used by {}", list.join(", "))
     };
     let mut row = empty_row(id, StatusKind::Unreserved, "WITHOUT RESERVATION".into());
-    row.user = Some(format!("user {}", join_users(&users)));
     row.unreserved_users = Some(users);
     row.process_info = Some(process_info);
     row
@@ -282,7 +281,7 @@ fn process_label(name: &str) -> &str {
 }
 
 /// `a`, `a and b`, `a, b and 3 more`.
-fn join_users(users: &[String]) -> String {
+pub fn join_users(users: &[String]) -> String {
     match users {
         [] => String::new(),
         [one] => one.clone(),

@@ -35,7 +35,7 @@ pub struct Observation {
 impl Session {
     /// Opens the store and requires an initialised pool.
     pub fn open(config: &Config) -> Result<Self> {
-        let mut store = store::open(&config.store)?;
+        let mut store = store::open(config)?;
         let pool = store.pool()?.ok_or(Error::NotInitialized)?;
         Ok(Session {
             config: config.clone(),

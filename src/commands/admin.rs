@@ -40,7 +40,7 @@ pub fn execute(args: &AdminArgs, config: &Config) -> Result<()> {
             )));
         }
     }
-    let mut store = store::open(&config.store)?;
+    let mut store = store::open(config)?;
     let outcome = store.init_pool(args.gpus, provider, args.force, now())?;
     let last = args.gpus - 1;
     match outcome.previous_count {

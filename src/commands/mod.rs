@@ -3,8 +3,11 @@
 pub mod admin;
 pub mod queue;
 pub mod release;
+pub mod report;
 pub mod reserve;
+pub mod run;
 pub mod status;
+pub mod web;
 
 use std::time::Duration;
 
@@ -22,18 +25,23 @@ pub enum Command {
     Reserve(reserve::ReserveArgs),
     Queue(queue::QueueArgs),
     Release(release::ReleaseArgs),
+    Run(run::RunArgs),
+    Report(report::ReportArgs),
+    Web(web::WebArgs),
 }
 
 /// Runs a command; `Ok` carries the process exit code.
 pub fn execute(command: Command, config: &Config) -> Result<u8> {
     match command {
-        Command::Admin(args) => admin::execute(&args, config),
-        Command::Status(args) => status::execute(&args, config),
-        Command::Reserve(args) => reserve::execute(&args, config),
-        Command::Queue(args) => queue::execute(&args, config),
-        Command::Release(args) => release::execute(&args, config),
+        Command::Admin(args) => admin::execute(&args, config).map(|()| 0),
+        Command::Status(args) => status::execute(&args, config).map(|()| 0),
+        Command::Reserve(args) => reserve::execute(&args, config).map(|()| 0),
+        Command::Queue(args) => queue::execute(&args, config).map(|()| 0),
+        Command::Release(args) => release::execute(&args, config).map(|()| 0),
+        Command::Run(args) => run::execute(&args, config),
+        Command::Report(args) => report::execute(&args, config).map(|()| 0),
+        Command::Web(args) => web::execute(&args, config).map(|()| 0),
     }
-    .map(|()| 0)
 }
 
 /// Combines `--gpus` and `--gpu-ids` as the reference allows: either alone, or both

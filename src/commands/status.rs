@@ -2,7 +2,7 @@
 
 use crate::config::Config;
 use crate::error::Result;
-use crate::gpu_status::{GpuStatus, StatusKind};
+use crate::gpu_status::{GpuStatus, StatusKind, join_users};
 use crate::output::{self, table::Cell};
 use crate::queue::QueueEntry;
 use crate::session::Session;
@@ -92,7 +92,11 @@ pub fn render_table(rows: &[GpuStatus]) -> String {
                     text: r.status.as_str().to_string(),
                     style: Some(style),
                 },
-                Cell::from(dash(&r.user)),
+                Cell::from(match &r.unreserved_users {
+                    // As the reference's table shows it: `user bob`.
+                    Some(users) => format!("user {}", join_users(users)),
+                    None => dash(&r.user),
+                }),
                 Cell::from(dash(&r.duration)),
                 Cell::from(r.kind.unwrap_or("-")),
                 Cell::from(dash(&r.model.as_ref().map(|m| m.model.clone()))),

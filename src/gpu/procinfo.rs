@@ -18,6 +18,10 @@ pub struct Stat {
     /// One-letter state: `R`, `S`, `Z` (zombie), ...
     pub state: char,
     pub parent_pid: u32,
+    /// Process group (field 5).
+    pub process_group: i32,
+    /// Foreground process group of the controlling terminal, -1 without one (field 8).
+    pub terminal_group: i32,
     /// Clock ticks since boot (field 22).
     pub start_time: u64,
 }
@@ -31,6 +35,8 @@ pub fn parse_stat(text: &str) -> Option<Stat> {
     Some(Stat {
         state: fields.first()?.chars().next()?,
         parent_pid: fields.get(1)?.parse().ok()?,
+        process_group: fields.get(2)?.parse().ok()?,
+        terminal_group: fields.get(5)?.parse().ok()?,
         start_time: fields.get(19)?.parse().ok()?,
     })
 }
@@ -151,6 +157,8 @@ mod tests {
             Some(Stat {
                 state: 'S',
                 parent_pid: 4100,
+                process_group: 4242,
+                terminal_group: 4242,
                 start_time: 987_654,
             })
         );

@@ -10,8 +10,10 @@ pub mod sqlite;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::config::Config;
 use crate::error::Result;
 use crate::queue::QueueEntry;
+use crate::report::{self, UserUsage};
 use crate::state::{
     GpuSlot, Pool, ProviderKind, Reservation, ReservationKind, RunOwner, Selection, UnixTime,
     UsageRecord,
@@ -98,6 +100,28 @@ pub enum QueueStep {
     Waiting { position: u32, collected: Vec<u32> },
 }
 
+/// A run reservation to put back after the store lost it (see `Store::reassert`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReassertRequest {
+    /// The pool the reservation was made in; recreated if the store has none.
+    pub pool: Pool,
+    pub reservation: NewReservation,
+    /// When the reservation started, kept so that its history stays right.
+    pub start_time: UnixTime,
+    pub gpus: Vec<u32>,
+    pub now: UnixTime,
+}
+
+/// What `Store::reassert` found on each GPU.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reasserted {
+    /// GPUs that hold the reservation (again), ascending.
+    pub held: Vec<u32>,
+    /// GPUs another live reservation holds, with its holder (`Reservation::user_label`),
+    /// or unreadable ones, with the reason.
+    pub taken: Vec<(u32, String)>,
+}
+
 /// Which reservations a release ends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReleaseScope {
@@ -169,9 +193,27 @@ pub trait Store: Send {
     /// still holds; the others were released or taken meanwhile.
     fn heartbeat(&mut self, reservation_id: &str, gpus: &[u32], now: UnixTime) -> Result<Vec<u32>>;
 
+    /// Puts a run reservation back where the store lost it (a Redis restart without
+    /// persistence, a stale-reservation cleanup during a long outage). Recreates the
+    /// pool record if it is missing. Each requested GPU of the pool that is free,
+    /// holds this reservation, or holds one that has ended (which is ended, with
+    /// history) gets the reservation with a fresh heartbeat; a GPU that another live
+    /// reservation holds is left alone and reported as taken.
+    fn reassert(&mut self, request: &ReassertRequest) -> Result<Reasserted>;
+
     /// Finished reservations overlapping `[from, to]` (end ≥ from, start ≤ to).
     fn history(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UsageRecord>>;
+
+    /// What `report::tally` makes of `history(from, to)`: per-account seconds inside
+    /// `[from, to]` and counts, computed without holding every record in memory.
+    fn usage_summary(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UserUsage>>;
 }
+
+/// Days of usage history kept unless `history.retention_days` says otherwise.
+pub const DEFAULT_HISTORY_RETENTION_DAYS: u32 = 90;
+/// Every write that records history prunes at most this many expired records, so
+/// pruning is continuous and never one long pause.
+pub const HISTORY_PRUNE_BATCH: u32 = 100;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InitOutcome {
@@ -181,10 +223,30 @@ pub struct InitOutcome {
     pub cleared: u32,
 }
 
-/// Opens the configured store.
-pub fn open(config: &StoreConfig) -> Result<Box<dyn Store>> {
-    match config {
-        StoreConfig::Sqlite { path } => Ok(Box::new(sqlite::SqliteStore::open(path)?)),
-        StoreConfig::Redis(redis) => Ok(Box::new(redis::RedisStore::connect(redis)?)),
+/// Opens the configured store, keeping history for the configured retention (every
+/// writer prunes, so every opener must use the same setting).
+pub fn open(config: &Config) -> Result<Box<dyn Store>> {
+    let retention = history_retention_secs(config)?;
+    match &config.store {
+        StoreConfig::Sqlite { path } => Ok(Box::new(
+            sqlite::SqliteStore::open(path)?.with_history_retention(retention),
+        )),
+        StoreConfig::Redis(redis) => Ok(Box::new(
+            redis::RedisStore::connect(redis)?.with_history_retention(retention),
+        )),
     }
+}
+
+/// `history.retention_days` (default 90) in seconds.
+pub fn history_retention_secs(config: &Config) -> Result<i64> {
+    let days = match config.settings.get("history.retention_days") {
+        Some(setting) => setting.parse(|value| {
+            value
+                .parse::<u32>()
+                .ok()
+                .filter(|days| (1..=report::MAX_DAYS).contains(days))
+        })?,
+        None => DEFAULT_HISTORY_RETENTION_DAYS,
+    };
+    Ok(i64::from(days) * 86_400)
 }

@@ -8,6 +8,7 @@
 
 mod queue;
 
+use std::borrow::Cow;
 use std::fmt::Display;
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -19,10 +20,14 @@ use redis::{
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{AllocRequest, InitOutcome, QueueStep, QueueTick, RedisConfig, ReleaseScope, Store};
+use super::{
+    AllocRequest, DEFAULT_HISTORY_RETENTION_DAYS, InitOutcome, NewReservation, QueueStep,
+    QueueTick, ReassertRequest, Reasserted, RedisConfig, ReleaseScope, Store,
+};
 use crate::alloc::validate_selection;
 use crate::error::{Error, Result};
 use crate::queue::QueueEntry;
+use crate::report::{Tally, UserUsage, Window};
 use crate::state::{
     GpuSlot, Pool, ProviderKind, Reservation, ReservationKind, RunOwner, Selection, UnixTime,
     UsageRecord,
@@ -31,6 +36,11 @@ use crate::state::{
 const GPU_COUNT_KEY: &str = "canhazgpu:gpu_count";
 const PROVIDER_KEY: &str = "canhazgpu:provider";
 const HISTORY_KEY: &str = "canhazgpu:usage_history_sorted";
+
+/// At most this many history records per reply (unless they all ended within one
+/// second), so that a report over a long history never keeps Redis busy for long.
+const SLICE_RECORDS: u64 = 10_000;
+const SLICES_PER_ROUND_TRIP: usize = 8;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -55,6 +65,7 @@ static HEARTBEAT: LazyLock<Script> = lua_script!("heartbeat.lua");
 static QUEUE_STEP: LazyLock<Script> = lua_script!("queue.lua", "queue_step.lua");
 static QUEUE_LEAVE: LazyLock<Script> = lua_script!("queue.lua", "queue_leave.lua");
 static QUEUE_LIST: LazyLock<Script> = lua_script!("queue.lua", "queue_list.lua");
+static REASSERT: LazyLock<Script> = lua_script!("reassert.lua");
 
 pub struct RedisStore {
     client: Client,
@@ -65,6 +76,8 @@ pub struct RedisStore {
     location: String,
     /// Wake-ups for a waiter, once `watch_changes` subscribed.
     watch: Option<queue::Watch>,
+    /// Seconds of history kept; the scripts that record history prune older records.
+    history_retention: i64,
 }
 
 /// Why a Redis call failed.
@@ -93,6 +106,9 @@ impl Failure {
 impl RedisStore {
     /// Connects to the configured Redis (timeouts: 3 s to connect, 5 s per reply).
     pub fn connect(config: &RedisConfig) -> Result<Self> {
+        // rediss:// goes through rustls, which needs a process-wide crypto provider;
+        // installing it twice is harmless (the second call reports the first).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let location = display_location(config);
         let client = connection_info(config)
             .and_then(Client::open)
@@ -102,9 +118,16 @@ impl RedisStore {
             connection: None,
             location,
             watch: None,
+            history_retention: i64::from(DEFAULT_HISTORY_RETENTION_DAYS) * 86_400,
         };
         store.connection()?;
         Ok(store)
+    }
+
+    /// Keeps `seconds` of history instead of the default 90 days.
+    pub fn with_history_retention(mut self, seconds: i64) -> Self {
+        self.history_retention = seconds;
+        self
     }
 
     fn connection(&mut self) -> Result<&mut Connection> {
@@ -164,6 +187,75 @@ impl RedisStore {
     }
 }
 
+/// History records whose end time (score) is in `[from, to)`; `to: None` is unbounded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ScoreSlice {
+    from: UnixTime,
+    to: Option<UnixTime>,
+}
+
+impl ScoreSlice {
+    fn upper_bound(&self) -> String {
+        match self.to {
+            Some(to) => format!("({to}"),
+            None => "+inf".into(),
+        }
+    }
+
+    /// `parts` slices of (nearly) equal width covering this bounded slice.
+    fn split(&self, parts: u64) -> Vec<ScoreSlice> {
+        let to = self.to.unwrap_or(self.from + 1);
+        let width = ((to - self.from) as u64).div_ceil(parts.max(1)).max(1) as i64;
+        (self.from..to)
+            .step_by(width as usize)
+            .map(|lo| ScoreSlice {
+                from: lo,
+                to: Some((lo + width).min(to)),
+            })
+            .collect()
+    }
+}
+
+impl RedisStore {
+    /// Score slices covering `[from, +inf)` with at most `SLICE_RECORDS` records each
+    /// (a slice one second wide may hold more), found by rounds of `ZCOUNT`s.
+    fn history_slices(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<ScoreSlice>> {
+        let mut ready = vec![ScoreSlice {
+            from: to + 1,
+            to: None,
+        }];
+        let mut pending = vec![ScoreSlice {
+            from,
+            to: Some(to + 1),
+        }];
+        while !pending.is_empty() {
+            let mut pipe = redis::pipe();
+            for slice in &pending {
+                pipe.cmd("ZCOUNT")
+                    .arg(HISTORY_KEY)
+                    .arg(slice.from)
+                    .arg(slice.upper_bound());
+            }
+            let counts: Vec<u64> = self
+                .call(|connection| pipe.query(connection))
+                .map_err(Failure::into_error)?;
+            let mut next = Vec::new();
+            for (slice, count) in pending.iter().zip(counts) {
+                let one_second = slice.to.is_some_and(|to| to - slice.from <= 1);
+                if count == 0 {
+                    continue;
+                } else if count <= SLICE_RECORDS || one_second {
+                    ready.push(*slice);
+                } else {
+                    next.extend(slice.split(count.div_ceil(SLICE_RECORDS) + 1));
+                }
+            }
+            pending = next;
+        }
+        Ok(ready)
+    }
+}
+
 impl Store for RedisStore {
     fn init_pool(
         &mut self,
@@ -177,6 +269,7 @@ impl Store for RedisStore {
             "gpu_count": gpu_count,
             "provider": provider.as_str(),
             "force": force,
+            "history_retention": self.history_retention,
         });
         let (previous, cleared): (i64, u32) = self
             .run_script(&INIT_POOL, &[request.to_string()])
@@ -232,20 +325,29 @@ impl Store for RedisStore {
     }
 
     fn allocate(&mut self, request: &AllocRequest) -> Result<Vec<u32>> {
-        self.run_script(&ALLOCATE, &allocate_args(request, None)?)
-            .map_err(|failure| reply_error(failure, &request.selection))
+        self.run_script(
+            &ALLOCATE,
+            &allocate_args(request, None, self.history_retention)?,
+        )
+        .map_err(|failure| reply_error(failure, &request.selection))
     }
 
     fn join_queue(&mut self, request: &AllocRequest, waiter: &RunOwner) -> Result<QueueStep> {
         let reply: Vec<i64> = self
-            .run_script(&ALLOCATE, &allocate_args(request, Some(waiter))?)
+            .run_script(
+                &ALLOCATE,
+                &allocate_args(request, Some(waiter), self.history_retention)?,
+            )
             .map_err(|failure| reply_error(failure, &request.selection))?;
         queue::decode_step(&reply)
     }
 
     fn queue_step(&mut self, tick: &QueueTick) -> Result<QueueStep> {
         let reply: Vec<i64> = self
-            .run_script(&QUEUE_STEP, &[queue::step_args(tick)?])
+            .run_script(
+                &QUEUE_STEP,
+                &[queue::step_args(tick, self.history_retention)?],
+            )
             .map_err(|failure| match failure {
                 Failure::Reply { code, .. } if code == "QUEUE_GONE" => crate::queue::entry_gone(),
                 other => other.into_error(),
@@ -254,7 +356,9 @@ impl Store for RedisStore {
     }
 
     fn leave_queue(&mut self, entry_id: &str, now: UnixTime) -> Result<Vec<u32>> {
-        let request = serde_json::json!({ "now": now, "id": entry_id });
+        let request = serde_json::json!({
+            "now": now, "id": entry_id, "history_retention": self.history_retention,
+        });
         self.run_script(&QUEUE_LEAVE, &[request.to_string()])
             .map_err(Failure::into_error)
     }
@@ -287,7 +391,7 @@ impl Store for RedisStore {
     }
 
     fn release(&mut self, scope: &ReleaseScope, now: UnixTime) -> Result<Vec<u32>> {
-        let request = match scope {
+        let mut request = match scope {
             ReleaseScope::OwnManual { actual_user } => serde_json::json!({
                 "now": now, "scope": "own_manual", "actual_user": actual_user,
             }),
@@ -301,6 +405,7 @@ impl Store for RedisStore {
                 "now": now, "scope": "reservation", "id": id,
             }),
         };
+        request["history_retention"] = self.history_retention.into();
         self.run_script(&RELEASE, &[request.to_string()])
             .map_err(|failure| match scope {
                 ReleaseScope::OwnIds { ids, .. } | ReleaseScope::AnyIds { ids } => {
@@ -314,6 +419,36 @@ impl Store for RedisStore {
         let request = serde_json::json!({ "now": now, "id": reservation_id, "gpus": gpus });
         self.run_script(&HEARTBEAT, &[request.to_string()])
             .map_err(Failure::into_error)
+    }
+
+    fn reassert(&mut self, request: &ReassertRequest) -> Result<Reasserted> {
+        let args = serde_json::json!({
+            "now": request.now,
+            "id": request.reservation.id,
+            "gpus": request.gpus,
+            "gpu_count": request.pool.gpu_count,
+            "provider": request.pool.provider.as_str(),
+            "history_retention": self.history_retention,
+        });
+        let state = StoredReservation::new(&request.reservation, request.start_time, request.now);
+        let outcome: Vec<(u32, String)> = self
+            .run_script(&REASSERT, &[args.to_string(), to_json(&state)?])
+            .map_err(Failure::into_error)?;
+        let mut reasserted = Reasserted::default();
+        for (id, holder) in outcome {
+            if holder.is_empty() {
+                reasserted.held.push(id);
+                continue;
+            }
+            let label = match decode_slot(id as usize, &holder) {
+                GpuSlot::Held(other) => other.user_label(),
+                GpuSlot::Corrupt(reason) => reason,
+                GpuSlot::Free { .. } => String::new(),
+            };
+            reasserted.taken.push((id, label));
+        }
+        reasserted.held.sort_unstable();
+        Ok(reasserted)
     }
 
     /// Records that cannot be read (foreign or damaged entries) are skipped.
@@ -333,6 +468,33 @@ impl Store for RedisStore {
             .filter(|record| record.end_time >= from && record.start_time <= to)
             .collect())
     }
+
+    /// Fetches the records in slices of end times (scores), several slices per round
+    /// trip so that Redis prepares one reply while the previous one is decoded here.
+    /// Slices are disjoint score ranges: records written or pruned meanwhile never make
+    /// another record count twice or not at all.
+    fn usage_summary(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UserUsage>> {
+        let mut tally = Tally::new(Window { from, to });
+        let slices = self.history_slices(from, to)?;
+        for group in slices.chunks(SLICES_PER_ROUND_TRIP) {
+            let mut pipe = redis::pipe();
+            for slice in group {
+                pipe.cmd("ZRANGEBYSCORE")
+                    .arg(HISTORY_KEY)
+                    .arg(slice.from)
+                    .arg(slice.upper_bound());
+            }
+            let pages: Vec<Vec<String>> = self
+                .call(|connection| pipe.query(connection))
+                .map_err(Failure::into_error)?;
+            for member in pages.iter().flatten() {
+                if let Some(entry) = parse_usage_entry(member) {
+                    tally.add(&entry.account, entry.start_time, entry.end_time, entry.kind);
+                }
+            }
+        }
+        Ok(tally.into_usages())
+    }
 }
 
 /// The arguments of `allocate.lua`.
@@ -348,11 +510,16 @@ struct AllocateArgs<'a> {
     dead_ids: &'a [String],
     /// Join the queue when the GPUs are not available yet.
     join: bool,
+    history_retention: i64,
 }
 
 /// ARGV of `allocate.lua`: the request, the state to store on claimed GPUs, and with
 /// a waiter the queue entry to add if needed.
-fn allocate_args(request: &AllocRequest, waiter: Option<&RunOwner>) -> Result<Vec<String>> {
+fn allocate_args(
+    request: &AllocRequest,
+    waiter: Option<&RunOwner>,
+    history_retention: i64,
+) -> Result<Vec<String>> {
     let new = &request.reservation;
     let (count, ids) = match &request.selection {
         Selection::Count(count) => (Some(*count), None),
@@ -366,20 +533,9 @@ fn allocate_args(request: &AllocRequest, waiter: Option<&RunOwner>) -> Result<Ve
         unreserved: &request.unreserved,
         dead_ids: &request.dead_ids,
         join: waiter.is_some(),
+        history_retention,
     };
-    let state = StoredReservation {
-        user: &new.user,
-        actual_user: &new.actual_user,
-        kind: new.kind.as_str(),
-        start_time: request.now,
-        last_heartbeat: (new.kind == ReservationKind::Run).then_some(request.now),
-        expiry_time: new.expiry_time,
-        note: new.note.as_deref().filter(|note| !note.is_empty()),
-        reservation_id: Some(new.id.as_str()).filter(|id| !id.is_empty()),
-        host: new.owner.as_ref().map(|owner| owner.host.as_str()),
-        pid: new.owner.as_ref().map(|owner| owner.pid),
-        pid_start_time: new.owner.as_ref().map(|owner| owner.pid_start),
-    };
+    let state = StoredReservation::new(new, request.now, request.now);
     let mut argv = vec![to_json(&args)?, to_json(&state)?];
     if let Some(waiter) = waiter {
         let entry = QueueEntry::new(new, &request.selection, waiter, request.now);
@@ -411,6 +567,26 @@ struct StoredReservation<'a> {
     pid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pid_start_time: Option<u64>,
+}
+
+impl<'a> StoredReservation<'a> {
+    /// The state of a GPU that `new` holds since `start_time`, with a heartbeat at
+    /// `now` for run reservations.
+    fn new(new: &'a NewReservation, start_time: UnixTime, now: UnixTime) -> Self {
+        StoredReservation {
+            user: &new.user,
+            actual_user: &new.actual_user,
+            kind: new.kind.as_str(),
+            start_time,
+            last_heartbeat: (new.kind == ReservationKind::Run).then_some(now),
+            expiry_time: new.expiry_time,
+            note: new.note.as_deref().filter(|note| !note.is_empty()),
+            reservation_id: Some(new.id.as_str()).filter(|id| !id.is_empty()),
+            host: new.owner.as_ref().map(|owner| owner.host.as_str()),
+            pid: new.owner.as_ref().map(|owner| owner.pid),
+            pid_start_time: new.owner.as_ref().map(|owner| owner.pid_start),
+        }
+    }
 }
 
 /// A slot as `read_slot` in `lua/common.lua` normalizes it.
@@ -523,22 +699,58 @@ fn reply_error(failure: Failure, selection: &Selection) -> Error {
     }
 }
 
-/// One history entry, written by us (integer seconds) or upstream (RFC 3339 strings,
-/// float durations, possibly no `actual_user`).
-fn parse_usage_record(member: &str) -> Option<UsageRecord> {
-    let record: Value = serde_json::from_str(member).ok()?;
-    let user = record.get("user")?.as_str()?.to_string();
-    let actual_user = match record.get("actual_user").and_then(Value::as_str) {
-        Some(actual_user) if !actual_user.is_empty() => actual_user.to_string(),
-        _ => user.clone(),
+/// One history entry as stored, borrowed from the member where possible: written by
+/// us (integer seconds) or upstream (RFC 3339 strings, float durations, possibly no
+/// `actual_user`). Other fields (`duration_seconds`) are ignored.
+#[derive(Deserialize)]
+struct StoredUsage<'a> {
+    #[serde(borrow)]
+    user: Cow<'a, str>,
+    #[serde(borrow, default)]
+    actual_user: Option<Cow<'a, str>>,
+    gpu_id: u64,
+    start_time: Value,
+    end_time: Value,
+    #[serde(borrow)]
+    reservation_type: Cow<'a, str>,
+}
+
+/// A readable history entry: its account, GPU, times and type.
+struct UsageEntry<'a> {
+    user: Cow<'a, str>,
+    account: Cow<'a, str>,
+    gpu_id: u32,
+    start_time: UnixTime,
+    end_time: UnixTime,
+    kind: ReservationKind,
+}
+
+/// Decodes a history member; `None` for entries that cannot be read.
+fn parse_usage_entry(member: &str) -> Option<UsageEntry<'_>> {
+    let stored: StoredUsage = serde_json::from_str(member).ok()?;
+    let account = match stored.actual_user {
+        Some(actual_user) if !actual_user.is_empty() => actual_user,
+        _ => stored.user.clone(),
     };
+    Some(UsageEntry {
+        gpu_id: u32::try_from(stored.gpu_id).ok()?,
+        start_time: parse_time(&stored.start_time)?,
+        end_time: parse_time(&stored.end_time)?,
+        kind: ReservationKind::parse(&stored.reservation_type)?,
+        user: stored.user,
+        account,
+    })
+}
+
+fn parse_usage_record(member: &str) -> Option<UsageRecord> {
+    let entry = parse_usage_entry(member)?;
     Some(UsageRecord {
-        gpu_id: u32::try_from(record.get("gpu_id")?.as_u64()?).ok()?,
-        start_time: parse_time(record.get("start_time")?)?,
-        end_time: parse_time(record.get("end_time")?)?,
-        kind: ReservationKind::parse(record.get("reservation_type")?.as_str()?)?,
-        user,
-        actual_user,
+        user: entry.user.into_owned(),
+        actual_user: entry.account.into_owned(),
+        gpu_id: entry.gpu_id,
+        start_time: entry.start_time,
+        end_time: entry.end_time,
+        kind: entry.kind,
     })
 }
 

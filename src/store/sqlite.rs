@@ -15,7 +15,7 @@
 
 mod queue;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, OpenOptions, Permissions};
 use std::io;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -27,8 +27,12 @@ use rusqlite::{
     Connection, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior, params,
 };
 
-use super::{AllocRequest, InitOutcome, NewReservation, QueueStep, QueueTick, ReleaseScope, Store};
+use super::{
+    AllocRequest, DEFAULT_HISTORY_RETENTION_DAYS, HISTORY_PRUNE_BATCH, InitOutcome, NewReservation,
+    QueueStep, QueueTick, ReassertRequest, Reasserted, ReleaseScope, Store,
+};
 use crate::error::{Error, Result};
+use crate::report::UserUsage;
 use crate::state::{
     GpuSlot, Pool, ProviderKind, Reservation, ReservationKind, RunOwner, UnixTime, UsageRecord,
 };
@@ -39,12 +43,6 @@ const SCHEMA_VERSION: i64 = 2;
 
 /// How long a write waits for another process's transaction before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// History older than this is pruned.
-const HISTORY_RETENTION_SECS: i64 = 90 * 24 * 3600;
-
-/// The most old history rows one insert prunes, so pruning stays cheap and continuous.
-const PRUNE_BATCH: i64 = 100;
 
 /// A `gpus` row with a NULL `user` is a free GPU; a GPU without a row is free too.
 const SCHEMA: &str = "
@@ -84,7 +82,9 @@ CREATE TABLE IF NOT EXISTS history (
     type TEXT NOT NULL CHECK (type IN ('run', 'manual'))
 ) STRICT;
 CREATE INDEX IF NOT EXISTS history_by_end ON history (end_time);
-CREATE INDEX IF NOT EXISTS history_by_start ON history (start_time);
+-- Covers `usage_summary`: one pass over the index, already grouped by account.
+CREATE INDEX IF NOT EXISTS history_by_account
+    ON history (actual_user, user, end_time, start_time, type);
 ";
 
 const GPU_COLUMNS: &str = "id, user, actual_user, type, start_time, last_heartbeat, \
@@ -99,6 +99,8 @@ pub struct SqliteStore {
     path: PathBuf,
     /// `PRAGMA data_version` when changes were last looked for (`watch_changes`).
     seen_version: Option<i64>,
+    /// Seconds of history kept; older records are pruned by writes.
+    history_retention: i64,
 }
 
 /// What can go wrong inside a store operation: SQLite itself, or a domain refusal
@@ -175,6 +177,12 @@ impl SqliteStore {
                 return Err(Fault::Domain(access_denied(path)));
             }
             conn.busy_timeout(BUSY_TIMEOUT)?;
+            // In WAL mode, NORMAL syncs at checkpoints instead of at every commit: a
+            // commit survives any process crash, and the database stays consistent
+            // after a power loss, which may only undo the last commits. That is the
+            // right trade here: a power loss ends every supervised run anyway, and an
+            // fsync per commit (10-15 ms on ordinary disks) would dominate `run`.
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
             ensure_schema(&conn)?;
             Ok(conn)
         };
@@ -183,7 +191,14 @@ impl SqliteStore {
             conn,
             path: path.to_path_buf(),
             seen_version: None,
+            history_retention: i64::from(DEFAULT_HISTORY_RETENTION_DAYS) * 86_400,
         })
+    }
+
+    /// Keeps `seconds` of history instead of the default 90 days.
+    pub fn with_history_retention(mut self, seconds: i64) -> Self {
+        self.history_retention = seconds;
+        self
     }
 
     fn data_version(&self) -> Result<i64> {
@@ -348,6 +363,19 @@ fn read_pool(conn: &Connection) -> Outcome<Option<Pool>> {
     }))
 }
 
+/// Writes a fresh pool: every GPU free and never used, as on Redis, and nobody
+/// waiting (waiters find their entry gone and stop).
+fn create_pool(conn: &Connection, pool: Pool) -> Outcome<()> {
+    conn.execute("DELETE FROM gpus", [])?;
+    conn.execute("DELETE FROM queue", [])?;
+    let mut add = conn.prepare_cached("INSERT OR IGNORE INTO gpus (id) VALUES (?1)")?;
+    for id in 0..pool.gpu_count {
+        add.execute([id])?;
+    }
+    set_meta(conn, "gpu_count", &pool.gpu_count.to_string())?;
+    set_meta(conn, "provider", pool.provider.as_str())
+}
+
 fn require_pool(conn: &Connection) -> Outcome<Pool> {
     read_pool(conn)?.ok_or(Fault::Domain(Error::NotInitialized))
 }
@@ -449,6 +477,7 @@ fn claim_gpu(
     gpu_id: u32,
     reservation: &NewReservation,
     queue_id: Option<&str>,
+    start_time: UnixTime,
     now: UnixTime,
 ) -> Outcome<()> {
     let owner = reservation.owner.as_ref();
@@ -472,7 +501,7 @@ fn claim_gpu(
         reservation.user,
         reservation.actual_user,
         reservation.kind.as_str(),
-        now,
+        start_time,
         last_heartbeat,
         reservation.expiry_time,
         reservation.note,
@@ -503,14 +532,14 @@ fn end_reservation(
             end_time: ended_at,
             kind: reservation.kind,
         },
-        now,
     )?;
     touch_last_used(conn, &reservation.actual_user, gpu_id, ended_at)?;
     free_gpu(conn, gpu_id, now)
 }
 
-/// Appends a history record and prunes a bounded batch of expired ones.
-fn record_history(conn: &Connection, record: &UsageRecord, now: UnixTime) -> Outcome<()> {
+/// Appends a history record, in the transaction that ends the reservation, so a
+/// reservation is recorded once however many processes end it at the same time.
+fn record_history(conn: &Connection, record: &UsageRecord) -> Outcome<()> {
     conn.prepare_cached(
         "INSERT INTO history (user, actual_user, gpu_id, start_time, end_time, type)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -523,11 +552,17 @@ fn record_history(conn: &Connection, record: &UsageRecord, now: UnixTime) -> Out
         record.end_time,
         record.kind.as_str(),
     ])?;
+    Ok(())
+}
+
+/// Deletes a bounded batch of the records that ended before `before`. Every write
+/// that records history runs it, so pruning is continuous and each write cheap.
+fn prune_history(conn: &Connection, before: UnixTime) -> Outcome<()> {
     conn.prepare_cached(
         "DELETE FROM history WHERE id IN
          (SELECT id FROM history WHERE end_time < ?1 ORDER BY end_time LIMIT ?2)",
     )?
-    .execute(params![now - HISTORY_RETENTION_SECS, PRUNE_BATCH])?;
+    .execute(params![before, HISTORY_PRUNE_BATCH])?;
     Ok(())
 }
 
@@ -560,6 +595,7 @@ impl Store for SqliteStore {
         if gpu_count == 0 {
             return Err(Error::Usage("GPU count must be greater than 0".into()));
         }
+        let prune_before = now - self.history_retention;
         self.transact(TransactionBehavior::Immediate, |conn| {
             let previous = read_pool(conn)?;
             if let Some(pool) = previous
@@ -589,16 +625,16 @@ impl Store for SqliteStore {
                     }
                 }
             }
-            // A re-initialised pool starts fresh, as on Redis: every GPU never used,
-            // nobody waiting (waiters find their entry gone and stop).
-            conn.execute("DELETE FROM gpus", [])?;
-            conn.execute("DELETE FROM queue", [])?;
-            let mut add = conn.prepare_cached("INSERT OR IGNORE INTO gpus (id) VALUES (?1)")?;
-            for id in 0..gpu_count {
-                add.execute([id])?;
+            create_pool(
+                conn,
+                Pool {
+                    gpu_count,
+                    provider,
+                },
+            )?;
+            if cleared > 0 {
+                prune_history(conn, prune_before)?;
             }
-            set_meta(conn, "gpu_count", &gpu_count.to_string())?;
-            set_meta(conn, "provider", provider.as_str())?;
             Ok(InitOutcome {
                 previous_count: previous.map(|pool| pool.gpu_count),
                 cleared,
@@ -618,27 +654,31 @@ impl Store for SqliteStore {
     }
 
     fn allocate(&mut self, request: &AllocRequest) -> Result<Vec<u32>> {
+        let prune_before = request.now - self.history_retention;
         // A refused request still commits what it did for the waiters.
         self.transact(TransactionBehavior::Immediate, |conn| {
-            queue::allocate(conn, request)
+            queue::allocate(conn, request, prune_before)
         })?
     }
 
     fn join_queue(&mut self, request: &AllocRequest, waiter: &RunOwner) -> Result<QueueStep> {
+        let prune_before = request.now - self.history_retention;
         self.transact(TransactionBehavior::Immediate, |conn| {
-            queue::join(conn, request, waiter)
+            queue::join(conn, request, waiter, prune_before)
         })?
     }
 
     fn queue_step(&mut self, tick: &QueueTick) -> Result<QueueStep> {
+        let prune_before = tick.now - self.history_retention;
         self.transact(TransactionBehavior::Immediate, |conn| {
-            queue::step(conn, tick)
-        })
+            queue::step(conn, tick, prune_before)
+        })?
     }
 
     fn leave_queue(&mut self, entry_id: &str, now: UnixTime) -> Result<Vec<u32>> {
+        let prune_before = now - self.history_retention;
         self.transact(TransactionBehavior::Immediate, |conn| {
-            queue::leave(conn, entry_id, now)
+            queue::leave(conn, entry_id, now, prune_before)
         })
     }
 
@@ -672,6 +712,7 @@ impl Store for SqliteStore {
     }
 
     fn release(&mut self, scope: &ReleaseScope, now: UnixTime) -> Result<Vec<u32>> {
+        let prune_before = now - self.history_retention;
         self.transact(TransactionBehavior::Immediate, |conn| {
             let pool = require_pool(conn)?;
             if let ReleaseScope::OwnIds { ids, .. } | ReleaseScope::AnyIds { ids } = scope
@@ -700,6 +741,9 @@ impl Store for SqliteStore {
                     _ => {}
                 }
             }
+            if !freed.is_empty() {
+                prune_history(conn, prune_before)?;
+            }
             Ok(freed)
         })
     }
@@ -721,6 +765,59 @@ impl Store for SqliteStore {
             }
             held.sort_unstable();
             Ok(held)
+        })
+    }
+
+    fn reassert(&mut self, request: &ReassertRequest) -> Result<Reasserted> {
+        let now = request.now;
+        let prune_before = now - self.history_retention;
+        self.transact(TransactionBehavior::Immediate, |conn| {
+            let pool = match read_pool(conn)? {
+                Some(pool) => pool,
+                None => {
+                    create_pool(conn, request.pool)?;
+                    request.pool
+                }
+            };
+            let slots = read_slots(conn, pool.gpu_count)?;
+            let mut outcome = Reasserted::default();
+            let mut ended_any = false;
+            for &id in &request.gpus {
+                let ended = match slots.get(id as usize) {
+                    None => continue,
+                    Some(GpuSlot::Free { .. }) => None,
+                    Some(GpuSlot::Held(held)) if held.id == request.reservation.id => None,
+                    Some(GpuSlot::Held(other)) => match other.liveness(now, &[]).ended_at() {
+                        Some(ended_at) => Some((other, ended_at)),
+                        None => {
+                            outcome.taken.push((id, other.user_label()));
+                            continue;
+                        }
+                    },
+                    Some(GpuSlot::Corrupt(reason)) => {
+                        outcome.taken.push((id, reason.clone()));
+                        continue;
+                    }
+                };
+                if let Some((other, ended_at)) = ended {
+                    end_reservation(conn, id, other, ended_at, now)?;
+                    ended_any = true;
+                }
+                claim_gpu(
+                    conn,
+                    id,
+                    &request.reservation,
+                    None,
+                    request.start_time,
+                    now,
+                )?;
+                outcome.held.push(id);
+            }
+            if ended_any {
+                prune_history(conn, prune_before)?;
+            }
+            outcome.held.sort_unstable();
+            Ok(outcome)
         })
     }
 
@@ -751,6 +848,41 @@ impl Store for SqliteStore {
             }
             Ok(records)
         })
+    }
+
+    fn usage_summary(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UserUsage>> {
+        let tally = self.transact(TransactionBehavior::Deferred, |conn| {
+            // Grouped by index columns (no sort); the few (account, display name)
+            // groups are merged per account below.
+            let mut statement = conn.prepare_cached(
+                "SELECT actual_user, user,
+                        SUM(MAX(0, MIN(end_time, ?2) - MAX(start_time, ?1))),
+                        SUM(type = 'run'), SUM(type = 'manual')
+                 FROM history INDEXED BY history_by_account
+                 WHERE end_time >= ?1 AND start_time <= ?2
+                 GROUP BY actual_user, user",
+            )?;
+            let mut tally: BTreeMap<String, UserUsage> = BTreeMap::new();
+            let mut rows = statement.query([from, to])?;
+            while let Some(row) = rows.next()? {
+                let actual_user: String = row.get(0)?;
+                let user = if actual_user.is_empty() {
+                    row.get(1)?
+                } else {
+                    actual_user
+                };
+                let count = |index| row.get::<_, i64>(index).map(|n| n.max(0) as u64);
+                let usage = tally.entry(user.clone()).or_insert_with(|| UserUsage {
+                    user,
+                    ..UserUsage::default()
+                });
+                usage.seconds += row.get::<_, i64>(2)?;
+                usage.run_count += count(3)?;
+                usage.manual_count += count(4)?;
+            }
+            Ok(tally)
+        })?;
+        Ok(tally.into_values().collect())
     }
 }
 
@@ -895,9 +1027,8 @@ mod tests {
     }
 
     #[test]
-    fn history_pruning_is_bounded_per_insert() {
+    fn history_pruning_is_bounded_per_write() {
         let (_dir, store) = fresh();
-        let now = 100 * 24 * 3600;
         let old = UsageRecord {
             user: "a".into(),
             actual_user: "a".into(),
@@ -907,8 +1038,7 @@ mod tests {
             kind: ReservationKind::Manual,
         };
         for _ in 0..150 {
-            // Written "back then", so nothing is pruned yet.
-            record_history(&store.conn, &old, 2).unwrap();
+            record_history(&store.conn, &old).unwrap();
         }
         let count = |store: &SqliteStore| -> i64 {
             store
@@ -919,18 +1049,11 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(count(&store), 150);
-        let recent = UsageRecord {
-            end_time: now,
-            ..old.clone()
-        };
-        record_history(&store.conn, &recent, now).unwrap();
-        assert_eq!(count(&store), 150 - PRUNE_BATCH);
-        record_history(&store.conn, &recent, now).unwrap();
+        prune_history(&store.conn, 1).unwrap();
+        assert_eq!(count(&store), 150, "records ending at the cutoff are kept");
+        prune_history(&store.conn, 2).unwrap();
+        assert_eq!(count(&store), 150 - i64::from(HISTORY_PRUNE_BATCH));
+        prune_history(&store.conn, 2).unwrap();
         assert_eq!(count(&store), 0);
-        let kept: i64 = store
-            .conn
-            .query_row("SELECT count(*) FROM history", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(kept, 2);
     }
 }

@@ -248,9 +248,13 @@ fn expiry_case(env: &CliEnv) {
     std::thread::sleep(std::time::Duration::from_millis(2100));
     // No `status` in between: allocation itself treats the expired reservation as free.
     env.run(["reserve", "--duration", "1h"]).assert_ok();
-    assert_eq!(
-        env.status_json()[0]["details"].as_str().unwrap(),
-        "expires in 1h 0m 0s"
+    let details = env.status_json()[0]["details"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        details == "expires in 1h 0m 0s" || details == "expires in 0h 59m 59s",
+        "{details}"
     );
 }
 
@@ -294,4 +298,43 @@ pub fn current_user() -> String {
         .output()
         .unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn corrupt_gpu_state_is_an_error_row_and_the_others_still_show() {
+    let server = crate::support::redis::TestRedis::launch();
+    let env = CliEnv::redis(&server.url());
+    env.init_fake(3);
+    env.run(["reserve", "--gpu-ids", "2"]).assert_ok();
+    let _: () = ::redis::cmd("SET")
+        .arg("canhazgpu:gpu:1")
+        .arg("{not json")
+        .query(&mut server.raw())
+        .unwrap();
+    let rows = env.status_json();
+    assert_eq!(rows[0]["status"], "AVAILABLE");
+    assert_eq!(rows[1]["status"], "ERROR");
+    assert!(
+        rows[1]["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("corrupted GPU state for GPU 1"),
+        "{}",
+        rows[1]
+    );
+    assert_eq!(rows[2]["status"], "IN_USE");
+    let table = env.run(["status"]);
+    assert!(
+        table
+            .stdout
+            .lines()
+            .nth(3)
+            .unwrap()
+            .starts_with("1    ERROR"),
+        "{table:?}"
+    );
+    // The corrupt GPU is never handed out; the healthy free one is.
+    let run = env.run(["reserve", "--gpus", "1"]);
+    assert!(run.stdout.starts_with("Reserved 1 GPU(s): [0]"), "{run:?}");
+    env.run(["reserve", "--gpus", "1"]).assert_code(3);
 }

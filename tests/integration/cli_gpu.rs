@@ -9,10 +9,10 @@ use crate::support::cli::CliEnv;
 use crate::support::fake_smi::FakeSmi;
 
 /// A real process whose command line names a model, killed on drop.
-struct GpuJob(Child);
+pub struct GpuJob(Child);
 
 impl GpuJob {
-    fn start(args: &[&str]) -> Self {
+    pub fn start(args: &[&str]) -> Self {
         let child = Command::new("python3")
             .args(["-c", "import time; time.sleep(60)"])
             .args(args)
@@ -22,7 +22,7 @@ impl GpuJob {
         GpuJob(child)
     }
 
-    fn pid(&self) -> u32 {
+    pub fn pid(&self) -> u32 {
         self.0.id()
     }
 }
@@ -63,6 +63,11 @@ fn unreserved_gpu_is_shown_and_never_allocated() {
     assert_eq!(rows[2]["status"], "UNRESERVED");
     assert_eq!(rows[2]["details"], "WITHOUT RESERVATION");
     assert_eq!(rows[2]["unreserved_users"], serde_json::json!([me]));
+    assert!(
+        rows[2].get("user").is_none(),
+        "as in the reference's JSON: {}",
+        rows[2]
+    );
     assert_eq!(
         rows[2]["process_info"],
         format!("2048MB used by PID {} (python3)", job.pid())

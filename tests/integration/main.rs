@@ -1,11 +1,17 @@
 //! The integration tests, in one binary.
 
+mod browser;
+mod cli_config;
 mod cli_core;
 mod cli_gpu;
 mod gpu_providers;
 mod multi_user;
 mod queue;
 mod redis_store;
+mod redis_tls;
+mod report;
+mod run;
 mod sqlite_store;
 mod store_conformance;
 mod support;
+mod web;

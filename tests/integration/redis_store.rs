@@ -258,7 +258,8 @@ fn writes_upstream_key_names_and_formats() {
     assert_eq!(
         serde_json::from_str::<Value>(&history[0].0).unwrap(),
         json!({"user": "svc", "actual_user": "alice", "gpu_id": 0, "start_time": T,
-               "end_time": T + 10, "duration_seconds": 10, "reservation_type": "manual"})
+               "end_time": T + 10, "duration_seconds": 10, "reservation_type": "manual",
+               "reservation_id": "m1"})
     );
     let ttl: i64 = raw.ttl("canhazgpu:usage_history_sorted").unwrap();
     assert_eq!(ttl, -1, "history must not expire as a whole");

@@ -44,9 +44,15 @@ macro_rules! store_conformance {
             release_any_ids_and_by_reservation,
             release_of_expired_manual_ends_at_expiry,
             heartbeat_keeps_run_alive_and_reports_held_gpus,
+            reassert_puts_back_a_lost_run_reservation,
+            reassert_recreates_a_lost_pool,
             history_window_selects_overlapping_records,
+            identical_short_reservations_are_each_recorded,
             concurrent_allocations_never_share_a_gpu,
             allocation_matches_the_placement_policy,
+            usage_summary_matches_the_clipped_history,
+            history_is_pruned_in_bounded_batches,
+            concurrent_endings_record_a_reservation_once,
             queue_join_is_served_at_once_when_gpus_are_free,
             queue_serves_waiters_in_order,
             queue_large_request_collects_until_served,
@@ -84,10 +90,14 @@ pub mod cases {
 
     use canhazgpu::alloc::{PlanInput, plan, validate_selection};
     use canhazgpu::error::Error;
+    use canhazgpu::report::{Window, tally};
     use canhazgpu::state::{
         GpuSlot, Pool, ProviderKind, ReservationKind, RunOwner, Selection, UnixTime, UsageRecord,
     };
-    use canhazgpu::store::{AllocRequest, InitOutcome, NewReservation, ReleaseScope, Store};
+    use canhazgpu::store::{
+        AllocRequest, HISTORY_PRUNE_BATCH, InitOutcome, NewReservation, ReassertRequest,
+        Reasserted, ReleaseScope, Store,
+    };
 
     use super::StoreFixture;
 
@@ -698,6 +708,95 @@ pub mod cases {
         );
     }
 
+    fn reassert_request(pool: Pool, gpus: &[u32], now: UnixTime) -> ReassertRequest {
+        ReassertRequest {
+            pool,
+            reservation: run("r1", "alice"),
+            start_time: T,
+            gpus: gpus.to_vec(),
+            now,
+        }
+    }
+
+    pub fn reassert_puts_back_a_lost_run_reservation(fixture: StoreFixture) {
+        let mut store = initialized(&fixture, 4);
+        let pool = store.pool().unwrap().unwrap();
+        allocate(&mut *store, run("r1", "alice"), ids(&[0, 1, 2]), T).unwrap();
+        // Lost meanwhile: GPU 1 to a live reservation of bob's, GPU 2 to one of
+        // carol's that has expired since.
+        store
+            .release(&ReleaseScope::AnyIds { ids: vec![1, 2] }, T + 10)
+            .unwrap();
+        allocate(&mut *store, manual("b", "bob", T + 999), ids(&[1]), T + 10).unwrap();
+        allocate(&mut *store, manual("c", "carol", T + 20), ids(&[2]), T + 10).unwrap();
+
+        let outcome = store
+            .reassert(&reassert_request(pool, &[0, 1, 2, 9], T + 30))
+            .unwrap();
+        assert_eq!(
+            outcome,
+            Reasserted {
+                held: vec![0, 2],
+                taken: vec![(1, "bob".into())],
+            }
+        );
+        assert_eq!(holders(&mut *store), vec!["alice", "bob", "alice", ""]);
+        for id in [0, 2] {
+            match &store.slots().unwrap()[id] {
+                GpuSlot::Held(reservation) => {
+                    assert_eq!(reservation.id, "r1");
+                    assert_eq!(reservation.start_time, T, "the original start is kept");
+                    assert_eq!(reservation.last_heartbeat, Some(T + 30));
+                    assert!(reservation.owner.is_some());
+                }
+                other => panic!("GPU {id} should be held, not {other:?}"),
+            }
+        }
+        let carol = record("carol", 2, T + 10, T + 20, ReservationKind::Manual);
+        assert!(
+            all_history(&mut *store).contains(&carol),
+            "carol's reservation ended"
+        );
+        assert_eq!(store.heartbeat("r1", &[0, 2], T + 40).unwrap(), vec![0, 2]);
+    }
+
+    pub fn reassert_recreates_a_lost_pool(fixture: StoreFixture) {
+        let mut store = open(&fixture);
+        let pool = Pool {
+            gpu_count: 4,
+            provider: ProviderKind::Fake,
+        };
+        let outcome = store
+            .reassert(&reassert_request(pool, &[3, 1], T + 5))
+            .unwrap();
+        assert_eq!(outcome.held, vec![1, 3]);
+        assert!(outcome.taken.is_empty());
+        assert_eq!(store.pool().unwrap(), Some(pool));
+        assert_eq!(holders(&mut *store), vec!["", "alice", "", "alice"]);
+        let released = store
+            .release(&ReleaseScope::Reservation { id: "r1".into() }, T + 50)
+            .unwrap();
+        assert_eq!(released, vec![1, 3]);
+        assert!(all_history(&mut *store).contains(&record(
+            "alice",
+            3,
+            T,
+            T + 50,
+            ReservationKind::Run
+        )));
+    }
+
+    /// Two runs on one GPU that start and end in the same second are two records.
+    pub fn identical_short_reservations_are_each_recorded(fixture: StoreFixture) {
+        let mut store = initialized(&fixture, 1);
+        for id in ["first", "second"] {
+            allocate(&mut *store, run(id, "alice"), ids(&[0]), T).unwrap();
+            let scope = ReleaseScope::Reservation { id: id.into() };
+            assert_eq!(store.release(&scope, T).unwrap(), vec![0]);
+        }
+        assert_eq!(all_history(&mut *store).len(), 2);
+    }
+
     pub fn history_window_selects_overlapping_records(fixture: StoreFixture) {
         let mut store = initialized(&fixture, 3);
         for (gpu, start) in [(0, T), (1, T + 200), (2, T + 400)] {
@@ -879,5 +978,148 @@ pub mod cases {
                 }
             }
         }
+    }
+
+    /// One finished reservation of `reservation` on `gpu` over `[start, end]`.
+    fn finished(
+        store: &mut dyn Store,
+        reservation: NewReservation,
+        gpu: u32,
+        start: UnixTime,
+        end: UnixTime,
+    ) {
+        let id = reservation.id.clone();
+        let run = reservation.kind == ReservationKind::Run;
+        allocate(store, reservation, ids(&[gpu]), start).unwrap();
+        if run {
+            store.heartbeat(&id, &[gpu], end).unwrap();
+        }
+        store
+            .release(&ReleaseScope::Reservation { id }, end)
+            .unwrap();
+    }
+
+    pub fn usage_summary_matches_the_clipped_history(fixture: StoreFixture) {
+        let mut store = initialized(&fixture, 2);
+        let as_service = NewReservation {
+            user: "svc".into(),
+            ..manual("s", "alice", T + 99_999)
+        };
+        finished(&mut *store, as_service, 0, T, T + 3600);
+        finished(&mut *store, legacy_run("r", "alice"), 1, T + 100, T + 400);
+        finished(
+            &mut *store,
+            manual("b", "bob", T + 99_999),
+            0,
+            T + 4000,
+            T + 4100,
+        );
+        finished(
+            &mut *store,
+            manual("c", "carol", T + 99_999),
+            1,
+            T + 5000,
+            T + 5000,
+        );
+
+        for (from, to) in [
+            (0, UnixTime::MAX / 2),
+            (T + 1800, T + 4050),
+            (T + 4100, T + 4100),
+            (T + 6000, T + 7000),
+        ] {
+            let window = Window { from, to };
+            let expected = tally(&store.history(from, to).unwrap(), window);
+            assert_eq!(
+                store.usage_summary(from, to).unwrap(),
+                expected,
+                "[{from}, {to}]"
+            );
+        }
+        let summary = store.usage_summary(T + 1800, T + 4050).unwrap();
+        let figures: Vec<(&str, i64, u64, u64)> = summary
+            .iter()
+            .map(|u| (u.user.as_str(), u.seconds, u.run_count, u.manual_count))
+            .collect();
+        assert_eq!(figures, [("alice", 1800, 0, 1), ("bob", 50, 0, 1)]);
+    }
+
+    pub fn history_is_pruned_in_bounded_batches(fixture: StoreFixture) {
+        const OLD: u32 = 150;
+        let mut store = initialized(&fixture, 1);
+        for n in 0..OLD {
+            let start = T + UnixTime::from(n) * 10;
+            finished(
+                &mut *store,
+                manual(&format!("m{n}"), "old", start + 9),
+                0,
+                start,
+                start + 5,
+            );
+        }
+        assert_eq!(all_history(&mut *store).len(), OLD as usize);
+        // 91 days later every one of them is past the default 90-day retention.
+        let later = T + 91 * 86_400;
+        let old_left = |store: &mut dyn Store| {
+            all_history(store)
+                .iter()
+                .filter(|r| r.user == "old")
+                .count() as u32
+        };
+        finished(
+            &mut *store,
+            manual("n1", "new", later + 99),
+            0,
+            later,
+            later + 1,
+        );
+        assert_eq!(old_left(&mut *store), OLD - HISTORY_PRUNE_BATCH);
+        finished(
+            &mut *store,
+            manual("n2", "new", later + 99),
+            0,
+            later + 2,
+            later + 3,
+        );
+        assert_eq!(old_left(&mut *store), 0);
+        assert_eq!(all_history(&mut *store).len(), 2);
+    }
+
+    pub fn concurrent_endings_record_a_reservation_once(fixture: StoreFixture) {
+        const CLIENTS: usize = 16;
+        initialized(&fixture, 1);
+        allocate(
+            &mut *open(&fixture),
+            manual("x", "bob", T + 10),
+            ids(&[0]),
+            T,
+        )
+        .unwrap();
+        let barrier = Barrier::new(CLIENTS);
+        // Half release the expired reservation, half claim its GPU; each ends it if
+        // it gets there first.
+        std::thread::scope(|scope| {
+            for client in 0..CLIENTS {
+                let (barrier, open) = (&barrier, &fixture.open);
+                scope.spawn(move || {
+                    let mut store = open();
+                    barrier.wait();
+                    if client % 2 == 0 {
+                        store.release(&ReleaseScope::AnyIds { ids: vec![0] }, T + 20)
+                    } else {
+                        let wanted = manual(&format!("c{client}"), "carol", T + 99);
+                        allocate(&mut *store, wanted, ids(&[0]), T + 20)
+                    }
+                });
+            }
+        });
+        let bob: Vec<UsageRecord> = all_history(&mut *open(&fixture))
+            .into_iter()
+            .filter(|record| record.user == "bob")
+            .collect();
+        assert_eq!(
+            bob,
+            vec![record("bob", 0, T, T + 10, ReservationKind::Manual)]
+        );
     }
 }

@@ -1,6 +1,7 @@
 -- Claims GPUs for one reservation, all or nothing, after the waiters of the queue
 -- took what they can use: mirrors queue::distribute and then alloc::plan exactly.
--- ARGV[1]: {"now", "actual_user", "count" | "ids", "unreserved", "dead_ids", "join"}
+-- ARGV[1]: {"now", "actual_user", "count" | "ids", "unreserved", "dead_ids", "join",
+--           "history_retention"}
 -- ARGV[2]: the GPU state JSON to store on each claimed GPU.
 -- ARGV[3]: with "join", the queue entry JSON to add when the GPUs are not available yet.
 -- Returns the claimed IDs, ascending; with "join": {1, ids...} when claimed, or
@@ -122,7 +123,7 @@ return run(function()
     end
   end
   if history_written then
-    prune_history(now)
+    prune_history(now, request.history_retention)
   end
   if not result then
     fail(outcome)

@@ -5,7 +5,8 @@ local PREFIX = "canhazgpu:"
 local GPU_COUNT_KEY = PREFIX .. "gpu_count"
 local PROVIDER_KEY = PREFIX .. "provider"
 local HISTORY_KEY = PREFIX .. "usage_history_sorted"
-local HISTORY_RETENTION_SECS = 90 * 86400
+-- Mirrors store::HISTORY_PRUNE_BATCH.
+local HISTORY_PRUNE_BATCH = 100
 -- Mirrors state::RUN_STALE_AFTER_SECS and state::LEGACY_RUN_STALE_AFTER_SECS.
 local RUN_STALE_AFTER_SECS = 60
 local LEGACY_RUN_STALE_AFTER_SECS = 300
@@ -255,14 +256,22 @@ local function end_reservation(id, slot, end_time)
     end_time = end_time,
     duration_seconds = math.max(0, end_time - slot.start_time),
     reservation_type = slot.type,
+    -- Makes each record a distinct member of the set: two short runs on one GPU can
+    -- share their start and end second.
+    reservation_id = slot.reservation_id ~= "" and slot.reservation_id or nil,
   })
   redis.call("ZADD", HISTORY_KEY, end_time, record)
   redis.call("HSET", last_used_key(owner_of(slot)), id, end_time)
 end
 
--- Keeps history bounded: records that ended more than 90 days ago are dropped.
-local function prune_history(now)
-  redis.call("ZREMRANGEBYSCORE", HISTORY_KEY, "-inf", "(" .. (now - HISTORY_RETENTION_SECS))
+-- Keeps history bounded: drops a batch of the records that ended more than
+-- `retention` seconds ago. Every write that records history runs it, so pruning is
+-- continuous and no script ever deletes a large backlog at once.
+local function prune_history(now, retention)
+  local expired = redis.call("ZCOUNT", HISTORY_KEY, "-inf", "(" .. (now - retention))
+  if expired > 0 then
+    redis.call("ZREMRANGEBYRANK", HISTORY_KEY, 0, math.min(expired, HISTORY_PRUNE_BATCH) - 1)
+  end
 end
 
 local function released_state(now)

@@ -23,7 +23,7 @@ return run(function()
       redis.call("DEL", gpu_key(id))
     end
     if cleared > 0 then
-      prune_history(now)
+      prune_history(now, request.history_retention)
     end
     -- Nobody waits for the old pool: waiters find their entry gone and stop.
     for _, id in ipairs(redis.call("ZRANGE", QUEUE_KEY, 0, -1)) do

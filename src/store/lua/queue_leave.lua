@@ -1,5 +1,5 @@
 -- Removes one entry from the queue and ends the partial reservations it collected.
--- ARGV[1]: {"now", "id"}
+-- ARGV[1]: {"now", "id", "history_retention"}
 -- Returns the freed IDs, ascending. Error reply: NOT_INITIALIZED.
 return run(function()
   local request = cjson.decode(ARGV[1])
@@ -18,7 +18,7 @@ return run(function()
     end
   end
   if #freed > 0 then
-    prune_history(now)
+    prune_history(now, request.history_retention)
     wake()
   end
   return freed

@@ -2,7 +2,7 @@
 -- reservations), hands free GPUs to the waiters, and serves the entry when it holds
 -- everything. Mirrors the `step` of the SQLite store.
 -- ARGV[1]: {"now", "id", "unreserved" (absent: usage not checked, hand out nothing),
---           "dead_ids"}
+--           "dead_ids", "history_retention"}
 -- Returns {1, ids...} when served, {0, position, collected ids...} while waiting.
 -- Error replies: NOT_INITIALIZED, QUEUE_GONE <id> (the entry is no longer queued).
 return run(function()
@@ -20,7 +20,7 @@ return run(function()
   end
   if not entry then
     if history_written then
-      prune_history(now)
+      prune_history(now, request.history_retention)
     end
     fail("QUEUE_GONE " .. request.id)
   end
@@ -39,7 +39,7 @@ return run(function()
       or history_written
   end
   if history_written then
-    prune_history(now)
+    prune_history(now, request.history_retention)
   end
 
   if #entry.collected < entry.count then

@@ -48,7 +48,7 @@ return run(function()
     end
   end
   if #freed > 0 then
-    prune_history(now)
+    prune_history(now, request.history_retention)
     wake()
   end
   return sorted(freed)

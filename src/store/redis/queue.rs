@@ -151,7 +151,7 @@ pub(super) fn decode_entry(json: &str) -> Result<QueueEntry> {
 }
 
 /// The arguments of `queue_step.lua`.
-pub(super) fn step_args(tick: &QueueTick) -> Result<String> {
+pub(super) fn step_args(tick: &QueueTick, history_retention: i64) -> Result<String> {
     #[derive(Serialize)]
     struct StepArgs<'a> {
         now: UnixTime,
@@ -159,12 +159,14 @@ pub(super) fn step_args(tick: &QueueTick) -> Result<String> {
         #[serde(skip_serializing_if = "Option::is_none")]
         unreserved: Option<&'a [u32]>,
         dead_ids: &'a [String],
+        history_retention: i64,
     }
     to_json(&StepArgs {
         now: tick.now,
         id: &tick.entry_id,
         unreserved: tick.unreserved.as_deref(),
         dead_ids: &tick.dead_ids,
+        history_retention,
     })
 }
 

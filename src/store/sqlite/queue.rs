@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use rusqlite::{Connection, Row, params};
 
 use super::{
-    Fault, Outcome, claim_gpu, end_reservation, free_gpu, read_slots, require_pool,
+    Fault, Outcome, claim_gpu, end_reservation, free_gpu, prune_history, read_slots, require_pool,
     touch_last_used, user_last_used,
 };
 use crate::alloc::{self, PlanInput};
@@ -45,13 +45,47 @@ CREATE TABLE IF NOT EXISTS queue (
 struct Scene {
     slots: Vec<GpuSlot>,
     entries: Vec<QueueEntry>,
+    /// Whether the change recorded history, so that it prunes old records too.
+    ended_any: bool,
+}
+
+impl Scene {
+    /// Ends the reservation on `gpu_id` (with history) and frees the GPU.
+    fn end(
+        &mut self,
+        conn: &Connection,
+        gpu_id: u32,
+        ended_at: UnixTime,
+        now: UnixTime,
+    ) -> Outcome<()> {
+        let slot = &mut self.slots[gpu_id as usize];
+        match slot {
+            GpuSlot::Held(reservation) => {
+                end_reservation(conn, gpu_id, reservation, ended_at, now)?;
+                self.ended_any = true;
+            }
+            _ => free_gpu(conn, gpu_id, now)?,
+        }
+        *slot = GpuSlot::Free {
+            last_released: Some(now),
+        };
+        Ok(())
+    }
+
+    /// Prunes old history if this change recorded any.
+    fn finish(&self, conn: &Connection, prune_before: UnixTime) -> Outcome<()> {
+        if self.ended_any {
+            prune_history(conn, prune_before)?;
+        }
+        Ok(())
+    }
 }
 
 /// Reads the slots and the queue, drops dead entries and ends the partial
 /// reservations of entries that are gone.
 fn settle(conn: &Connection, dead_ids: &[String], now: UnixTime) -> Outcome<Scene> {
     let pool = require_pool(conn)?;
-    let mut slots = read_slots(conn, pool.gpu_count)?;
+    let slots = read_slots(conn, pool.gpu_count)?;
     let (entries, dead): (Vec<QueueEntry>, Vec<QueueEntry>) = read_entries(conn, pool.gpu_count)?
         .into_iter()
         .partition(|entry| entry.is_alive(now, dead_ids));
@@ -59,20 +93,17 @@ fn settle(conn: &Connection, dead_ids: &[String], now: UnixTime) -> Outcome<Scen
         conn.prepare_cached("DELETE FROM queue WHERE id = ?1")?
             .execute([&entry.id])?;
     }
+    let mut scene = Scene {
+        slots,
+        entries,
+        ended_any: false,
+    };
     for (gpu_id, queue_id) in partial_markers(conn, pool.gpu_count)? {
-        if entries.iter().any(|entry| entry.id == queue_id) {
-            continue;
+        if !scene.entries.iter().any(|entry| entry.id == queue_id) {
+            scene.end(conn, gpu_id, now, now)?;
         }
-        let slot = &mut slots[gpu_id as usize];
-        match slot {
-            GpuSlot::Held(reservation) => end_reservation(conn, gpu_id, reservation, now, now)?,
-            _ => free_gpu(conn, gpu_id, now)?,
-        }
-        *slot = GpuSlot::Free {
-            last_released: Some(now),
-        };
     }
-    Ok(Scene { slots, entries })
+    Ok(scene)
 }
 
 /// Hands free GPUs to the waiters (`crate::queue::distribute`) and writes the grants.
@@ -102,7 +133,7 @@ fn grant(
     );
     for grant in &grants {
         if let Some(ended) = &grant.ended {
-            end_reservation(conn, grant.gpu_id, &ended.reservation, ended.ended_at, now)?;
+            scene.end(conn, grant.gpu_id, ended.ended_at, now)?;
         }
         let entry = &scene.entries[grant.entry];
         claim_gpu(
@@ -110,6 +141,7 @@ fn grant(
             grant.gpu_id,
             &entry.partial_reservation(),
             Some(&entry.id),
+            now,
             now,
         )?;
         touch_last_used(conn, &entry.actual_user, grant.gpu_id, now)?;
@@ -127,7 +159,7 @@ fn grant(
 /// error, so that the transaction still commits what was done for the waiters.
 fn claim_leftovers(
     conn: &Connection,
-    scene: &Scene,
+    scene: &mut Scene,
     request: &AllocRequest,
 ) -> Outcome<Result<Vec<u32>>> {
     let reservation = &request.reservation;
@@ -147,23 +179,21 @@ fn claim_leftovers(
         Err(refusal) => return Ok(Err(refusal)),
     };
     for ended in &plan.ended {
-        end_reservation(
-            conn,
-            ended.gpu_id,
-            &ended.reservation,
-            ended.ended_at,
-            request.now,
-        )?;
+        scene.end(conn, ended.gpu_id, ended.ended_at, request.now)?;
     }
     for &id in &plan.claim {
-        claim_gpu(conn, id, reservation, None, request.now)?;
+        claim_gpu(conn, id, reservation, None, request.now, request.now)?;
         touch_last_used(conn, &reservation.actual_user, id, request.now)?;
     }
     Ok(Ok(plan.claim))
 }
 
 /// `Store::allocate`: waiters first, then the request.
-pub(super) fn allocate(conn: &Connection, request: &AllocRequest) -> Outcome<Result<Vec<u32>>> {
+pub(super) fn allocate(
+    conn: &Connection,
+    request: &AllocRequest,
+    prune_before: UnixTime,
+) -> Outcome<Result<Vec<u32>>> {
     let mut scene = settle(conn, &request.dead_ids, request.now)?;
     grant(
         conn,
@@ -172,7 +202,9 @@ pub(super) fn allocate(conn: &Connection, request: &AllocRequest) -> Outcome<Res
         &request.dead_ids,
         request.now,
     )?;
-    claim_leftovers(conn, &scene, request)
+    let claimed = claim_leftovers(conn, &mut scene, request)?;
+    scene.finish(conn, prune_before)?;
+    Ok(claimed)
 }
 
 /// `Store::join_queue`: `allocate`, or the end of the queue when that is refused
@@ -181,6 +213,7 @@ pub(super) fn join(
     conn: &Connection,
     request: &AllocRequest,
     waiter: &RunOwner,
+    prune_before: UnixTime,
 ) -> Outcome<Result<QueueStep>> {
     let mut scene = settle(conn, &request.dead_ids, request.now)?;
     grant(
@@ -190,39 +223,51 @@ pub(super) fn join(
         &request.dead_ids,
         request.now,
     )?;
-    match claim_leftovers(conn, &scene, request)? {
-        Ok(claimed) => return Ok(Ok(QueueStep::Served(claimed))),
-        Err(refusal) if !refusal.is_retryable() => return Ok(Err(refusal)),
-        Err(_) => {}
-    }
-    let entry = QueueEntry::new(
-        &request.reservation,
-        &request.selection,
-        waiter,
-        request.now,
-    );
-    insert_entry(conn, &entry)?;
-    scene.entries.push(entry);
-    // Only the new entry can find anything left.
-    grant(
-        conn,
-        &mut scene,
-        &request.unreserved,
-        &request.dead_ids,
-        request.now,
-    )?;
-    let collected = scene.entries.last().map(|e| e.collected.clone());
-    Ok(Ok(QueueStep::Waiting {
-        position: scene.entries.len() as u32,
-        collected: collected.unwrap_or_default(),
-    }))
+    let step = match claim_leftovers(conn, &mut scene, request)? {
+        Ok(claimed) => Ok(QueueStep::Served(claimed)),
+        Err(refusal) if !refusal.is_retryable() => Err(refusal),
+        Err(_) => {
+            let entry = QueueEntry::new(
+                &request.reservation,
+                &request.selection,
+                waiter,
+                request.now,
+            );
+            insert_entry(conn, &entry)?;
+            scene.entries.push(entry);
+            // Only the new entry can find anything left.
+            grant(
+                conn,
+                &mut scene,
+                &request.unreserved,
+                &request.dead_ids,
+                request.now,
+            )?;
+            Ok(QueueStep::Waiting {
+                position: scene.entries.len() as u32,
+                collected: scene
+                    .entries
+                    .last()
+                    .map(|entry| entry.collected.clone())
+                    .unwrap_or_default(),
+            })
+        }
+    };
+    scene.finish(conn, prune_before)?;
+    Ok(step)
 }
 
-/// `Store::queue_step`.
-pub(super) fn step(conn: &Connection, tick: &QueueTick) -> Outcome<QueueStep> {
+/// `Store::queue_step`. A gone entry is the inner error, so that the transaction
+/// still commits the settling.
+pub(super) fn step(
+    conn: &Connection,
+    tick: &QueueTick,
+    prune_before: UnixTime,
+) -> Outcome<Result<QueueStep>> {
     let mut scene = settle(conn, &tick.dead_ids, tick.now)?;
     let Some(index) = scene.entries.iter().position(|e| e.id == tick.entry_id) else {
-        return Err(Fault::Domain(queue::entry_gone()));
+        scene.finish(conn, prune_before)?;
+        return Ok(Err(queue::entry_gone()));
     };
     conn.prepare_cached("UPDATE queue SET last_heartbeat = ?1 WHERE id = ?2")?
         .execute(params![tick.now, tick.entry_id])?;
@@ -233,12 +278,13 @@ pub(super) fn step(conn: &Connection, tick: &QueueTick) -> Outcome<QueueStep> {
     if let Some(unreserved) = &tick.unreserved {
         grant(conn, &mut scene, unreserved, &tick.dead_ids, tick.now)?;
     }
+    scene.finish(conn, prune_before)?;
     let entry = &scene.entries[index];
     if entry.missing() > 0 {
-        return Ok(QueueStep::Waiting {
+        return Ok(Ok(QueueStep::Waiting {
             position: index as u32 + 1,
             collected: entry.collected.clone(),
-        });
+        }));
     }
     // Served: the partial reservations become the reservation.
     conn.prepare_cached(
@@ -249,26 +295,32 @@ pub(super) fn step(conn: &Connection, tick: &QueueTick) -> Outcome<QueueStep> {
     .execute(params![entry.served_expiry(tick.now), tick.now, entry.id])?;
     conn.prepare_cached("DELETE FROM queue WHERE id = ?1")?
         .execute([&entry.id])?;
-    Ok(QueueStep::Served(entry.collected.clone()))
+    Ok(Ok(QueueStep::Served(entry.collected.clone())))
 }
 
 /// `Store::leave_queue`.
-pub(super) fn leave(conn: &Connection, entry_id: &str, now: UnixTime) -> Outcome<Vec<u32>> {
+pub(super) fn leave(
+    conn: &Connection,
+    entry_id: &str,
+    now: UnixTime,
+    prune_before: UnixTime,
+) -> Outcome<Vec<u32>> {
     let pool = require_pool(conn)?;
     conn.prepare_cached("DELETE FROM queue WHERE id = ?1")?
         .execute([entry_id])?;
-    let slots = read_slots(conn, pool.gpu_count)?;
+    let mut scene = Scene {
+        slots: read_slots(conn, pool.gpu_count)?,
+        entries: Vec::new(),
+        ended_any: false,
+    };
     let mut freed = Vec::new();
     for (gpu_id, queue_id) in partial_markers(conn, pool.gpu_count)? {
-        if queue_id != entry_id {
-            continue;
+        if queue_id == entry_id {
+            scene.end(conn, gpu_id, now, now)?;
+            freed.push(gpu_id);
         }
-        match &slots[gpu_id as usize] {
-            GpuSlot::Held(reservation) => end_reservation(conn, gpu_id, reservation, now, now)?,
-            _ => free_gpu(conn, gpu_id, now)?,
-        }
-        freed.push(gpu_id);
     }
+    scene.finish(conn, prune_before)?;
     Ok(freed)
 }
 

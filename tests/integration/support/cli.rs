@@ -2,7 +2,7 @@
 //! own store (a SQLite directory or a Redis URL), and no inherited CANHAZGPU_* settings.
 
 use std::ffi::OsStr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use tempfile::TempDir;
@@ -151,5 +151,46 @@ impl CliEnv {
             .iter()
             .map(|row| row["status"].as_str().unwrap_or_default().to_string())
             .collect()
+    }
+}
+
+impl CliEnv {
+    /// The store this environment's binary uses, opened in this process with the
+    /// configuration the binary would resolve from this environment's variables.
+    pub fn store(&self) -> Box<dyn canhazgpu::store::Store> {
+        let mut vars = self.vars.clone();
+        vars.push(match &self.backend {
+            Backend::Sqlite(dir) => ("CANHAZGPU_STATE_DIR".into(), dir.display().to_string()),
+            Backend::Redis(url) => ("CANHAZGPU_REDIS_URL".into(), url.clone()),
+        });
+        let lookup = move |name: &str| {
+            vars.iter()
+                .rev()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value.clone())
+        };
+        let config = canhazgpu::config::resolve_with(
+            &canhazgpu::config::Overrides::default(),
+            &lookup,
+            None,
+            Path::new("/nonexistent"),
+        )
+        .expect("resolve the test configuration");
+        canhazgpu::store::open(&config).expect("open the store")
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes; returns
+/// whether it held.
+pub fn wait_until(timeout: std::time::Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }

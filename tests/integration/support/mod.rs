@@ -2,5 +2,7 @@
 
 pub mod cli;
 pub mod fake_smi;
+pub mod history;
 pub mod redis;
 pub mod sqlite;
+pub mod web;

@@ -1,0 +1,64 @@
+//! `canhazgpu web`: serves the dashboard until SIGINT or SIGTERM.
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::output;
+use crate::session::Session;
+use crate::web::{self, ServeOptions};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebArgs {
+    pub host: String,
+    pub port: u16,
+    /// How long one GPU snapshot is shared between requests.
+    pub cache_seconds: u64,
+}
+
+pub fn execute(args: &WebArgs, config: &Config) -> Result<()> {
+    if args.cache_seconds == 0 {
+        return Err(Error::Usage("--cache-seconds must be at least 1".into()));
+    }
+    if let Err(e) = Session::open(config) {
+        eprintln!("warning: {e}; the dashboard reports this until it is fixed");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Runtime(format!("cannot start the web server: {e}")))?;
+    runtime.block_on(async {
+        let listener = TcpListener::bind((args.host.as_str(), args.port))
+            .await
+            .map_err(|e| {
+                Error::Runtime(format!("cannot listen on {}:{}: {e}", args.host, args.port))
+            })?;
+        let address = listener
+            .local_addr()
+            .map_err(|e| Error::Runtime(format!("cannot read the listening address: {e}")))?;
+        output::print(&format!("Serving the GPU dashboard on http://{address}"))?;
+        let shutdown = shutdown_signal()?;
+        let options = ServeOptions {
+            snapshot_interval: Duration::from_secs(args.cache_seconds),
+        };
+        web::serve(listener, config.clone(), options, shutdown).await
+    })?;
+    eprintln!("Web server stopped");
+    Ok(())
+}
+
+/// Completes on the first SIGINT or SIGTERM.
+fn shutdown_signal() -> Result<impl Future<Output = ()> + Send + 'static> {
+    let signal_error = |e| Error::Runtime(format!("cannot handle signals: {e}"));
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_error)?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(signal_error)?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+    })
+}

@@ -1,0 +1,213 @@
+//! `canhazgpu web`: the dashboard and its JSON API (axum on tokio).
+//!
+//! Routes: `/` (the dashboard, static files embedded in the binary), `/api/status`
+//! (as `status --json`), `/api/report?days=N` (as `report --json`), `/api/info`
+//! (hostname and links for the page header), `/healthz`. Request parameters never
+//! reach a shell or another host: the only one read is `days`, parsed as a number.
+
+mod backend;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::gpu::procinfo;
+use crate::report::{self, DEFAULT_DAYS};
+
+pub use backend::ApiError;
+use backend::{Answer, Backend};
+
+/// How long one GPU snapshot is shared between requests by default.
+pub const DEFAULT_SNAPSHOT_SECONDS: u64 = 5;
+/// Where the dashboard's repository link points while `Cargo.toml` names no
+/// `repository` of this project.
+const UPSTREAM_REPOSITORY: &str = "https://github.com/russellb/canhazgpu";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServeOptions {
+    /// At most one GPU snapshot (and one report per period) is taken per interval;
+    /// every request within it gets the same one.
+    pub snapshot_interval: Duration,
+}
+
+/// Serves the dashboard on `listener` until `shutdown` completes, then finishes the
+/// requests in flight and returns. The store need not be reachable at start: the API
+/// answers 503 until it is.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let backend = Arc::new(Backend::start(config, options.snapshot_interval)?);
+    axum::serve(listener, router(backend))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| Error::Runtime(format!("web server failed: {e}")))
+}
+
+fn router(backend: Arc<Backend>) -> Router {
+    Router::new()
+        .route(
+            "/",
+            get(|| static_file(INDEX_HTML, "text/html; charset=utf-8")),
+        )
+        .route(
+            "/app.js",
+            get(|| static_file(APP_JS, "text/javascript; charset=utf-8")),
+        )
+        .route(
+            "/style.css",
+            get(|| static_file(STYLE_CSS, "text/css; charset=utf-8")),
+        )
+        .route(
+            "/README.md",
+            get(|| static_file(README, "text/plain; charset=utf-8")),
+        )
+        .route("/api/status", get(api_status))
+        .route("/api/report", get(api_report))
+        .route("/api/info", get(api_info))
+        .route("/healthz", get(healthz))
+        .fallback(|| async { json_error(&ApiError::not_found()) })
+        .layer(axum::middleware::map_response(security_headers))
+        .with_state(backend)
+}
+
+const INDEX_HTML: &str = include_str!("static/index.html");
+const APP_JS: &str = include_str!("static/app.js");
+const STYLE_CSS: &str = include_str!("static/style.css");
+const README: &str = include_str!("../../README.md");
+
+async fn static_file(body: &'static str, content_type: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+/// The page loads only its own script and styles, so injected markup could not
+/// run even if some value were ever rendered as HTML.
+async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+             img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        ),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::CACHE_CONTROL, "no-store"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
+}
+
+fn json_response(status: StatusCode, body: Bytes) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+fn json_error(err: &ApiError) -> Response {
+    let body = json!({ "error": err.message }).to_string();
+    json_response(err.status, Bytes::from(body))
+}
+
+fn answer(answer: Answer) -> Response {
+    match answer {
+        Ok(body) => json_response(StatusCode::OK, body),
+        Err(err) => json_error(&err),
+    }
+}
+
+async fn api_status(State(backend): State<Arc<Backend>>) -> Response {
+    answer(backend.status().await)
+}
+
+async fn api_report(
+    State(backend): State<Arc<Backend>>,
+    query: std::result::Result<
+        Query<Vec<(String, String)>>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> Response {
+    match query
+        .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))
+        .and_then(|Query(pairs)| days_param(&pairs))
+    {
+        Ok(days) => answer(backend.report(days).await),
+        Err(err) => json_error(&err),
+    }
+}
+
+/// `days` from the query: absent means the default; anything but one whole number
+/// from 1 to `report::MAX_DAYS` is an error, never silently the default.
+fn days_param(pairs: &[(String, String)]) -> std::result::Result<u32, ApiError> {
+    let mut values = pairs.iter().filter(|(key, _)| key == "days");
+    match (values.next(), values.next()) {
+        (None, _) => Ok(DEFAULT_DAYS),
+        (Some((_, value)), None) => {
+            report::parse_days(value).map_err(|e| ApiError::bad_request(e.to_string()))
+        }
+        (Some(_), Some(_)) => Err(ApiError::bad_request("'days' is given more than once")),
+    }
+}
+
+async fn api_info() -> Response {
+    let ours = env!("CARGO_PKG_REPOSITORY");
+    let body = json!({
+        "hostname": procinfo::hostname(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "repository": if ours.is_empty() { UPSTREAM_REPOSITORY } else { ours },
+        "repository_is_upstream": ours.is_empty(),
+        "readme": "/README.md",
+    });
+    json_response(StatusCode::OK, Bytes::from(body.to_string()))
+}
+
+/// 200 when the store answers, 503 when it does not; the body says which, and how
+/// many GPU snapshots the server has taken.
+async fn healthz(State(backend): State<Arc<Backend>>) -> Response {
+    let (status, store) = match backend.health().await {
+        Ok(()) => (StatusCode::OK, "ok".to_string()),
+        Err(err) => (err.status, err.message),
+    };
+    let body = json!({
+        "status": if status == StatusCode::OK { "ok" } else { "degraded" },
+        "store": store,
+        "gpu_snapshots": backend.snapshots(),
+        "snapshot_interval_seconds": backend.snapshot_interval().as_secs_f64(),
+    });
+    json_response(status, Bytes::from(body.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
+        items
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn days_parameter_is_strict() {
+        assert_eq!(days_param(&pairs(&[])), Ok(DEFAULT_DAYS));
+        assert_eq!(days_param(&pairs(&[("days", "7"), ("host", "x")])), Ok(7));
+        for bad in ["0", "-3", "abc", "1.5", ""] {
+            let err = days_param(&pairs(&[("days", bad)])).unwrap_err();
+            assert_eq!(err.status, StatusCode::BAD_REQUEST, "{bad}");
+        }
+        assert!(days_param(&pairs(&[("days", "1"), ("days", "2")])).is_err());
+    }
+}

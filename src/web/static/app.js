@@ -1,0 +1,202 @@
+// canhazgpu dashboard. Every value from the server is written with textContent:
+// user names, notes, process and model names are data, never markup.
+"use strict";
+
+const STATUS_REFRESH_MS = 30000;
+const REPORT_REFRESH_MS = 300000;
+
+const BADGES = {
+  AVAILABLE: "available",
+  IN_USE: "in-use",
+  UNRESERVED: "unreserved",
+  ERROR: "error",
+};
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  return node;
+}
+
+async function fetchJson(url) {
+  const response = await fetch(url, { cache: "no-store" });
+  let body = null;
+  try {
+    body = await response.json();
+  } catch (_) {
+    body = null;
+  }
+  if (!response.ok) {
+    const reason = body && body.error ? body.error : `HTTP ${response.status}`;
+    throw new Error(reason);
+  }
+  return body;
+}
+
+// One message per failing source; the banner shows while any is failing.
+const problems = new Map();
+
+function setProblem(source, message) {
+  if (message) problems.set(source, message);
+  else problems.delete(source);
+  const banner = $("banner");
+  if (problems.size === 0) {
+    banner.hidden = true;
+    banner.textContent = "";
+    return;
+  }
+  banner.hidden = false;
+  banner.replaceChildren(...[...problems.values()].map((message) => el("div", null, message)));
+}
+
+// Keeps what was shown before a failed refresh (the banner says it is stale);
+// replaces the loading note when there is nothing to show.
+function showUnavailable(container, text) {
+  if (!container.querySelector(".card, .report-period")) {
+    container.replaceChildren(el("p", "muted", text));
+  }
+}
+
+function field(list, label, value, mono) {
+  if (value === undefined || value === null || value === "") return;
+  list.append(el("dt", null, label));
+  list.append(el("dd", mono ? "mono" : null, value));
+}
+
+function gpuCard(gpu) {
+  const kind = BADGES[gpu.status] || "error";
+  const card = el("article", `card ${kind}`);
+  card.dataset.gpu = String(gpu.gpu_id);
+  card.dataset.status = String(gpu.status);
+
+  const head = el("div", "card-head");
+  head.append(el("span", "gpu-id", `GPU ${gpu.gpu_id}`));
+  head.append(el("span", `badge ${kind}`, String(gpu.status).replace("_", " ")));
+  card.append(head);
+  card.append(el("div", "gpu-model", gpu.gpu_model || "\u00a0"));
+
+  const fields = el("dl", "fields");
+  const unreserved = gpu.status === "UNRESERVED";
+  field(fields, "User", gpu.user ?? gpu.unreserved_users?.join(", "));
+  field(fields, "Duration", gpu.duration);
+  field(fields, "Type", gpu.type);
+  if (gpu.model && gpu.model.model) field(fields, "Model", gpu.model.model, true);
+  field(fields, "Details", unreserved ? gpu.process_info || gpu.details : gpu.details);
+  field(fields, "Validation", gpu.validation);
+  if (gpu.status !== "AVAILABLE" && typeof gpu.memory_used_mb === "number") {
+    field(fields, "Memory", `${gpu.memory_used_mb} MB used`);
+  }
+  field(fields, "Note", gpu.note);
+  field(fields, "Error", gpu.error);
+  card.append(fields);
+  return card;
+}
+
+function chip(label, count) {
+  const node = el("span", "chip");
+  node.append(el("b", null, count), ` ${label}`);
+  return node;
+}
+
+function renderStatus(gpus) {
+  const counts = { AVAILABLE: 0, IN_USE: 0, UNRESERVED: 0, ERROR: 0 };
+  for (const gpu of gpus) counts[gpu.status] = (counts[gpu.status] || 0) + 1;
+  const summary = [chip(gpus.length === 1 ? "GPU" : "GPUs", gpus.length), chip("available", counts.AVAILABLE), chip("in use", counts.IN_USE)];
+  if (counts.UNRESERVED) summary.push(chip("unreserved", counts.UNRESERVED));
+  if (counts.ERROR) summary.push(chip("error", counts.ERROR));
+  $("summary").replaceChildren(...summary);
+  const cards = gpus.map(gpuCard);
+  $("gpus").replaceChildren(...(cards.length ? cards : [el("p", "muted", "No GPUs in the pool.")]));
+  $("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
+}
+
+async function refreshStatus() {
+  try {
+    renderStatus(await fetchJson("/api/status"));
+    setProblem("status", null);
+  } catch (err) {
+    setProblem("status", `GPU status unavailable: ${err.message}`);
+    showUnavailable($("gpus"), "GPU status unavailable.");
+  }
+}
+
+function renderReport(report) {
+  const panel = $("report");
+  const unit = report.days === 1 ? "day" : "days";
+  const parts = [el("p", "report-period", `${report.start_date} to ${report.end_date} (${report.days} ${unit})`)];
+  if (!report.users || report.users.length === 0) {
+    parts.push(el("p", "muted", "No GPU reservations in this period."));
+    panel.replaceChildren(...parts);
+    return;
+  }
+  const widest = Math.max(...report.users.map((u) => u.gpu_hours), 0);
+  for (const user of report.users) {
+    const row = el("div", "report-row");
+    row.dataset.user = user.name;
+    row.append(el("span", "report-name", user.name));
+    const bar = el("div", "bar");
+    const fill = el("span");
+    fill.style.width = `${widest > 0 ? (100 * user.gpu_hours) / widest : 0}%`;
+    bar.append(fill);
+    row.append(bar);
+    const figures = el("span", "report-figures");
+    figures.append(el("b", null, `${user.gpu_hours.toFixed(2)} h`), ` · ${user.percentage.toFixed(1)}% · ${user.run_count} run · ${user.manual_count} manual`);
+    row.append(figures);
+    parts.push(row);
+  }
+  const totals = el("div", "totals");
+  const total = (label, value) => {
+    const node = el("span", null, `${label} `);
+    node.append(el("b", null, value));
+    return node;
+  };
+  totals.append(
+    total("Total GPU hours", report.total_gpu_hours.toFixed(2)),
+    total("Reservations", report.total_reservations),
+    total("Users", report.unique_users),
+  );
+  parts.push(totals);
+  panel.replaceChildren(...parts);
+}
+
+async function refreshReport() {
+  const days = $("days").value;
+  try {
+    renderReport(await fetchJson(`/api/report?days=${encodeURIComponent(days)}`));
+    setProblem("report", null);
+  } catch (err) {
+    setProblem("report", `Report unavailable: ${err.message}`);
+    showUnavailable($("report"), "Report unavailable.");
+  }
+}
+
+async function loadInfo() {
+  try {
+    const info = await fetchJson("/api/info");
+    $("hostname").textContent = info.hostname;
+    document.title = `canhazgpu · ${info.hostname}`;
+    $("version").textContent = `canhazgpu ${info.version}`;
+    if (/^https:\/\//.test(info.repository)) {
+      $("repo-link").href = info.repository;
+      $("repo-link").textContent = info.repository_is_upstream ? "Upstream repository" : "Repository";
+    }
+  } catch (err) {
+    $("hostname").textContent = "unknown host";
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("days").addEventListener("change", refreshReport);
+  $("refresh").addEventListener("click", () => {
+    refreshStatus();
+    refreshReport();
+  });
+  loadInfo();
+  refreshStatus();
+  refreshReport();
+  setInterval(refreshStatus, STATUS_REFRESH_MS);
+  setInterval(refreshReport, REPORT_REFRESH_MS);
+});

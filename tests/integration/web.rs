@@ -1,0 +1,245 @@
+//! `canhazgpu web` through a real server process on 127.0.0.1: the JSON API against
+//! the CLI's output, errors, the shared GPU snapshot, store outages and shutdown.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+use crate::support::cli::CliEnv;
+use crate::support::fake_smi::FakeSmi;
+use crate::support::history::{HOUR, History, now};
+use crate::support::redis::TestRedis;
+use crate::support::web::{WebServer, request};
+
+macro_rules! web_tests {
+    ($backend:ident, $make:expr) => {
+        mod $backend {
+            use super::*;
+
+            #[test]
+            fn api_serves_what_the_cli_prints() {
+                let (env, _guard) = $make;
+                api_case(&env);
+            }
+
+            #[test]
+            fn bad_requests_get_json_errors() {
+                let (env, _guard) = $make;
+                bad_requests_case(&env);
+            }
+
+            #[test]
+            fn stops_cleanly_on_sigint_and_sigterm() {
+                let (env, _guard) = $make;
+                shutdown_case(&env);
+            }
+        }
+    };
+}
+
+web_tests!(sqlite, (CliEnv::sqlite(), ()));
+web_tests!(redis, {
+    let server = TestRedis::launch();
+    (CliEnv::redis(&server.url()), server)
+});
+
+/// Retries until `fetch` gives the same value twice in a row from the API and the CLI:
+/// both show durations that tick every second.
+#[track_caller]
+fn assert_same_as_cli(api: impl Fn() -> Value, cli: impl Fn() -> Value) {
+    let mut last = (Value::Null, Value::Null);
+    for _ in 0..20 {
+        last = (api(), cli());
+        if last.0 == last.1 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("API and CLI differ:\n{}\n{}", last.0, last.1);
+}
+
+fn cli_json(env: &CliEnv, args: &[&str]) -> Value {
+    let run = env.run(args);
+    run.assert_ok();
+    serde_json::from_str(&run.stdout).unwrap()
+}
+
+fn api_case(env: &CliEnv) {
+    env.init_fake(4);
+    env.run(["reserve", "--gpu-ids", "1", "--duration", "2h"])
+        .assert_ok();
+    let t = now();
+    History::open(env).finished(
+        "bob",
+        2,
+        canhazgpu::state::ReservationKind::Run,
+        t - 3 * HOUR,
+        t - HOUR,
+    );
+    let server = WebServer::start(env, 1);
+
+    assert_same_as_cli(
+        || server.get_json("/api/status", 200),
+        || cli_json(env, &["status", "--json"]),
+    );
+    let status = server.get_json("/api/status", 200);
+    assert_eq!(status.as_array().unwrap().len(), 4);
+    assert_eq!(status[1]["status"], "IN_USE");
+
+    assert_same_as_cli(
+        || server.get_json("/api/report?days=7", 200),
+        || cli_json(env, &["report", "--json", "--days", "7"]),
+    );
+    let report = server.get_json("/api/report", 200);
+    assert_eq!(report["days"], 30);
+    assert_eq!(report["users"][0]["name"], "bob");
+    assert_eq!(report["users"][0]["gpu_hours"], 2.0);
+
+    let health = server.get_json("/healthz", 200);
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["store"], "ok");
+
+    let page = server.get("/");
+    assert_eq!(page.status, 200);
+    assert_eq!(
+        page.header("content-type"),
+        Some("text/html; charset=utf-8")
+    );
+    assert!(
+        page.body
+            .contains(r#"<script src="/app.js" defer></script>"#)
+    );
+    let csp = page.header("content-security-policy").unwrap();
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
+    let script = server.get("/app.js");
+    assert_eq!(script.status, 200);
+    assert!(script.body.contains("textContent"));
+    assert!(!script.body.contains("innerHTML") && !script.body.contains("insertAdjacentHTML"));
+    assert_eq!(server.get("/style.css").status, 200);
+    assert!(server.get("/README.md").body.starts_with("# canhazgpu"));
+    let info = server.get_json("/api/info", 200);
+    assert!(!info["hostname"].as_str().unwrap().is_empty());
+    assert_eq!(server.get_json("/nope", 404)["error"], "not found");
+    assert_eq!(request(&server.addr, "POST", "/api/status").status, 405);
+}
+
+fn bad_requests_case(env: &CliEnv) {
+    env.init_fake(1);
+    let server = WebServer::start(env, 1);
+    for bad in ["0", "-1", "abc", "1.5", "", "36501", "7%20"] {
+        let error = server.get_json(&format!("/api/report?days={bad}"), 400);
+        let message = error["error"].as_str().unwrap();
+        assert!(
+            message.contains("whole number from 1 to 36500"),
+            "{bad}: {message}"
+        );
+    }
+    let twice = server.get_json("/api/report?days=1&days=2", 400);
+    assert_eq!(twice["error"], "'days' is given more than once");
+    // Parameters other than `days` are ignored: none reaches a shell or another host.
+    let marker = env.dir.path().join("marker");
+    let path = format!(
+        "/api/report?days=3&host=%24%28touch%20{}%29&remote=-oProxyCommand%3Dtouch",
+        marker.display()
+    );
+    assert_eq!(server.get_json(&path, 200)["days"], 3);
+    assert!(!marker.exists());
+}
+
+fn shutdown_case(env: &CliEnv) {
+    env.init_fake(1);
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        let mut server = WebServer::start(env, 1);
+        server.get_json("/api/status", 200);
+        server.signal(signal);
+        let status = server
+            .wait(Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("still running 10 s after {signal}"));
+        assert!(status.success(), "{signal}: {status:?} {}", server.stderr());
+        assert!(
+            server.stderr().contains("Web server stopped"),
+            "{}",
+            server.stderr()
+        );
+    }
+}
+
+#[test]
+fn concurrent_viewers_share_one_gpu_snapshot() {
+    let mut env = CliEnv::sqlite();
+    let smi = FakeSmi::nvidia(env.dir.path(), 2);
+    env.path_prefix.push(smi.path_dir());
+    env.run(["admin", "--gpus", "2"]).assert_ok();
+    let server = WebServer::start(&env, 30);
+    let calls_before = smi.invocations();
+
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..64)
+            .map(|_| scope.spawn(|| request(&server.addr, "GET", "/api/status").status))
+            .collect();
+        clients.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert_eq!(server.snapshots(), 1);
+    // One snapshot queries nvidia-smi at most twice (GPUs, then processes).
+    let calls = smi.invocations() - calls_before;
+    assert!((1..=2).contains(&calls), "{calls} nvidia-smi calls");
+    for _ in 0..20 {
+        server.get_json("/api/status", 200);
+    }
+    assert_eq!(server.snapshots(), 1);
+    assert_eq!(smi.invocations() - calls_before, calls);
+}
+
+#[test]
+fn snapshots_are_renewed_after_the_cache_interval() {
+    let env = CliEnv::sqlite();
+    env.init_fake(2);
+    let server = WebServer::start(&env, 1);
+    server.get_json("/api/status", 200);
+    assert_eq!(server.snapshots(), 1);
+    env.run(["reserve", "--gpu-ids", "0"]).assert_ok();
+    std::thread::sleep(Duration::from_millis(1100));
+    let status = server.get_json("/api/status", 200);
+    assert_eq!(
+        status[0]["status"], "IN_USE",
+        "a new snapshot shows the reservation"
+    );
+    assert_eq!(server.snapshots(), 2);
+}
+
+#[test]
+fn store_outage_is_a_503_until_the_store_is_back() {
+    let mut redis = TestRedis::launch();
+    let env = CliEnv::redis(&redis.url());
+    env.init_fake(2);
+    let server = WebServer::start(&env, 1);
+    server.get_json("/api/status", 200);
+
+    redis.stop();
+    std::thread::sleep(Duration::from_millis(1100));
+    let status = server.get_json("/api/status", 503);
+    assert!(
+        status["error"].as_str().unwrap().contains("Redis"),
+        "{status}"
+    );
+    let report = server.get_json("/api/report?days=1", 503);
+    assert!(report["error"].is_string());
+    let health = server.get_json("/healthz", 503);
+    assert_eq!(health["status"], "degraded");
+    // The page itself is static and still served, to say what is wrong.
+    assert_eq!(server.get("/").status, 200);
+
+    // A restarted server is empty: the pool must be set up again, and then it serves.
+    redis.start();
+    env.init_fake(2);
+    std::thread::sleep(Duration::from_millis(1100));
+    let status = server.get_json("/api/status", 200);
+    assert_eq!(status.as_array().unwrap().len(), 2);
+    assert_eq!(server.get_json("/healthz", 200)["store"], "ok");
+    server.get_json("/api/report?days=1", 200);
+}
