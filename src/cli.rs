@@ -116,6 +116,8 @@ pub enum CliCommand {
         /// Time between heartbeats of the reservation (at most 30s)
         #[arg(long, default_value = "10s", value_name = "DURATION")]
         heartbeat_interval: String,
+        #[command(flatten)]
+        request: RequestArgs,
         /// Words given without `--` in front, only to point at the missing `--`
         #[arg(hide = true, value_name = "WORDS")]
         unseparated: Vec<OsString>,
@@ -258,6 +260,7 @@ impl Cli {
                 timeout,
                 kill_grace,
                 heartbeat_interval,
+                request,
                 unseparated,
                 command,
             } => Command::Run(run::RunArgs {
@@ -268,6 +271,7 @@ impl Cli {
                 heartbeat_interval,
                 command,
                 unseparated,
+                request: request.into(),
             }),
             CliCommand::Release { gpu_ids, force } => {
                 Command::Release(release::ReleaseArgs { gpu_ids, force })

@@ -19,6 +19,7 @@ use serde::Serialize;
 use crate::alloc::{self, Ended};
 use crate::duration::format_duration;
 use crate::gpu::procinfo;
+use crate::gpu_status::{GpuStatus, StatusKind};
 use crate::state::{
     GpuSlot, Liveness, Reservation, ReservationKind, RunOwner, Selection, UnixTime,
 };
@@ -163,6 +164,29 @@ pub fn dead_waiter_ids(entries: &[QueueEntry], host: &str) -> Vec<String> {
         })
         .map(|entry| entry.id.clone())
         .collect()
+}
+
+/// GPUs held for a request that still waits for more say so instead of showing a
+/// reservation without expiry.
+pub fn mark_collected(
+    rows: &mut [GpuStatus],
+    queue: &[QueueEntry],
+    dead_ids: &[String],
+    now: UnixTime,
+) {
+    for entry in queue.iter().filter(|entry| entry.is_alive(now, dead_ids)) {
+        for &gpu_id in &entry.collected {
+            if let Some(row) = rows.get_mut(gpu_id as usize)
+                && row.status == StatusKind::InUse
+            {
+                row.details = format!(
+                    "collected for a queued request ({}/{})",
+                    entry.collected.len(),
+                    entry.selection.len()
+                );
+            }
+        }
+    }
 }
 
 /// A free GPU handed to a waiter, ending the dead reservation it held first.

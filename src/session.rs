@@ -86,13 +86,21 @@ impl Session {
 
     pub fn status(&mut self) -> Result<Vec<GpuStatus>> {
         let obs = self.observe()?;
-        Ok(gpu_status::build(
+        let mut rows = gpu_status::build(
             &obs.slots,
             &obs.usage,
             self.config.memory_threshold_mb,
             &obs.dead_ids,
             obs.now,
-        ))
+        );
+        queue::mark_collected(&mut rows, &obs.queue, &obs.dead_ids, obs.now);
+        Ok(rows)
+    }
+
+    /// The live queue, as `queue --json` and `/api/queue` show it.
+    pub fn queue_report(&mut self) -> Result<queue::QueueReport> {
+        let (_, entries, dead_ids) = self.read_state()?;
+        Ok(queue::report(&entries, &dead_ids, now()))
     }
 
     /// Checks real GPU usage, then claims GPUs atomically (after the waiters of the

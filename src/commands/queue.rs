@@ -3,8 +3,8 @@
 use crate::config::Config;
 use crate::error::Result;
 use crate::output::{self, table::Cell};
-use crate::queue::{self, QueueReport};
-use crate::session::{Session, now};
+use crate::queue::QueueReport;
+use crate::session::Session;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueueArgs {
@@ -12,9 +12,7 @@ pub struct QueueArgs {
 }
 
 pub fn execute(args: &QueueArgs, config: &Config) -> Result<()> {
-    let mut session = Session::open(config)?;
-    let (_, entries, dead_ids) = session.read_state()?;
-    let report = queue::report(&entries, &dead_ids, now());
+    let report = Session::open(config)?.queue_report()?;
     if args.json {
         output::print_json(&report)
     } else {

@@ -15,6 +15,7 @@ use crate::store::NewReservation;
 use crate::supervise::keeper::{self, Keeper, Kept};
 use crate::supervise::spawn::{EnvChange, SpawnError};
 use crate::supervise::{Ending, Limits, Supervisor};
+use crate::wait;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunArgs {
@@ -27,6 +28,7 @@ pub struct RunArgs {
     pub command: Vec<OsString>,
     /// Words that came before any `--`: a command given without the separator.
     pub unseparated: Vec<OsString>,
+    pub request: super::RequestOptions,
 }
 
 /// The arguments, checked before anything is reserved.
@@ -74,7 +76,10 @@ fn check(args: &RunArgs) -> Result<Checked> {
 
 pub fn execute(args: &RunArgs, config: &Config) -> Result<u8> {
     let checked = check(args)?;
-    // Signals first: a Ctrl-C from here on is handled, never lost mid-allocation.
+    let policy = args.request.wait_policy(config, "run.wait")?;
+    let note = args.request.note()?;
+    // Signals first: a Ctrl-C from here on is handled, never lost mid-allocation;
+    // while waiting in the queue it ends the wait.
     let supervisor = Supervisor::start()?;
     let mut session = Session::open(config)?;
     let pid = std::process::id();
@@ -82,21 +87,28 @@ pub fn execute(args: &RunArgs, config: &Config) -> Result<u8> {
         .ok_or_else(|| Error::Runtime("cannot read this process's start time from /proc".into()))?;
     let reservation = NewReservation {
         id: new_reservation_id(),
-        user: session.user.clone(),
+        user: args.request.display_user(&session.user)?,
         actual_user: session.user.clone(),
         kind: ReservationKind::Run,
         expiry_time: None,
-        note: None,
+        note,
         owner: Some(RunOwner {
             host: session.host.clone(),
             pid,
             pid_start,
         }),
     };
+    let gpus = wait::claim(
+        &mut session,
+        reservation.clone(),
+        checked.selection,
+        policy,
+        &mut || supervisor.pending_signal(),
+    )?;
     // The store records its own clock reading; this one is within a second of it
-    // and only used if the reservation ever has to be written again.
+    // (or of the end of the wait) and only used if the reservation ever has to be
+    // written again.
     let start_time = now();
-    let gpus = session.claim(reservation.clone(), checked.selection)?;
     let pool = session.pool;
     let keeper = Keeper::start(
         session.store,
@@ -219,6 +231,7 @@ mod tests {
             heartbeat_interval: "10s".into(),
             command: command.iter().map(OsString::from).collect(),
             unseparated: Vec::new(),
+            request: Default::default(),
         }
     }
 

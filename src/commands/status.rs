@@ -4,9 +4,7 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::gpu_status::{GpuStatus, StatusKind, join_users};
 use crate::output::{self, table::Cell};
-use crate::queue::QueueEntry;
 use crate::session::Session;
-use crate::state::UnixTime;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StatusArgs {
@@ -26,34 +24,11 @@ pub fn execute(args: &StatusArgs, config: &Config) -> Result<()> {
         &obs.dead_ids,
         obs.now,
     );
-    mark_collected(&mut rows, &obs.queue, &obs.dead_ids, obs.now);
+    crate::queue::mark_collected(&mut rows, &obs.queue, &obs.dead_ids, obs.now);
     if args.json {
         output::print_json(&rows)
     } else {
         output::print(&render_table(&rows))
-    }
-}
-
-/// GPUs held for a request that still waits for more say so instead of showing a
-/// reservation without expiry.
-pub fn mark_collected(
-    rows: &mut [GpuStatus],
-    queue: &[QueueEntry],
-    dead_ids: &[String],
-    now: UnixTime,
-) {
-    for entry in queue.iter().filter(|entry| entry.is_alive(now, dead_ids)) {
-        for &gpu_id in &entry.collected {
-            if let Some(row) = rows.get_mut(gpu_id as usize)
-                && row.status == StatusKind::InUse
-            {
-                row.details = format!(
-                    "collected for a queued request ({}/{})",
-                    entry.collected.len(),
-                    entry.selection.len()
-                );
-            }
-        }
     }
 }
 

@@ -98,6 +98,7 @@ impl Shared {
 
 enum Job {
     Status(oneshot::Sender<Answer>),
+    Queue(oneshot::Sender<Answer>),
     Report(u32, oneshot::Sender<Answer>),
     Health(oneshot::Sender<Result<(), ApiError>>),
 }
@@ -144,6 +145,12 @@ impl Backend {
             Some(answer) => answer,
             None => self.ask(Job::Status).await?,
         }
+    }
+
+    /// `queue --json`: the requests waiting for GPUs. Cheap (no GPU query), so
+    /// never cached.
+    pub async fn queue(&self) -> Answer {
+        self.ask(Job::Queue).await?
     }
 
     /// `report --json --days N`, at most `snapshot_interval` old.
@@ -193,6 +200,9 @@ impl Worker {
             match job {
                 Job::Status(reply) => {
                     let _ = reply.send(self.status());
+                }
+                Job::Queue(reply) => {
+                    let _ = reply.send(self.with_session(Session::queue_report).and_then(to_json));
                 }
                 Job::Report(days, reply) => {
                     let _ = reply.send(self.report(days));

@@ -1,7 +1,8 @@
 //! `canhazgpu web`: the dashboard and its JSON API (axum on tokio).
 //!
 //! Routes: `/` (the dashboard, static files embedded in the binary), `/api/status`
-//! (as `status --json`), `/api/report?days=N` (as `report --json`), `/api/info`
+//! (as `status --json`), `/api/queue` (as `queue --json`), `/api/report?days=N` (as
+//! `report --json`), `/api/info`
 //! (hostname and links for the page header), `/healthz`. Request parameters never
 //! reach a shell or another host: the only one read is `days`, parsed as a number.
 
@@ -76,6 +77,7 @@ fn router(backend: Arc<Backend>) -> Router {
             get(|| static_file(README, "text/plain; charset=utf-8")),
         )
         .route("/api/status", get(api_status))
+        .route("/api/queue", get(api_queue))
         .route("/api/report", get(api_report))
         .route("/api/info", get(api_info))
         .route("/healthz", get(healthz))
@@ -130,6 +132,10 @@ fn answer(answer: Answer) -> Response {
 
 async fn api_status(State(backend): State<Arc<Backend>>) -> Response {
     answer(backend.status().await)
+}
+
+async fn api_queue(State(backend): State<Arc<Backend>>) -> Response {
+    answer(backend.queue().await)
 }
 
 async fn api_report(

@@ -52,7 +52,7 @@ fn chromium(args: &[String]) -> Output {
     output
 }
 
-fn rendered_dom(url: &str) -> String {
+pub fn rendered_dom(url: &str) -> String {
     let output = chromium(&["--dump-dom".into(), url.into()]);
     String::from_utf8(output.stdout).expect("UTF-8 DOM")
 }
@@ -82,7 +82,7 @@ fn screenshot(url: &str, name: &str, width: u32, height: u32) -> PathBuf {
 }
 
 #[track_caller]
-fn assert_contains(dom: &str, wanted: &str) {
+pub fn assert_contains(dom: &str, wanted: &str) {
     assert!(dom.contains(wanted), "{wanted:?} is not in the DOM:\n{dom}");
 }
 

@@ -10,8 +10,10 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
 
+use crate::browser::{assert_contains, rendered_dom};
 use crate::support::cli::{BIN, CliEnv, Run};
 use crate::support::redis::TestRedis;
+use crate::support::web::WebServer;
 
 /// A test environment with an initialised fake pool; holds its Redis server.
 struct Setup {
@@ -377,6 +379,36 @@ fn notes_and_display_names_are_shown(setup: &Setup) {
     bad.assert_code(2);
 }
 
+/// `/api/queue` serves what `queue --json` prints; `status` says which GPUs are
+/// collected for a waiting request.
+fn web_api_serves_the_queue(setup: &Setup) {
+    setup.run(&["reserve", "-G", "1", "-d", "1h"]).assert_ok();
+    let _waiter = setup.waiter("pair", &["--gpus", "2", "--user", "svc"]);
+    setup.expect_queue(&[("pair", &[0])]);
+    let server = WebServer::start(&setup.env, 1);
+    let cli = || -> Value {
+        let run = setup.run(&["queue", "--json"]);
+        serde_json::from_str(&run.stdout).expect("queue --json")
+    };
+    // Waiting times tick every second: retry until both agree.
+    let mut last = (Value::Null, Value::Null);
+    for _ in 0..20 {
+        last = (server.get_json("/api/queue", 200), cli());
+        if last.0 == last.1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(last.0, last.1);
+    let entry = &last.0["entries"][0];
+    assert_eq!(entry["user"], "svc");
+    assert_eq!(entry["requested_count"], 2);
+    assert_eq!(entry["allocated_gpus"], serde_json::json!([0]));
+    assert_eq!(last.0["total_waiting"], 1);
+    let status = server.get_json("/api/status", 200);
+    assert_eq!(status[0]["details"], "collected for a queued request (1/2)");
+}
+
 macro_rules! on_both_backends {
     ($($case:ident: $gpus:literal),* $(,)?) => {
         mod sqlite {
@@ -398,7 +430,32 @@ on_both_backends!(
     errors_that_waiting_cannot_fix_fail_at_once: 2,
     configured_wait_and_nonblock: 2,
     notes_and_display_names_are_shown: 2,
+    web_api_serves_the_queue: 2,
 );
+
+/// The dashboard lists the waiters, with user names and notes as text, never markup.
+#[test]
+fn dashboard_shows_the_queue_as_text() {
+    let setup = Setup::sqlite(1);
+    setup.run(&["reserve", "-d", "1h"]).assert_ok();
+    let note = "<img src=x onerror=alert(3)>";
+    let mut command = setup.env.command(["reserve", "--wait", "-d", "1h"]);
+    command.args(["--note", note, "--user", "<b>svc</b>"]);
+    let _waiter = Waiter::spawn(command);
+    setup.expect_queue(&[(note, &[])]);
+    let server = WebServer::start(&setup.env, 1);
+    let dom = rendered_dom(&server.url("/"));
+    assert_contains(&dom, r#"<tr data-position="1">"#);
+    assert_contains(
+        &dom,
+        r#"<td class="note">&lt;img src=x onerror=alert(3)&gt;</td>"#,
+    );
+    assert_contains(
+        &dom,
+        "(&lt;b&gt;svc&lt;/b&gt;)</td><td>1 GPU</td><td>0/1</td>",
+    );
+    assert!(!dom.contains("<img") && !dom.contains("<b>svc"), "{dom}");
+}
 
 /// Another Unix user cannot release a reservation made under a display name; its
 /// real owner can.

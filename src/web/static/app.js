@@ -3,6 +3,7 @@
 "use strict";
 
 const STATUS_REFRESH_MS = 30000;
+const QUEUE_REFRESH_MS = 5000;
 const REPORT_REFRESH_MS = 300000;
 
 const BADGES = {
@@ -55,7 +56,7 @@ function setProblem(source, message) {
 // Keeps what was shown before a failed refresh (the banner says it is stale);
 // replaces the loading note when there is nothing to show.
 function showUnavailable(container, text) {
-  if (!container.querySelector(".card, .report-period")) {
+  if (!container.querySelector(".card, .report-period, .queue-table")) {
     container.replaceChildren(el("p", "muted", text));
   }
 }
@@ -120,6 +121,59 @@ async function refreshStatus() {
   } catch (err) {
     setProblem("status", `GPU status unavailable: ${err.message}`);
     showUnavailable($("gpus"), "GPU status unavailable.");
+  }
+}
+
+// The requests waiting for GPUs, in the order they will be served.
+function renderQueue(queue) {
+  const entries = queue.entries || [];
+  $("queue-summary").replaceChildren(
+    chip("waiting", entries.length),
+    chip("GPUs requested", queue.total_gpus_requested),
+    chip("collected", queue.total_gpus_allocated),
+  );
+  if (entries.length === 0) {
+    $("queue").replaceChildren(el("p", "muted", "Nobody is waiting for GPUs."));
+    return;
+  }
+  const table = el("table", "queue-table");
+  const head = el("tr");
+  for (const title of ["#", "User", "Requested", "Collected", "Waiting", "Note"]) {
+    head.append(el("th", null, title));
+  }
+  table.append(el("thead"), el("tbody"));
+  table.tHead.append(head);
+  for (const entry of entries) {
+    const row = el("tr");
+    row.dataset.position = String(entry.position);
+    const user = entry.actual_user && entry.actual_user !== entry.user
+      ? `${entry.actual_user} (${entry.user})`
+      : entry.user;
+    const requested = entry.requested_ids
+      ? `IDs ${entry.requested_ids.join(", ")}`
+      : `${entry.requested_count} GPU${entry.requested_count === 1 ? "" : "s"}`;
+    let collected = `${entry.allocated_count}/${entry.requested_count}`;
+    if (entry.allocated_gpus.length) collected += ` (${entry.allocated_gpus.join(", ")})`;
+    row.append(
+      el("td", "num", entry.position),
+      el("td", null, user),
+      el("td", null, requested),
+      el("td", null, collected),
+      el("td", "num", entry.wait_time),
+      el("td", "note", entry.note || "-"),
+    );
+    table.tBodies[0].append(row);
+  }
+  $("queue").replaceChildren(table);
+}
+
+async function refreshQueue() {
+  try {
+    renderQueue(await fetchJson("/api/queue"));
+    setProblem("queue", null);
+  } catch (err) {
+    setProblem("queue", `Queue unavailable: ${err.message}`);
+    showUnavailable($("queue"), "Queue unavailable.");
   }
 }
 
@@ -192,11 +246,14 @@ document.addEventListener("DOMContentLoaded", () => {
   $("days").addEventListener("change", refreshReport);
   $("refresh").addEventListener("click", () => {
     refreshStatus();
+    refreshQueue();
     refreshReport();
   });
   loadInfo();
   refreshStatus();
+  refreshQueue();
   refreshReport();
   setInterval(refreshStatus, STATUS_REFRESH_MS);
+  setInterval(refreshQueue, QUEUE_REFRESH_MS);
   setInterval(refreshReport, REPORT_REFRESH_MS);
 });
