@@ -153,7 +153,8 @@ function renderQueue(queue) {
       ? `IDs ${entry.requested_ids.join(", ")}`
       : `${entry.requested_count} GPU${entry.requested_count === 1 ? "" : "s"}`;
     let collected = `${entry.allocated_count}/${entry.requested_count}`;
-    if (entry.allocated_gpus.length) collected += ` (${entry.allocated_gpus.join(", ")})`;
+    const held = entry.allocated_gpus;
+    if (held.length) collected += ` (GPU${held.length === 1 ? "" : "s"} ${held.join(", ")})`;
     row.append(
       el("td", "num", entry.position),
       el("td", null, user),

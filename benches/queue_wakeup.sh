@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Benchmark for the wait queue (issue 5): time from `canhazgpu release` to the first
+# waiter holding the GPU, on both backends.
+# Usage: benches/queue_wakeup.sh [TRIALS]    (needs redis-server; release build)
+# Each trial: GPU 0 (of 1) is held, `reserve --wait --short` waits in the queue; the
+# clock starts just before `release -G 0` is run and stops when the waiter has exited
+# after taking the GPU (it prints the ID and exits at once). So each figure includes
+# starting the `release` process and its own store write. Prints the median and range.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+trials=${1:-21}
+cargo build --release --quiet
+bin="$PWD/target/release/canhazgpu"
+work=$(mktemp -d)
+redis_pid=""
+cleanup() {
+    [ -n "$redis_pid" ] && kill "$redis_pid" 2>/dev/null && wait "$redis_pid" 2>/dev/null
+    rm -rf "$work"
+}
+trap cleanup EXIT
+unset $(env | grep -o '^CANHAZGPU_[A-Z_]*' || true)
+export HOME="$work/home" CANHAZGPU_NVML=0
+mkdir -p "$HOME"
+
+redis-server --port 0 --unixsocket "$work/redis.sock" --save '' --appendonly no --daemonize no >/dev/null &
+redis_pid=$!
+for _ in $(seq 50); do [ -S "$work/redis.sock" ] && break; sleep 0.05; done
+
+# Waits until the queue has one waiter.
+wait_queued() {
+    for _ in $(seq 500); do
+        "$bin" "$@" queue --json 2>/dev/null | grep -q '"total_waiting": 1' && return 0
+        sleep 0.01
+    done
+    echo "the waiter never queued" >&2
+    return 1
+}
+
+for backend in sqlite redis; do
+    if [ "$backend" = sqlite ]; then
+        args=(--backend sqlite --state-dir "$work/state")
+    else
+        args=(--redis-url "redis+unix://$work/redis.sock")
+    fi
+    "$bin" "${args[@]}" admin --gpus 1 --provider fake >/dev/null 2>&1
+    "$bin" "${args[@]}" reserve --duration 1h >/dev/null
+    times=()
+    for _ in $(seq "$trials"); do
+        "$bin" "${args[@]}" reserve --wait --short --duration 1h >"$work/served" 2>/dev/null &
+        waiter=$!
+        wait_queued "${args[@]}"
+        start=$(date +%s%N)
+        "$bin" "${args[@]}" release -G 0 >/dev/null
+        wait "$waiter"
+        end=$(date +%s%N)
+        [ "$(cat "$work/served")" = 0 ] || { echo "waiter was not served GPU 0" >&2; exit 1; }
+        times+=("$(( (end - start) / 1000 ))")
+    done
+    sorted=($(printf '%s\n' "${times[@]}" | sort -n))
+    median=${sorted[$(( trials / 2 ))]}
+    printf '== %s: release to waiter holding the GPU, median %.1f ms (min %.1f, max %.1f) over %d trials\n' \
+        "$backend" "$(echo "$median / 1000" | bc -l)" "$(echo "${sorted[0]} / 1000" | bc -l)" \
+        "$(echo "${sorted[-1]} / 1000" | bc -l)" "$trials"
+done
