@@ -25,7 +25,7 @@ use crate::state::{
 };
 use crate::store::NewReservation;
 
-/// How often a waiter refreshes its queue entry.
+/// How often a waiter refreshes its queue entry (mirrored in `queue.lua`).
 pub const WAITER_HEARTBEAT_SECS: i64 = 5;
 /// A queue entry of ours whose waiter has not refreshed it for this long is dropped
 /// (its waiter is on another host and gone, or frozen). Mirrored in `queue.lua`.
@@ -100,6 +100,13 @@ impl QueueEntry {
             LEGACY_WAITER_STALE_AFTER_SECS
         };
         !dead_ids.contains(&self.id) && now - self.last_heartbeat <= stale_after
+    }
+
+    /// Whether a turn at `now` refreshes the entry. Not every turn does: a write
+    /// wakes every other waiter (on SQLite any commit does), and their turns must not
+    /// wake each other in turn.
+    pub fn heartbeat_due(&self, now: UnixTime) -> bool {
+        now - self.last_heartbeat >= WAITER_HEARTBEAT_SECS
     }
 
     /// How many more GPUs the entry needs.

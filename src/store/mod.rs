@@ -78,8 +78,8 @@ pub struct AllocRequest {
     pub now: UnixTime,
 }
 
-/// One turn of a waiter: refresh its entry, hand out free GPUs, and serve it if it
-/// has everything.
+/// One turn of a waiter: refresh its entry when due (`QueueEntry::heartbeat_due`),
+/// hand out free GPUs, and serve it if it has everything.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueueTick {
     pub entry_id: String,

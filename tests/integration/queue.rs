@@ -379,6 +379,47 @@ fn notes_and_display_names_are_shown(setup: &Setup) {
     bad.assert_code(2);
 }
 
+/// `run --wait` waits its turn, then runs the command on the GPU and releases it;
+/// SIGINT while it waits ends the wait without running anything.
+fn run_waits_for_its_turn(setup: &Setup) {
+    setup.run(&["reserve", "-d", "1h"]).assert_ok();
+    let script = "echo \"GPUS=$CUDA_VISIBLE_DEVICES\"";
+    let mut command = setup
+        .env
+        .command(["run", "--wait", "--note", "job", "--", "sh", "-c"]);
+    command.arg(script);
+    let mut job = Waiter::spawn(command);
+    setup.expect_queue(&[("job", &[])]);
+    let command = setup
+        .env
+        .command(["run", "--wait", "--note", "later", "--", "true"]);
+    let mut later = Waiter::spawn(command);
+    setup.expect_queue(&[("job", &[]), ("later", &[])]);
+    kill(later.pid(), Signal::SIGINT).expect("interrupt the second run");
+    let run = later.finish(SERVED_WITHIN);
+    run.assert_code(130);
+    assert!(
+        run.stderr
+            .contains("interrupted by SIGINT while waiting for GPUs"),
+        "{run:?}"
+    );
+    setup.expect_queue(&[("job", &[])]);
+
+    setup.run(&["release", "-G", "0"]).assert_ok();
+    let run = job.finish(SERVED_WITHIN);
+    run.assert_ok();
+    assert_eq!(run.stdout, "GPUS=0\n");
+    assert!(
+        run.stderr
+            .contains("Waiting for GPUs... (queue position: 1)")
+            && run
+                .stderr
+                .contains("Reserved 1 GPU(s): [0] for command execution"),
+        "{run:?}"
+    );
+    assert_eq!(setup.statuses(), ["AVAILABLE"]);
+}
+
 /// `/api/queue` serves what `queue --json` prints; `status` says which GPUs are
 /// collected for a waiting request.
 fn web_api_serves_the_queue(setup: &Setup) {
@@ -431,6 +472,7 @@ on_both_backends!(
     configured_wait_and_nonblock: 2,
     notes_and_display_names_are_shown: 2,
     web_api_serves_the_queue: 2,
+    run_waits_for_its_turn: 1,
 );
 
 /// The dashboard lists the waiters, with user names and notes as text, never markup.

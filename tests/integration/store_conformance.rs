@@ -62,6 +62,7 @@ macro_rules! store_conformance {
             queue_turns_refresh_and_respect_usage,
             queue_init_force_empties_the_queue,
             queue_watchers_hear_about_releases,
+            queue_quiet_turns_wake_nobody,
             queue_distribution_matches_the_policy,
         );
     };

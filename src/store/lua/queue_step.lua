@@ -1,5 +1,5 @@
--- One turn of a waiter: refreshes its entry (and the heartbeat of its partial run
--- reservations), hands free GPUs to the waiters, and serves the entry when it holds
+-- One turn of a waiter: refreshes its entry when due (and the heartbeat of its partial
+-- run reservations), hands free GPUs to the waiters, and serves the entry when it holds
 -- everything. Mirrors the `step` of the SQLite store.
 -- ARGV[1]: {"now", "id", "unreserved" (absent: usage not checked, hand out nothing),
 --           "dead_ids", "history_retention"}
@@ -25,13 +25,16 @@ return run(function()
     fail("QUEUE_GONE " .. request.id)
   end
 
-  entry.doc.last_heartbeat = now
-  write_entry(entry)
-  for _, id in ipairs(entry.collected) do
-    if slots[id].type == "run" then
-      local state = cjson.decode(redis.call("GET", gpu_key(id)))
-      state.last_heartbeat = now
-      redis.call("SET", gpu_key(id), cjson.encode(state))
+  -- Mirrors QueueEntry::heartbeat_due.
+  if now - entry.last_heartbeat >= WAITER_HEARTBEAT_SECS then
+    entry.doc.last_heartbeat = now
+    write_entry(entry)
+    for _, id in ipairs(entry.collected) do
+      if slots[id].type == "run" then
+        local state = cjson.decode(redis.call("GET", gpu_key(id)))
+        state.last_heartbeat = now
+        redis.call("SET", gpu_key(id), cjson.encode(state))
+      end
     end
   end
   if request.unreserved then

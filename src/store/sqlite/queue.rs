@@ -269,12 +269,14 @@ pub(super) fn step(
         scene.finish(conn, prune_before)?;
         return Ok(Err(queue::entry_gone()));
     };
-    conn.prepare_cached("UPDATE queue SET last_heartbeat = ?1 WHERE id = ?2")?
+    if scene.entries[index].heartbeat_due(tick.now) {
+        conn.prepare_cached("UPDATE queue SET last_heartbeat = ?1 WHERE id = ?2")?
+            .execute(params![tick.now, tick.entry_id])?;
+        conn.prepare_cached(
+            "UPDATE gpus SET last_heartbeat = ?1 WHERE queue_id = ?2 AND type = 'run'",
+        )?
         .execute(params![tick.now, tick.entry_id])?;
-    conn.prepare_cached(
-        "UPDATE gpus SET last_heartbeat = ?1 WHERE queue_id = ?2 AND type = 'run'",
-    )?
-    .execute(params![tick.now, tick.entry_id])?;
+    }
     if let Some(unreserved) = &tick.unreserved {
         grant(conn, &mut scene, unreserved, &tick.dead_ids, tick.now)?;
     }

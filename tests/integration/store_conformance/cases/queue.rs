@@ -303,7 +303,7 @@ pub fn queue_turns_refresh_and_respect_usage(fixture: StoreFixture) {
     // Far past the staleness of the entry and of run reservations, but refreshed.
     let mut now = T + 4;
     for _ in 0..10 {
-        now += queue::WAITER_STALE_AFTER_SECS;
+        now += queue::WAITER_STALE_AFTER_SECS - 5;
         assert_eq!(store.queue_step(&tick(None, now)), Ok(waiting(1, &[0])));
     }
     match &store.slots().unwrap()[0] {
@@ -354,6 +354,24 @@ pub fn queue_watchers_hear_about_releases(fixture: StoreFixture) {
         }
     });
     assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+/// A turn that changes nothing wakes no other waiter (else waiters would keep waking
+/// each other); the heartbeat is written only when due.
+pub fn queue_quiet_turns_wake_nobody(fixture: StoreFixture) {
+    let mut store = busy(&fixture, 1);
+    let mut other = open(&fixture);
+    assert_eq!(
+        join(&mut *store, "w", Selection::Count(1), T + 1),
+        waiting(1, &[])
+    );
+    other.watch_changes().unwrap();
+    for now in [T + 2, T + 3, T + 5] {
+        assert_eq!(step(&mut *store, "w", now), Ok(waiting(1, &[])));
+    }
+    assert!(!other.wait_for_change(Duration::from_millis(150)).unwrap());
+    assert_eq!(step(&mut *store, "w", T + 6), Ok(waiting(1, &[])));
+    assert_eq!(store.queue().unwrap()[0].last_heartbeat, T + 6);
 }
 
 /// Random pools, holders and queues: one waiter's turn hands out exactly what
