@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use crate::browser::{assert_contains, rendered_dom};
 use crate::support::cli::{BIN, CliEnv, Run};
+use crate::support::fake_smi::FakeSmi;
 use crate::support::redis::TestRedis;
 use crate::support::web::WebServer;
 
@@ -22,16 +23,22 @@ struct Setup {
 }
 
 impl Setup {
+    /// An embedded store with a pool of `gpus` fake GPUs (none: no pool yet).
     fn sqlite(gpus: u32) -> Self {
         let env = CliEnv::sqlite();
-        env.init_fake(gpus);
+        if gpus > 0 {
+            env.init_fake(gpus);
+        }
         Setup { env, _redis: None }
     }
 
+    /// A Redis store with a pool of `gpus` fake GPUs (none: no pool yet).
     fn redis(gpus: u32) -> Self {
         let redis = TestRedis::launch();
         let env = CliEnv::redis(&redis.url());
-        env.init_fake(gpus);
+        if gpus > 0 {
+            env.init_fake(gpus);
+        }
         Setup {
             env,
             _redis: Some(redis),
@@ -420,6 +427,30 @@ fn run_waits_for_its_turn(setup: &Setup) {
     assert_eq!(setup.statuses(), ["AVAILABLE"]);
 }
 
+/// A free GPU in use without reservation is never handed to a waiter; once its
+/// memory is released, the waiter gets it by its next turn. While every GPU is held,
+/// waiting queries no GPU at all.
+fn waiters_respect_real_gpu_usage(setup: &Setup, smi: &mut FakeSmi) {
+    setup.run(&["reserve", "-G", "1", "-d", "1h"]).assert_ok();
+    smi.set_memory(0, 30_000);
+    let mut waiter = setup.waiter("w", &[]);
+    setup.expect_queue(&[("w", &[])]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(waiter.is_running());
+    assert_eq!(setup.statuses(), ["UNRESERVED", "IN_USE"]);
+    smi.set_memory(0, 0);
+    let run = waiter.finish(Duration::from_secs(10));
+    run.assert_ok();
+    assert_eq!(run.stdout, "0\n");
+
+    let mut waiter = setup.waiter("idle", &[]);
+    setup.expect_queue(&[("idle", &[])]);
+    let queries = smi.invocations();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(waiter.is_running());
+    assert_eq!(smi.invocations(), queries, "{:?}", smi.calls());
+}
+
 /// `/api/queue` serves what `queue --json` prints; `status` says which GPUs are
 /// collected for a waiting request.
 fn web_api_serves_the_queue(setup: &Setup) {
@@ -448,6 +479,25 @@ fn web_api_serves_the_queue(setup: &Setup) {
     assert_eq!(last.0["total_waiting"], 1);
     let status = server.get_json("/api/status", 200);
     assert_eq!(status[0]["details"], "collected for a queued request (1/2)");
+}
+
+/// Both backends with a fake `nvidia-smi` showing two idle GPUs.
+fn with_fake_smi(backend: fn(u32) -> Setup, case: fn(&Setup, &mut FakeSmi)) {
+    let mut setup = backend(0);
+    let mut smi = FakeSmi::nvidia(setup.env.dir.path(), 2);
+    setup.env.path_prefix.push(smi.path_dir());
+    setup.run(&["admin", "--gpus", "2"]).assert_ok();
+    case(&setup, &mut smi);
+}
+
+#[test]
+fn sqlite_waiters_respect_real_gpu_usage() {
+    with_fake_smi(Setup::sqlite, waiters_respect_real_gpu_usage);
+}
+
+#[test]
+fn redis_waiters_respect_real_gpu_usage() {
+    with_fake_smi(Setup::redis, waiters_respect_real_gpu_usage);
 }
 
 macro_rules! on_both_backends {
