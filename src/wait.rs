@@ -71,6 +71,7 @@ pub fn claim(
         interrupted,
         &mut progress,
     );
+    session.store.stop_watching();
     outcome.map_err(|failure| leave(session, &entry_id, failure, &progress))
 }
 

@@ -186,6 +186,9 @@ pub trait Store: Send {
     /// returns whether one happened. May also return true for unrelated changes.
     fn wait_for_change(&mut self, timeout: Duration) -> Result<bool>;
 
+    /// Stops what `watch_changes` started (Redis: the subscription and its thread).
+    fn stop_watching(&mut self);
+
     /// Ends the reservations in `scope`, recording history. Returns the freed IDs.
     fn release(&mut self, scope: &ReleaseScope, now: UnixTime) -> Result<Vec<u32>>;
 

@@ -380,6 +380,10 @@ impl Store for RedisStore {
         Ok(())
     }
 
+    fn stop_watching(&mut self) {
+        self.watch = None;
+    }
+
     fn wait_for_change(&mut self, timeout: Duration) -> Result<bool> {
         match &self.watch {
             Some(watch) => Ok(watch.wait(timeout)),

@@ -694,6 +694,10 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn stop_watching(&mut self) {
+        self.seen_version = None;
+    }
+
     /// Polls `PRAGMA data_version`, which changes when another connection commits.
     fn wait_for_change(&mut self, timeout: Duration) -> Result<bool> {
         let deadline = Instant::now() + timeout;

@@ -500,6 +500,59 @@ fn redis_waiters_respect_real_gpu_usage() {
     with_fake_smi(Setup::redis, waiters_respect_real_gpu_usage);
 }
 
+/// Upstream canhazgpu's queue entries in a shared Redis are waiters like ours (served
+/// first); unreadable entries are dropped instead of breaking the queue.
+#[test]
+fn redis_upstream_entries_wait_and_unreadable_ones_are_dropped() {
+    let setup = Setup::redis(1);
+    let redis = setup._redis.as_ref().unwrap();
+    let mut raw = redis.raw();
+    let upstream = serde_json::json!({
+        "id": "u1", "user": "alice", "actual_user": "alice", "requested_count": 1,
+        "allocated_gpus": [], "reservation_type": "manual",
+        "expiry_duration": 3_600_000_000_000_i64,
+        "enqueue_time": "2026-05-14T16:36:44.123-04:00",
+        "last_heartbeat": jiff::Timestamp::now().to_string(),
+    });
+    for (score, id, json) in [
+        (1, "u1", upstream.to_string()),
+        (
+            2,
+            "bad",
+            r#"{"user":"x","requested_ids":"abc","reservation_type":"run"}"#.into(),
+        ),
+        (3, "worse", "not json".into()),
+    ] {
+        ::redis::cmd("ZADD")
+            .arg("canhazgpu:queue")
+            .arg(score)
+            .arg(id)
+            .exec(&mut raw)
+            .unwrap();
+        ::redis::cmd("SET")
+            .arg(format!("canhazgpu:queue:entry:{id}"))
+            .arg(json)
+            .exec(&mut raw)
+            .unwrap();
+    }
+    assert_eq!(setup.queue(), [(String::new(), vec![])]);
+    setup.run(&["reserve"]).assert_code(3);
+    assert_eq!(setup.queue(), [(String::new(), vec![0])]);
+    let members: Vec<String> = ::redis::cmd("ZRANGE")
+        .arg("canhazgpu:queue")
+        .arg(0)
+        .arg(-1)
+        .query(&mut raw)
+        .unwrap();
+    assert_eq!(members, ["u1"]);
+    let entry: String = ::redis::cmd("GET")
+        .arg("canhazgpu:queue:entry:u1")
+        .query(&mut raw)
+        .unwrap();
+    let entry: Value = serde_json::from_str(&entry).unwrap();
+    assert_eq!(entry["allocated_gpus"], serde_json::json!([0]));
+}
+
 macro_rules! on_both_backends {
     ($($case:ident: $gpus:literal),* $(,)?) => {
         mod sqlite {

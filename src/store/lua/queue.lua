@@ -80,10 +80,10 @@ local function read_entry(id)
     entry[field] = value
   end
   local ids = doc.requested_ids
+  if ids ~= nil and ids ~= cjson.null and type(ids) ~= "table" then
+    return nil
+  end
   if ids ~= nil and ids ~= cjson.null and next(ids) ~= nil then
-    if type(ids) ~= "table" then
-      return nil
-    end
     entry.ids = {}
     for i, gpu in ipairs(ids) do
       if type(gpu) ~= "number" or gpu < 0 or gpu ~= math.floor(gpu) then
