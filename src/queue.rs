@@ -350,11 +350,7 @@ pub struct QueueRow {
 impl QueueRow {
     /// `alice`, or `alice (svc)` with a display name, as `status` shows users.
     pub fn user_label(&self) -> String {
-        if self.user == self.actual_user || self.actual_user.is_empty() {
-            self.user.clone()
-        } else {
-            format!("{} ({})", self.actual_user, self.user)
-        }
+        crate::state::user_label(&self.user, &self.actual_user)
     }
 
     /// `2 GPUs`, or `IDs: [1, 3]`.

@@ -186,11 +186,16 @@ impl Reservation {
 
     /// `alice`, or `alice (svc)` when a display name was given with `--user`.
     pub fn user_label(&self) -> String {
-        if self.user == self.actual_user || self.actual_user.is_empty() {
-            self.user.clone()
-        } else {
-            format!("{} ({})", self.actual_user, self.user)
-        }
+        user_label(&self.user, &self.actual_user)
+    }
+}
+
+/// `alice`, or `alice (svc)` for display name `svc` of Unix user `alice`.
+pub fn user_label(user: &str, actual_user: &str) -> String {
+    if user == actual_user || actual_user.is_empty() {
+        user.to_string()
+    } else {
+        format!("{actual_user} ({user})")
     }
 }
 

@@ -8,9 +8,8 @@ use nix::errno::Errno;
 use crate::config::Config;
 use crate::duration::{format_duration, parse_duration};
 use crate::error::{Error, Result};
-use crate::gpu::procinfo;
 use crate::session::{Session, new_reservation_id, now};
-use crate::state::{ProviderKind, ReservationKind, RunOwner};
+use crate::state::{ProviderKind, ReservationKind};
 use crate::store::NewReservation;
 use crate::supervise::keeper::{self, Keeper, Kept};
 use crate::supervise::spawn::{EnvChange, SpawnError};
@@ -82,9 +81,6 @@ pub fn execute(args: &RunArgs, config: &Config) -> Result<u8> {
     // while waiting in the queue it ends the wait.
     let supervisor = Supervisor::start()?;
     let mut session = Session::open(config)?;
-    let pid = std::process::id();
-    let pid_start = procinfo::process_start_time(pid)
-        .ok_or_else(|| Error::Runtime("cannot read this process's start time from /proc".into()))?;
     let reservation = NewReservation {
         id: new_reservation_id(),
         user: args.request.display_user(&session.user)?,
@@ -92,11 +88,8 @@ pub fn execute(args: &RunArgs, config: &Config) -> Result<u8> {
         kind: ReservationKind::Run,
         expiry_time: None,
         note,
-        owner: Some(RunOwner {
-            host: session.host.clone(),
-            pid,
-            pid_start,
-        }),
+        // This process supervises the command (and waits in the queue before).
+        owner: Some(session.this_process()?),
     };
     let gpus = wait::claim(
         &mut session,
