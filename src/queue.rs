@@ -398,3 +398,140 @@ pub fn report(entries: &[QueueEntry], dead_ids: &[String], now: UnixTime) -> Que
         entries: rows,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, selection: Selection, collected: &[u32]) -> QueueEntry {
+        QueueEntry {
+            id: id.into(),
+            user: id.into(),
+            actual_user: id.into(),
+            kind: ReservationKind::Manual,
+            selection,
+            duration: Some(60),
+            note: None,
+            owner: None,
+            waiter: Some(RunOwner {
+                host: "h".into(),
+                pid: 1,
+                pid_start: 1,
+            }),
+            enqueue_time: 100,
+            last_heartbeat: 100,
+            collected: collected.to_vec(),
+        }
+    }
+
+    fn free(released: Option<UnixTime>) -> GpuSlot {
+        GpuSlot::Free {
+            last_released: released,
+        }
+    }
+
+    fn held(id: &str, expiry: UnixTime) -> GpuSlot {
+        GpuSlot::Held(Reservation {
+            id: id.into(),
+            user: id.into(),
+            actual_user: id.into(),
+            kind: ReservationKind::Manual,
+            start_time: 0,
+            last_heartbeat: None,
+            expiry_time: Some(expiry),
+            note: None,
+            owner: None,
+        })
+    }
+
+    fn granted(slots: &[GpuSlot], entries: &[QueueEntry], unreserved: &[u32]) -> Vec<(usize, u32)> {
+        let input = DistributionInput {
+            unreserved,
+            dead_ids: &[],
+            last_used: &HashMap::new(),
+            now: 110,
+        };
+        distribute(slots, entries, &input)
+            .iter()
+            .map(|grant| (grant.entry, grant.gpu_id))
+            .collect()
+    }
+
+    #[test]
+    fn earlier_waiters_take_what_they_can_use_first() {
+        // GPU 2 was released long ago, GPU 0 never used: the first waiter (any 2)
+        // prefers the never-used one; the second (ID 1) gets what it named.
+        let slots = [free(None), free(Some(50)), free(Some(10)), held("x", 999)];
+        let entries = [
+            entry("a", Selection::Count(2), &[]),
+            entry("b", Selection::Ids(vec![1]), &[]),
+            entry("c", Selection::Count(1), &[]),
+        ];
+        assert_eq!(granted(&slots, &entries, &[]), [(0, 0), (0, 2), (1, 1)]);
+        // In use without reservation: never handed out.
+        assert_eq!(granted(&slots, &entries, &[0]), [(0, 1), (0, 2)]);
+    }
+
+    #[test]
+    fn waiters_take_only_what_they_lack_and_can_use() {
+        // GPU 2's reservation expired at 105; GPU 3 is already collected by "ids".
+        let slots = [free(None), free(None), held("x", 105), held("ids", 999)];
+        let entries = [
+            entry("ids", Selection::Ids(vec![1, 3]), &[3]),
+            entry("two", Selection::Count(2), &[]),
+            entry("too-many", Selection::Count(5), &[]),
+        ];
+        let input = DistributionInput {
+            unreserved: &[],
+            dead_ids: &[],
+            last_used: &HashMap::new(),
+            now: 110,
+        };
+        let grants = distribute(&slots, &entries, &input);
+        let pairs: Vec<(usize, u32)> = grants.iter().map(|g| (g.entry, g.gpu_id)).collect();
+        assert_eq!(pairs, [(0, 1), (1, 0), (1, 2)]);
+        // The expired reservation is ended for the waiter that takes its GPU.
+        let ended = grants[2].ended.as_ref().expect("GPU 2's reservation ended");
+        assert_eq!((ended.reservation.id.as_str(), ended.ended_at), ("x", 105));
+        assert!(grants[0].ended.is_none() && grants[1].ended.is_none());
+        let after = apply(&slots, &entries, &grants, 110);
+        match &after[1] {
+            GpuSlot::Held(r) => assert_eq!((r.id.as_str(), r.expiry_time), ("ids", None)),
+            other => panic!("GPU 1 should be collected, not {other:?}"),
+        }
+    }
+
+    #[test]
+    fn liveness_report_and_partials_of_dead_waiters() {
+        let mut upstream = entry("old", Selection::Count(1), &[0]);
+        upstream.waiter = None;
+        let entries = [
+            entry("dead", Selection::Ids(vec![1]), &[1]),
+            upstream,
+            entry("live", Selection::Count(2), &[]),
+        ];
+        let dead = ["dead".to_string()];
+        let now = 100 + WAITER_STALE_AFTER_SECS + 1;
+        assert!(!entries[0].is_alive(now, &dead));
+        assert!(
+            entries[1].is_alive(now, &dead),
+            "upstream entries get 2 minutes"
+        );
+        assert!(!entries[2].is_alive(now, &dead), "silent for too long");
+        assert!(entries[2].is_alive(100 + WAITER_STALE_AFTER_SECS, &dead));
+
+        let report = report(&entries, &dead, 110);
+        assert_eq!(report.total_waiting, 2);
+        assert_eq!(report.entries[0].id, "old");
+        assert_eq!(report.entries[1].position, 2);
+        assert_eq!(report.entries[1].wait_time, "0h 0m 10s");
+        assert_eq!(report.total_gpus_requested, 3);
+        assert_eq!(report.total_gpus_allocated, 1);
+        assert_eq!(report.entries[1].requested(), "2 GPUs");
+
+        let slots = vec![held("old", 999), held("dead", 999)];
+        let settled = without_dead_partials(slots, &entries, &dead, 130);
+        assert_eq!(settled[0], held("old", 999));
+        assert_eq!(settled[1], free(Some(130)));
+    }
+}
