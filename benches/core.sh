@@ -2,27 +2,8 @@
 # Benchmarks for the core commands (issue: status wall time, 64 concurrent reserves).
 # Usage: benches/core.sh            (needs hyperfine and redis-server; release build)
 # Prints medians; copy them into BENCHMARKS.md.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-cargo build --release --quiet
-bin="$PWD/target/release/canhazgpu"
-work=$(mktemp -d)
-redis_pid=""
-cleanup() {
-    [ -n "$redis_pid" ] && kill "$redis_pid" 2>/dev/null && wait "$redis_pid" 2>/dev/null
-    rm -rf "$work"
-}
-trap cleanup EXIT
-unset $(env | grep -o '^CANHAZGPU_[A-Z_]*' || true)
-export HOME="$work/home" CANHAZGPU_NVML=0
-mkdir -p "$HOME"
+source "$(dirname "$0")/common.sh"
 
-redis-server --port 0 --unixsocket "$work/redis.sock" --save '' --appendonly no --daemonize no >/dev/null &
-redis_pid=$!
-for _ in $(seq 50); do [ -S "$work/redis.sock" ] && break; sleep 0.05; done
-
-sqlite_args=(--backend sqlite --state-dir "$work/state")
-redis_args=(--redis-url "redis+unix://$work/redis.sock")
 
 # Median wall time in ms of 64 concurrent `reserve --gpus 1` on 8 free GPUs, and
 # how many succeeded, over 11 trials.
@@ -50,7 +31,7 @@ concurrent_reserves() {
 }
 
 for backend in sqlite redis; do
-    if [ "$backend" = sqlite ]; then args=("${sqlite_args[@]}"); else args=("${redis_args[@]}"); fi
+    backend_args "$backend"
     "$bin" "${args[@]}" admin --gpus 8 --provider fake --force >/dev/null 2>&1 ||
         "$bin" "${args[@]}" admin --gpus 8 --provider fake >/dev/null
     "$bin" "${args[@]}" reserve --gpus 3 >/dev/null

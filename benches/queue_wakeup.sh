@@ -6,25 +6,8 @@
 # clock starts just before `release -G 0` is run and stops when the waiter has exited
 # after taking the GPU (it prints the ID and exits at once). So each figure includes
 # starting the `release` process and its own store write. Prints the median and range.
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 trials=${1:-21}
-cargo build --release --quiet
-bin="$PWD/target/release/canhazgpu"
-work=$(mktemp -d)
-redis_pid=""
-cleanup() {
-    [ -n "$redis_pid" ] && kill "$redis_pid" 2>/dev/null && wait "$redis_pid" 2>/dev/null
-    rm -rf "$work"
-}
-trap cleanup EXIT
-unset $(env | grep -o '^CANHAZGPU_[A-Z_]*' || true)
-export HOME="$work/home" CANHAZGPU_NVML=0
-mkdir -p "$HOME"
-
-redis-server --port 0 --unixsocket "$work/redis.sock" --save '' --appendonly no --daemonize no >/dev/null &
-redis_pid=$!
-for _ in $(seq 50); do [ -S "$work/redis.sock" ] && break; sleep 0.05; done
 
 # Waits until the queue has one waiter.
 wait_queued() {
@@ -37,11 +20,7 @@ wait_queued() {
 }
 
 for backend in sqlite redis; do
-    if [ "$backend" = sqlite ]; then
-        args=(--backend sqlite --state-dir "$work/state")
-    else
-        args=(--redis-url "redis+unix://$work/redis.sock")
-    fi
+    backend_args "$backend"
     "$bin" "${args[@]}" admin --gpus 1 --provider fake >/dev/null 2>&1
     "$bin" "${args[@]}" reserve --duration 1h >/dev/null
     times=()

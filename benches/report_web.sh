@@ -3,29 +3,8 @@
 # backend; /api/status throughput and p99 with 64 concurrent clients).
 # Usage: benches/report_web.sh   (needs hyperfine, wrk, sqlite3 and redis-server; release build)
 # Prints the figures; copy them into BENCHMARKS.md.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-cargo build --release --quiet
-bin="$PWD/target/release/canhazgpu"
-work=$(mktemp -d)
-redis_pid=""
-web_pid=""
-cleanup() {
-    [ -n "$web_pid" ] && kill "$web_pid" 2>/dev/null && wait "$web_pid" 2>/dev/null
-    [ -n "$redis_pid" ] && kill "$redis_pid" 2>/dev/null && wait "$redis_pid" 2>/dev/null
-    rm -rf "$work"
-}
-trap cleanup EXIT
-unset $(env | grep -o '^CANHAZGPU_[A-Z_]*' || true)
-export HOME="$work/home" CANHAZGPU_NVML=0
-mkdir -p "$HOME"
+source "$(dirname "$0")/common.sh"
 
-redis-server --port 0 --unixsocket "$work/redis.sock" --save '' --appendonly no --daemonize no >/dev/null &
-redis_pid=$!
-for _ in $(seq 50); do [ -S "$work/redis.sock" ] && break; sleep 0.05; done
-
-sqlite_args=(--backend sqlite --state-dir "$work/state")
-redis_args=(--redis-url "redis+unix://$work/redis.sock")
 records=1000000
 now=$(date +%s)
 
@@ -74,7 +53,8 @@ PY
 web_load() {
     local -a args=("$@")
     "$bin" "${args[@]}" web --host 127.0.0.1 --port 0 --cache-seconds 5 >"$work/web.out" 2>/dev/null &
-    web_pid=$!
+    local web_pid=$!
+    bench_pids+=("$web_pid")
     local url=""
     for _ in $(seq 100); do
         url=$(grep -o 'http://[0-9.:]*' "$work/web.out" || true)
@@ -86,7 +66,6 @@ web_load() {
     wrk -t2 -c64 -d10s --latency "$url/api/status" >"$work/wrk.txt"
     after=$(curl -s "$url/healthz" | python3 -c 'import json,sys; print(json.load(sys.stdin)["gpu_snapshots"])')
     kill "$web_pid" && wait "$web_pid" 2>/dev/null || true
-    web_pid=""
     local rps p50 p99 errors
     rps=$(awk '/Requests\/sec/ {print $2}' "$work/wrk.txt")
     p50=$(awk '$1 == "50%" {print $2}' "$work/wrk.txt")
@@ -96,7 +75,7 @@ web_load() {
 }
 
 for backend in sqlite redis; do
-    if [ "$backend" = sqlite ]; then args=("${sqlite_args[@]}"); else args=("${redis_args[@]}"); fi
+    backend_args "$backend"
     "$bin" "${args[@]}" admin --gpus 8 --provider fake >/dev/null 2>&1
     "fill_$backend"
     "$bin" "${args[@]}" reserve --gpus 3 >/dev/null

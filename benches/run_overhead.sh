@@ -4,24 +4,7 @@
 # `kill -9` of canhazgpu to its GPU being reservable again. On both backends.
 # Usage: benches/run_overhead.sh    (needs hyperfine and redis-server; release build)
 # Prints medians; copy them into BENCHMARKS.md.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-cargo build --release --quiet
-bin="$PWD/target/release/canhazgpu"
-work=$(mktemp -d)
-redis_pid=""
-cleanup() {
-    [ -n "$redis_pid" ] && kill "$redis_pid" 2>/dev/null && wait "$redis_pid" 2>/dev/null
-    rm -rf "$work"
-}
-trap cleanup EXIT
-unset $(env | grep -o '^CANHAZGPU_[A-Z_]*' || true)
-export HOME="$work/home" CANHAZGPU_NVML=0
-mkdir -p "$HOME"
-
-redis-server --port 0 --unixsocket "$work/redis.sock" --save '' --appendonly no --daemonize no >/dev/null &
-redis_pid=$!
-for _ in $(seq 50); do [ -S "$work/redis.sock" ] && break; sleep 0.05; done
+source "$(dirname "$0")/common.sh"
 
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
@@ -36,11 +19,7 @@ wait_in_use() {
 }
 
 for backend in sqlite redis; do
-    if [ "$backend" = sqlite ]; then
-        args=(--backend sqlite --state-dir "$work/state")
-    else
-        args=(--redis-url "redis+unix://$work/redis.sock")
-    fi
+    backend_args "$backend"
     "$bin" "${args[@]}" admin --gpus 8 --provider fake --force >/dev/null 2>&1 ||
         "$bin" "${args[@]}" admin --gpus 8 --provider fake >/dev/null 2>&1
     echo "== $backend"
