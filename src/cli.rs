@@ -26,6 +26,7 @@ pub struct Cli {
 /// Settings accepted by every command. Environment variables and the config file
 /// are read by `config::resolve`, so these are plain optional strings here.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Global options")]
 pub struct GlobalArgs {
     /// Configuration file (default: ~/.canhazgpu.{yaml,yml,json,toml}, then /etc/canhazgpu/config.*)
     #[arg(long, global = true, value_name = "PATH")]
