@@ -278,6 +278,13 @@ local function released_state(now)
   return cjson.encode({ last_released = now })
 end
 
+-- Ends the reservation held on GPU `id` (its history record ends at `end_time`) and
+-- frees the GPU.
+local function free_held(id, slot, end_time, now)
+  end_reservation(id, slot, end_time)
+  redis.call("SET", gpu_key(id), released_state(now))
+end
+
 -- A set (table of true) from a JSON array of strings or numbers.
 local function set_of(list)
   local set = {}

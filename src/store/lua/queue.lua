@@ -185,8 +185,7 @@ local function settle(slots, count, now, dead_ids)
       if entry then
         entry.collected[#entry.collected + 1] = id
       else
-        end_reservation(id, slot, now)
-        redis.call("SET", gpu_key(id), released_state(now))
+        free_held(id, slot, now, now)
         slots[id] = { state = "free", last_released = now }
         history_written = true
         wake()

@@ -12,8 +12,7 @@ return run(function()
   for id = 0, count - 1 do
     local slot = read_slot(id)
     if slot.state == "held" and slot.partial_queue_id == request.id then
-      end_reservation(id, slot, now)
-      redis.call("SET", gpu_key(id), released_state(now))
+      free_held(id, slot, now, now)
       freed[#freed + 1] = id
     end
   end

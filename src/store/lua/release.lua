@@ -39,8 +39,7 @@ return run(function()
     local slot = read_slot(id)
     if slot.state == "held" and in_scope(slot) then
       -- A reservation that had already expired (or gone stale) ended back then.
-      end_reservation(id, slot, ended_at(slot, now, {}) or now)
-      redis.call("SET", gpu_key(id), released_state(now))
+      free_held(id, slot, ended_at(slot, now, {}) or now, now)
       freed[#freed + 1] = id
     elseif slot.state == "corrupt" and scope == "any_ids" then
       redis.call("SET", gpu_key(id), released_state(now))

@@ -188,12 +188,9 @@ fn claim_leftovers(
     Ok(Ok(plan.claim))
 }
 
-/// `Store::allocate`: waiters first, then the request.
-pub(super) fn allocate(
-    conn: &Connection,
-    request: &AllocRequest,
-    prune_before: UnixTime,
-) -> Outcome<Result<Vec<u32>>> {
+/// The queue settled and its waiters given what they can use, before `request`
+/// gets anything: the fairness rule every allocation follows.
+fn waiters_served_first(conn: &Connection, request: &AllocRequest) -> Outcome<Scene> {
     let mut scene = settle(conn, &request.dead_ids, request.now)?;
     grant(
         conn,
@@ -202,6 +199,16 @@ pub(super) fn allocate(
         &request.dead_ids,
         request.now,
     )?;
+    Ok(scene)
+}
+
+/// `Store::allocate`: waiters first, then the request.
+pub(super) fn allocate(
+    conn: &Connection,
+    request: &AllocRequest,
+    prune_before: UnixTime,
+) -> Outcome<Result<Vec<u32>>> {
+    let mut scene = waiters_served_first(conn, request)?;
     let claimed = claim_leftovers(conn, &mut scene, request)?;
     scene.finish(conn, prune_before)?;
     Ok(claimed)
@@ -215,14 +222,7 @@ pub(super) fn join(
     waiter: &RunOwner,
     prune_before: UnixTime,
 ) -> Outcome<Result<QueueStep>> {
-    let mut scene = settle(conn, &request.dead_ids, request.now)?;
-    grant(
-        conn,
-        &mut scene,
-        &request.unreserved,
-        &request.dead_ids,
-        request.now,
-    )?;
+    let mut scene = waiters_served_first(conn, request)?;
     let step = match claim_leftovers(conn, &mut scene, request)? {
         Ok(claimed) => Ok(QueueStep::Served(claimed)),
         Err(refusal) if !refusal.is_retryable() => Err(refusal),
