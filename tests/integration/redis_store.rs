@@ -6,9 +6,10 @@ use canhazgpu::error::Error;
 use canhazgpu::state::{GpuSlot, Pool, ProviderKind, Reservation, ReservationKind, RunOwner};
 use canhazgpu::state::{Selection, UnixTime, UsageRecord};
 use canhazgpu::store::redis::RedisStore;
-use canhazgpu::store::{AllocRequest, NewReservation, RedisConfig, ReleaseScope, Store};
+use canhazgpu::store::{NewReservation, RedisConfig, ReleaseScope, Store};
 use serde_json::{Value, json};
 
+use crate::store_conformance::cases::{manual, request};
 use crate::support::redis::TestRedis;
 
 const T: UnixTime = 1_700_000_000;
@@ -29,28 +30,6 @@ fn set(raw: &mut Connection, key: &str, value: &str) {
 fn get_json(raw: &mut Connection, key: &str) -> Value {
     let text: String = raw.get(key).unwrap();
     serde_json::from_str(&text).unwrap()
-}
-
-fn manual(id: &str, user: &str, expiry: UnixTime) -> NewReservation {
-    NewReservation {
-        id: id.into(),
-        user: user.into(),
-        actual_user: user.into(),
-        kind: ReservationKind::Manual,
-        expiry_time: Some(expiry),
-        note: None,
-        owner: None,
-    }
-}
-
-fn request(reservation: NewReservation, selection: Selection, now: UnixTime) -> AllocRequest {
-    AllocRequest {
-        reservation,
-        selection,
-        unreserved: Vec::new(),
-        dead_ids: Vec::new(),
-        now,
-    }
 }
 
 /// A run state as upstream's Go code rewrites it after a heartbeat.

@@ -13,8 +13,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use canhazgpu::error::Error;
 use canhazgpu::state::{GpuSlot, Pool, ProviderKind, ReservationKind, RunOwner, Selection};
 use canhazgpu::store::sqlite::SqliteStore;
-use canhazgpu::store::{AllocRequest, InitOutcome, NewReservation, ReleaseScope, Store};
+use canhazgpu::store::{InitOutcome, NewReservation, ReleaseScope, Store};
 use nix::unistd::{Uid, User};
+
+use crate::store_conformance::cases::{manual, request};
 
 fn new_store(dir: &Path, gpus: u32) -> SqliteStore {
     let mut store = SqliteStore::open(&dir.join("state.db")).expect("open store");
@@ -22,18 +24,6 @@ fn new_store(dir: &Path, gpus: u32) -> SqliteStore {
         .init_pool(gpus, ProviderKind::Fake, false, 1)
         .expect("init pool");
     store
-}
-
-fn manual(id: &str, user: &str, expiry_time: i64) -> NewReservation {
-    NewReservation {
-        id: id.into(),
-        user: user.into(),
-        actual_user: user.into(),
-        kind: ReservationKind::Manual,
-        expiry_time: Some(expiry_time),
-        note: None,
-        owner: None,
-    }
 }
 
 fn run(id: &str, user: &str) -> NewReservation {
@@ -49,16 +39,6 @@ fn run(id: &str, user: &str) -> NewReservation {
             pid: 4242,
             pid_start: 99,
         }),
-    }
-}
-
-fn request(reservation: NewReservation, selection: Selection, now: i64) -> AllocRequest {
-    AllocRequest {
-        reservation,
-        selection,
-        unreserved: Vec::new(),
-        dead_ids: Vec::new(),
-        now,
     }
 }
 

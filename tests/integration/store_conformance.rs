@@ -114,7 +114,7 @@ pub mod cases {
         store
     }
 
-    fn manual(id: &str, user: &str, expiry: UnixTime) -> NewReservation {
+    pub(crate) fn manual(id: &str, user: &str, expiry: UnixTime) -> NewReservation {
         NewReservation {
             id: id.into(),
             user: user.into(),
@@ -148,7 +148,11 @@ pub mod cases {
         }
     }
 
-    fn request(reservation: NewReservation, selection: Selection, now: UnixTime) -> AllocRequest {
+    pub(crate) fn request(
+        reservation: NewReservation,
+        selection: Selection,
+        now: UnixTime,
+    ) -> AllocRequest {
         AllocRequest {
             reservation,
             selection,
