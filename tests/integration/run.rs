@@ -469,20 +469,16 @@ fn concurrent_case(env: &CliEnv) {
     all_available(env);
 }
 
-/// Redis stopped and restarted empty while a command runs: the command keeps
-/// running, canhazgpu warns once and puts its reservation back, pool included.
-#[test]
-fn redis_restart_with_data_loss_during_a_run() {
-    let mut server = TestRedis::launch();
-    let env = CliEnv::redis(&server.url());
-    env.init_fake(2);
+/// Starts `run` (heartbeat every second) of a command that prints `started`, waits
+/// until the returned path exists, then prints `finished`.
+fn gated_run(env: &CliEnv) -> (Background, std::path::PathBuf) {
     let go = env.dir.path().join("go");
     let script = format!(
         "echo started; while [ ! -e {} ]; do sleep 0.05; done; echo finished",
         go.display()
     );
     let mut run = Background::start(
-        &env,
+        env,
         &[
             "run",
             "--heartbeat-interval",
@@ -494,6 +490,17 @@ fn redis_restart_with_data_loss_during_a_run() {
         ],
     );
     assert_eq!(run.line(), "started");
+    (run, go)
+}
+
+/// Redis stopped and restarted empty while a command runs: the command keeps
+/// running, canhazgpu warns once and puts its reservation back, pool included.
+#[test]
+fn redis_restart_with_data_loss_during_a_run() {
+    let mut server = TestRedis::launch();
+    let env = CliEnv::redis(&server.url());
+    env.init_fake(2);
+    let (run, go) = gated_run(&env);
     server.stop();
     std::thread::sleep(Duration::from_millis(2500));
     server.start();
@@ -527,24 +534,7 @@ fn redis_restart_gpu_taken_meanwhile_is_reported() {
     let mut server = TestRedis::launch();
     let env = CliEnv::redis(&server.url());
     env.init_fake(1);
-    let go = env.dir.path().join("go");
-    let script = format!(
-        "echo started; while [ ! -e {} ]; do sleep 0.05; done",
-        go.display()
-    );
-    let mut run = Background::start(
-        &env,
-        &[
-            "run",
-            "--heartbeat-interval",
-            "1s",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ],
-    );
-    assert_eq!(run.line(), "started");
+    let (run, go) = gated_run(&env);
     // Frozen, canhazgpu cannot re-assert before the other reservation is made.
     run.signal(Signal::SIGSTOP);
     server.stop();
