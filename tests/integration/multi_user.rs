@@ -21,14 +21,21 @@ pub fn ensure_user(name: &str) {
 
 /// Runs the binary as `user` (or as root when `None`) against `state_dir`.
 fn as_user(user: Option<&str>, state_dir: &Path, args: &[&str]) -> Run {
+    as_user_with(user, &[], state_dir, args)
+}
+
+/// Like `as_user`, with `KEY=VALUE` variables set after `runuser` has set up the
+/// user's environment (it resets USER and LOGNAME itself).
+fn as_user_with(user: Option<&str>, vars: &[&str], state_dir: &Path, args: &[&str]) -> Run {
     let mut cmd = match user {
         Some(user) => {
             let mut c = Command::new("runuser");
-            c.args(["-u", user, "--", BIN]);
+            c.args(["-u", user, "--", "env"]);
             c
         }
-        None => Command::new(BIN),
+        None => Command::new("env"),
     };
+    cmd.args(vars).arg(BIN);
     for (key, _) in std::env::vars() {
         if key.starts_with("CANHAZGPU_") {
             cmd.env_remove(&key);
@@ -95,22 +102,12 @@ fn two_users_share_the_embedded_store() {
         denied.stdout.trim(),
         "No reservations found for current user on GPU(s): [0]"
     );
-    let mut spoof = Command::new("runuser");
-    spoof
-        .args([
-            "-u",
-            "chg_bob",
-            "--",
-            "env",
-            "USER=chg_alice",
-            "LOGNAME=chg_alice",
-            BIN,
-        ])
-        .env("CANHAZGPU_NVML", "0")
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("release");
-    let spoof: Run = spoof.output().unwrap().into();
+    let spoof = as_user_with(
+        Some("chg_bob"),
+        &["USER=chg_alice", "LOGNAME=chg_alice"],
+        &state,
+        &["release"],
+    );
     assert_eq!(spoof.stdout.trim(), "Released 1 GPU(s): [1]", "{spoof:?}");
     let not_root = as_user(
         Some("chg_bob"),
