@@ -93,3 +93,12 @@ echo "--- run with torch"
 "$chg" run -- python3 -c 'import os, torch; print("CUDA_VISIBLE_DEVICES", os.environ["CUDA_VISIBLE_DEVICES"], "CUDA_DEVICE_ORDER", os.environ["CUDA_DEVICE_ORDER"], "devices", torch.cuda.device_count(), torch.cuda.get_device_name(0)); x = torch.ones(256 << 20, device="cuda"); print("sum", x.sum().item())'
 echo "(exit $?)"
 "$chg" status
+echo "--- queue: a waiting run gets the GPU as soon as it is released"
+"$chg" reserve --duration 5m >/dev/null
+"$chg" run --wait 60s -- python3 -c 'import torch; print("waiter got", torch.cuda.get_device_name(0))' &
+waiter=$!
+sleep 2
+"$chg" queue
+"$chg" release
+wait "$waiter"; echo "(waiter exit $?)"
+"$chg" report --days 1
