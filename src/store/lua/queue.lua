@@ -27,6 +27,14 @@ local function wake()
   end
 end
 
+-- After a script freed GPUs: prune old history and wake the waiters.
+local function after_freeing(freed, now, retention)
+  if #freed > 0 then
+    prune_history(now, retention)
+    wake()
+  end
+end
+
 -- A non-negative integer field, or nil when absent; false when invalid.
 local function whole_number(doc, field)
   local value = doc[field]

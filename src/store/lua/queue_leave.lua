@@ -16,9 +16,6 @@ return run(function()
       freed[#freed + 1] = id
     end
   end
-  if #freed > 0 then
-    prune_history(now, request.history_retention)
-    wake()
-  end
+  after_freeing(freed, now, request.history_retention)
   return freed
 end)
