@@ -14,7 +14,8 @@ use crate::state::ProviderKind;
 #[command(
     name = "canhazgpu",
     version,
-    about = "GPU reservations for shared multi-user Linux machines"
+    about = "GPU reservations for shared multi-user Linux machines",
+    arg_required_else_help = true
 )]
 pub struct Cli {
     #[command(flatten)]

@@ -58,6 +58,10 @@ pub enum Error {
     /// `run`: the command exists but cannot be executed.
     #[error("{0}")]
     CommandNotExecutable(String),
+    /// stdout was closed by its reader (`canhazgpu status | head -1`): not a failure,
+    /// so nothing is printed and the exit status is 0.
+    #[error("stdout was closed")]
+    StdoutClosed,
     /// Anything else that went wrong at run time.
     #[error("{0}")]
     Runtime(String),
@@ -87,7 +91,13 @@ impl Error {
             Error::CommandNotFound(_) => exit::NOT_FOUND,
             Error::CommandNotExecutable(_) => exit::NOT_EXECUTABLE,
             Error::Store(_) | Error::Gpu(_) | Error::Runtime(_) => exit::FAILURE,
+            Error::StdoutClosed => 0,
         }
+    }
+
+    /// Whether the error is worth a line on stderr.
+    pub fn is_reported(&self) -> bool {
+        !matches!(self, Error::StdoutClosed)
     }
 
     /// Whether waiting could make the same request succeed.

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use clap::error::ErrorKind;
 
 use canhazgpu::cli::Cli;
 use canhazgpu::{commands, config};
@@ -10,6 +11,11 @@ use canhazgpu::{commands, config};
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
+        Err(err) if err.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            // `canhazgpu` alone: the usage, as a reminder, on stderr.
+            let _ = err.print();
+            return ExitCode::from(canhazgpu::error::exit::USAGE);
+        }
         Err(err) if !err.use_stderr() => {
             // --help and --version
             let _ = err.print();
@@ -36,7 +42,9 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
-            eprintln!("Error: {err}");
+            if err.is_reported() {
+                eprintln!("Error: {err}");
+            }
             ExitCode::from(err.exit_code())
         }
     }

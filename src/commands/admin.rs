@@ -3,6 +3,7 @@
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::gpu;
+use crate::output;
 use crate::session::now;
 use crate::state::ProviderKind;
 use crate::store;
@@ -40,7 +41,7 @@ pub fn execute(args: &AdminArgs, config: &Config) -> Result<()> {
             )));
         }
     }
-    let mut store = store::open(config)?;
+    let mut store = store::create(config)?;
     let outcome = store.init_pool(args.gpus, provider, args.force, now())?;
     let last = args.gpus - 1;
     match outcome.previous_count {
@@ -51,9 +52,11 @@ pub fn execute(args: &AdminArgs, config: &Config) -> Result<()> {
                     outcome.cleared
                 );
             }
-            println!("Reinitialized {} GPUs (IDs 0 to {last})", args.gpus);
+            output::print(&format!(
+                "Reinitialized {} GPUs (IDs 0 to {last})",
+                args.gpus
+            ))
         }
-        None => println!("Initialized {} GPUs (IDs 0 to {last})", args.gpus),
+        None => output::print(&format!("Initialized {} GPUs (IDs 0 to {last})", args.gpus)),
     }
-    Ok(())
 }

@@ -2,6 +2,7 @@
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::output;
 use crate::session::{Session, now};
 use crate::store::ReleaseScope;
 
@@ -43,20 +44,17 @@ pub fn execute(args: &ReleaseArgs, config: &Config) -> Result<()> {
         }
     };
     let released = session.store.release(&scope, now())?;
-    if released.is_empty() {
-        match &args.gpu_ids {
-            None => println!("No manually reserved GPUs found for current user"),
-            Some(ids) => println!(
-                "No reservations found for current user on GPU(s): {}",
-                super::id_list(ids)
-            ),
-        }
-    } else {
-        println!(
+    let message = match (&args.gpu_ids, released.is_empty()) {
+        (None, true) => "No manually reserved GPUs found for current user".to_string(),
+        (Some(ids), true) => format!(
+            "No reservations found for current user on GPU(s): {}",
+            super::id_list(ids)
+        ),
+        (_, false) => format!(
             "Released {} GPU(s): {}",
             released.len(),
             super::id_list(&released)
-        );
-    }
-    Ok(())
+        ),
+    };
+    output::print(&message)
 }

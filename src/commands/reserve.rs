@@ -3,6 +3,7 @@
 use crate::config::Config;
 use crate::duration::{format_duration, parse_duration};
 use crate::error::Result;
+use crate::output;
 use crate::session::{Session, new_reservation_id, now};
 use crate::state::ReservationKind;
 use crate::store::NewReservation;
@@ -51,17 +52,13 @@ pub fn execute(args: &ReserveArgs, config: &Config) -> Result<()> {
     drop(signals);
     let list: Vec<String> = ids.iter().map(u32::to_string).collect();
     if args.short {
-        println!("{}", list.join(","));
-        return Ok(());
+        return output::print(&list.join(","));
     }
-    println!(
-        "Reserved {} GPU(s): {} for {}",
+    output::print(&format!(
+        "Reserved {} GPU(s): {} for {}\n\nRun the following command to run only on these GPUs:\nexport CUDA_VISIBLE_DEVICES={}",
         ids.len(),
         super::id_list(&ids),
-        format_duration(seconds as i64)
-    );
-    println!();
-    println!("Run the following command to run only on these GPUs:");
-    println!("export CUDA_VISIBLE_DEVICES={}", list.join(","));
-    Ok(())
+        format_duration(seconds as i64),
+        list.join(",")
+    ))
 }

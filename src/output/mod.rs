@@ -25,6 +25,9 @@ pub fn print_json(value: &impl serde::Serialize) -> Result<()> {
 }
 
 fn stdout_error(e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        return Error::StdoutClosed;
+    }
     Error::Runtime(format!("cannot write to stdout: {e}"))
 }
 

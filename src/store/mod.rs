@@ -229,10 +229,23 @@ pub struct InitOutcome {
 /// Opens the configured store, keeping history for the configured retention (every
 /// writer prunes, so every opener must use the same setting).
 pub fn open(config: &Config) -> Result<Box<dyn Store>> {
+    connect(config, sqlite::SqliteStore::open_existing)
+}
+
+/// Opens the configured store, creating the embedded one (shared by every user of
+/// the machine) where it does not exist yet: for `admin`.
+pub fn create(config: &Config) -> Result<Box<dyn Store>> {
+    connect(config, sqlite::SqliteStore::create)
+}
+
+fn connect(
+    config: &Config,
+    open_sqlite: fn(&std::path::Path) -> Result<sqlite::SqliteStore>,
+) -> Result<Box<dyn Store>> {
     let retention = history_retention_secs(config)?;
     match &config.store {
         StoreConfig::Sqlite { path } => Ok(Box::new(
-            sqlite::SqliteStore::open(path)?.with_history_retention(retention),
+            open_sqlite(path)?.with_history_retention(retention),
         )),
         StoreConfig::Redis(redis) => Ok(Box::new(
             redis::RedisStore::connect(redis)?.with_history_retention(retention),

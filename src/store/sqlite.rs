@@ -166,6 +166,32 @@ fn open_failure(path: &Path, err: io::Error) -> Error {
 }
 
 impl SqliteStore {
+    /// Opens an existing store; a missing one means `admin` has not run yet, and
+    /// nothing is created (a mistyped `--state-dir` leaves no store behind).
+    pub fn open_existing(path: &Path) -> Result<Self> {
+        match fs::metadata(path) {
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Err(Error::NotInitialized),
+            _ => Self::open(path),
+        }
+    }
+
+    /// Opens the store for `admin`: created where missing, and in any case made
+    /// usable by every user, since SQLite's side files (`-wal`, `-shm`, journal) are
+    /// created in the directory by whichever user writes first.
+    pub fn create(path: &Path) -> Result<Self> {
+        let store = Self::open(path)?;
+        let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty());
+        add_permissions(dir.unwrap_or(Path::new(".")), 0o777)
+            .and_then(|()| add_permissions(path, 0o666))
+            .map_err(|err| {
+                Error::Store(format!(
+                    "cannot make the canhazgpu store at {} usable by every user: {err}",
+                    path.display()
+                ))
+            })?;
+        Ok(store)
+    }
+
     /// Opens the store at `path`, creating it (and its directory) usable by all users.
     pub fn open(path: &Path) -> Result<Self> {
         create_shared(path).map_err(|err| open_failure(path, err))?;
@@ -222,6 +248,16 @@ impl SqliteStore {
         })();
         outcome.map_err(|fault: Fault| fault.into_error(&self.path))
     }
+}
+
+/// Adds `bits` to the permissions of `path` where they are missing (keeping any
+/// sticky bit, as on /tmp).
+fn add_permissions(path: &Path, bits: u32) -> io::Result<()> {
+    let mode = fs::metadata(path)?.permissions().mode();
+    if mode & bits != bits {
+        fs::set_permissions(path, Permissions::from_mode((mode & 0o7777) | bits))?;
+    }
+    Ok(())
 }
 
 /// Creates the directory (0777) and an empty database file (0666) where missing. The

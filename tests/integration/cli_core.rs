@@ -338,3 +338,30 @@ fn corrupt_gpu_state_is_an_error_row_and_the_others_still_show() {
     assert!(run.stdout.starts_with("Reserved 1 GPU(s): [0]"), "{run:?}");
     env.run(["reserve", "--gpus", "1"]).assert_code(3);
 }
+
+/// `canhazgpu status | head -1`: a reader that stops early is not a failure, and
+/// nothing panics.
+#[test]
+fn closed_stdout_is_not_an_error() {
+    let env = CliEnv::sqlite();
+    env.init_fake(2);
+    for args in [&["status"][..], &["reserve"], &["release"], &["queue"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let run: Run = env.command(args).stdout(writer).output().unwrap().into();
+        assert_eq!(run.code, Some(0), "{args:?}: {run:?}");
+        assert_eq!(run.stderr, "", "{args:?}: {run:?}");
+    }
+}
+
+#[test]
+fn no_arguments_prints_the_usage() {
+    let env = CliEnv::sqlite();
+    let run = env.run(std::iter::empty::<&str>());
+    run.assert_code(2);
+    assert!(
+        run.stderr.contains("Usage: canhazgpu [OPTIONS] <COMMAND>"),
+        "{run:?}"
+    );
+    assert!(run.stderr.contains("reserve"), "{run:?}");
+}

@@ -147,3 +147,32 @@ fn unreadable_store_is_one_clear_line() {
         "{run:?}"
     );
 }
+
+#[test]
+fn admin_shares_an_existing_directory_and_readers_create_nothing() {
+    ensure_user("chg_bob");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let state = dir.path().join("state");
+
+    // Before admin: reading commands report the missing pool and create nothing.
+    let status = as_user(None, &state, &["status"]);
+    status.assert_code(4);
+    assert!(!state.exists(), "status must not create the store");
+
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    as_user(
+        None,
+        &state,
+        &["admin", "--gpus", "2", "--provider", "fake"],
+    )
+    .assert_ok();
+    assert_eq!(
+        mode(&state),
+        0o777,
+        "admin makes an existing directory shared"
+    );
+    let bob = as_user(Some("chg_bob"), &state, &["reserve"]);
+    bob.assert_ok();
+}
