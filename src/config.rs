@@ -144,7 +144,7 @@ pub static KEYS: &[Key] = &[
     Key::new("redis.db", "an integer of at least 0").flag("--redis-db", |o| text(&o.redis_db)),
     Key::new(
         "redis.url",
-        "a URL starting with redis://, rediss:// or redis+unix://",
+        "a valid URL starting with redis://, rediss:// or redis+unix://",
     )
     .flag("--redis-url", |o| text(&o.redis_url)),
     Key::new("redis.password", "a non-empty password")
@@ -210,6 +210,9 @@ fn invalid(source: &Source, expected: &str, got: &str) -> Error {
 
 /// Resolves the configuration from flags, the process environment and config files.
 pub fn resolve(overrides: &Overrides) -> Result<Config> {
+    // Read by the GPU tools at each call; checked here so that a bad value is a
+    // usage error up front, not a GPU check that fails (or is skipped) later.
+    crate::gpu::tool::timeout_from_env()?;
     let env = |name: &str| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned());
     let home = std::env::home_dir().filter(|home| !home.as_os_str().is_empty());
     resolve_with(
@@ -306,10 +309,11 @@ fn redis_config(
         v.parse::<i64>().ok().filter(|db| *db >= 0)
     })?;
     let url = parsed(settings, "redis.url", |v| {
-        REDIS_URL_SCHEMES
-            .iter()
-            .any(|scheme| v.starts_with(scheme))
-            .then(|| v.to_owned())
+        let known_scheme = REDIS_URL_SCHEMES.iter().any(|scheme| v.starts_with(scheme));
+        // The client's own parser: a bad port or db number is a usage error here,
+        // not a connection failure later.
+        let parses = redis::IntoConnectionInfo::into_connection_info(v).is_ok();
+        (known_scheme && parses).then(|| v.to_owned())
     })?;
     let password = parsed(settings, "redis.password", non_empty)?;
 
@@ -1096,7 +1100,17 @@ mod tests {
             (
                 "CANHAZGPU_REDIS_URL",
                 "http://redis:6379",
-                "a URL starting with redis://, rediss:// or redis+unix://",
+                "a valid URL starting with redis://, rediss:// or redis+unix://",
+            ),
+            (
+                "CANHAZGPU_REDIS_URL",
+                "redis://127.0.0.1:99999",
+                "a valid URL starting with redis://, rediss:// or redis+unix://",
+            ),
+            (
+                "CANHAZGPU_REDIS_URL",
+                "redis+unix:///run/redis.sock?db=abc",
+                "a valid URL starting with redis://, rediss:// or redis+unix://",
             ),
             ("CANHAZGPU_REDIS_HOST", "two words", "a host name"),
         ];

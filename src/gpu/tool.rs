@@ -18,9 +18,10 @@ pub const TIMEOUT_ENV: &str = "CANHAZGPU_SMI_TIMEOUT";
 /// nvidia-smi can take 7-15 s on large machines (upstream PR #42), so stay above that.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The timeout from `CANHAZGPU_SMI_TIMEOUT`, or the default when it is unset.
+/// The timeout from `CANHAZGPU_SMI_TIMEOUT`, or the default when it is unset or empty.
 pub fn timeout_from_env() -> Result<Duration> {
-    parse_timeout(std::env::var(TIMEOUT_ENV).ok().as_deref())
+    let value = std::env::var(TIMEOUT_ENV).ok().filter(|v| !v.is_empty());
+    parse_timeout(value.as_deref())
 }
 
 /// Parses a timeout in (possibly fractional) seconds; `None` gives the default.

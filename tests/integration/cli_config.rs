@@ -105,3 +105,16 @@ fn redis_settings_select_the_redis_backend() {
         "{run:?}"
     );
 }
+
+#[test]
+fn a_bad_smi_timeout_is_a_usage_error() {
+    let mut env = CliEnv::sqlite();
+    env.init_fake(1);
+    env.set_var("CANHAZGPU_SMI_TIMEOUT", "abc");
+    let run = env.run(["status"]);
+    run.assert_code(2);
+    assert_eq!(
+        run.stderr.trim(),
+        "Error: invalid CANHAZGPU_SMI_TIMEOUT 'abc': expected a positive number of seconds"
+    );
+}
