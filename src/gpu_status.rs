@@ -1,7 +1,7 @@
 //! What `status`, `--json` and the web API show for each GPU: the stored
 //! reservations combined with the GPUs' real usage.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use serde::Serialize;
 
@@ -64,8 +64,21 @@ pub struct GpuStatus {
 pub type UsageSnapshot = Result<Vec<GpuUsage>, String>;
 
 /// Reads the provider once; a failure is kept so the reservations still show.
+/// Where a GPU does not report its used memory (`[N/A]`), its processes' memory
+/// stands in, so a busy GPU is still seen as busy.
 pub fn snapshot(provider: &dyn GpuProvider) -> UsageSnapshot {
-    provider.usage().map_err(|e| e.to_string())
+    let mut usage = provider.usage().map_err(|e| e.to_string())?;
+    for gpu in &mut usage {
+        if gpu.memory_used_mb.is_none() && !gpu.processes.is_empty() {
+            gpu.memory_used_mb = Some(
+                gpu.processes
+                    .iter()
+                    .map(|p| p.used_memory_mb.unwrap_or(0))
+                    .sum(),
+            );
+        }
+    }
+    Ok(usage)
 }
 
 /// IDs of run reservations whose supervisor on this host is gone.
@@ -92,7 +105,7 @@ pub fn unreserved_gpus(
     dead_ids: &[String],
     now: UnixTime,
 ) -> Vec<u32> {
-    usage
+    let busy = usage
         .iter()
         .filter(|u| u.memory_used_mb.is_some_and(|m| m > threshold_mb))
         .filter(|u| match slots.get(u.index as usize) {
@@ -100,8 +113,14 @@ pub fn unreserved_gpus(
             Some(_) => true,
             None => false,
         })
-        .map(|u| u.index)
-        .collect()
+        .map(|u| u.index);
+    // A GPU the provider does not report cannot be checked, so it is not handed out.
+    let reported: HashSet<u32> = usage.iter().map(|u| u.index).collect();
+    let unseen = (0..slots.len() as u32).filter(|id| !reported.contains(id));
+    let mut excluded: Vec<u32> = busy.chain(unseen).collect();
+    excluded.sort_unstable();
+    excluded.dedup();
+    excluded
 }
 
 /// Builds the rows of `status` from the stored slots and the observed usage.
@@ -112,15 +131,16 @@ pub fn build(
     dead_ids: &[String],
     now: UnixTime,
 ) -> Vec<GpuStatus> {
+    let by_index: HashMap<u32, &GpuUsage> = match usage {
+        Ok(all) => all.iter().map(|u| (u.index, u)).collect(),
+        Err(_) => HashMap::new(),
+    };
     slots
         .iter()
         .enumerate()
         .map(|(id, slot)| {
             let id = id as u32;
-            let gpu_usage = usage
-                .as_ref()
-                .ok()
-                .and_then(|all| all.iter().find(|u| u.index == id));
+            let gpu_usage = by_index.get(&id).copied();
             build_one(
                 id,
                 slot,
@@ -179,6 +199,12 @@ fn build_one(
     let mut row = match live {
         Some(r) => reserved_row(id, r, usage, threshold_mb, now),
         None if in_use => unreserved_row(id, usage.expect("in_use implies usage")),
+        None if usage.is_none() && !usage_failed => {
+            let reason = "not reported by the GPU provider, so never allocated".to_string();
+            let mut row = empty_row(id, StatusKind::Error, reason.clone());
+            row.error = Some(reason);
+            row
+        }
         None => {
             let details = match freed_at {
                 Some(t) => format!("free for {}", format_duration(now - t)),

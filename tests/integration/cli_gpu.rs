@@ -178,3 +178,35 @@ fn colour_only_on_a_terminal_and_never_with_no_color() {
     let piped = env.run(["status"]);
     assert!(!piped.stdout.contains("\u{1b}["), "no colour when piped");
 }
+
+/// GPUs whose usage cannot be checked are never handed out: one the provider stopped
+/// reporting, and one that reports no memory figure while a process uses it.
+#[test]
+fn unverifiable_gpus_are_not_allocated() {
+    let (mut env, mut smi) = env_with_smi(4);
+    env.run(["admin", "--gpus", "4"]).assert_ok();
+    let job = GpuJob::start(&[]);
+    smi.set_memory_unknown(1)
+        .add_process(1, job.pid(), "python3", 2048);
+    let rows = env.status_json();
+    assert_eq!(rows[1]["status"], "UNRESERVED", "{}", rows[1]);
+
+    // The driver now shows only GPUs 0-1 of the pool's 4.
+    let smaller_dir = env.dir.path().join("smaller");
+    std::fs::create_dir(&smaller_dir).unwrap();
+    let smaller = FakeSmi::nvidia(&smaller_dir, 2);
+    env.path_prefix = vec![smaller.path_dir()];
+    let rows = env.status_json();
+    assert_eq!(rows[3]["status"], "ERROR", "{}", rows[3]);
+    assert_eq!(
+        rows[3]["error"],
+        "not reported by the GPU provider, so never allocated"
+    );
+    let taken = env.run(["reserve", "--gpu-ids", "3"]);
+    taken.assert_code(3);
+    let two = env.run(["reserve", "--gpus", "2"]);
+    assert!(
+        two.stdout.starts_with("Reserved 2 GPU(s): [0, 1]"),
+        "{two:?}"
+    );
+}
