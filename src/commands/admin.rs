@@ -15,9 +15,17 @@ pub struct AdminArgs {
     pub provider: Option<ProviderKind>,
 }
 
+/// Far above any single machine; keeps a typo from creating a huge (fake) pool.
+const MAX_POOL_SIZE: u32 = 1024;
+
 pub fn execute(args: &AdminArgs, config: &Config) -> Result<()> {
     if args.gpus == 0 {
         return Err(Error::Usage("--gpus must be at least 1".into()));
+    }
+    if args.gpus > MAX_POOL_SIZE {
+        return Err(Error::Usage(format!(
+            "--gpus must be at most {MAX_POOL_SIZE}"
+        )));
     }
     let provider = match args.provider {
         Some(kind) => {

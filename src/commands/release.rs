@@ -1,9 +1,11 @@
 //! `canhazgpu release`: end the caller's reservations.
 
+use crate::alloc::validate_selection;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::output;
 use crate::session::{Session, now};
+use crate::state::Selection;
 use crate::store::ReleaseScope;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -15,13 +17,9 @@ pub struct ReleaseArgs {
 
 pub fn execute(args: &ReleaseArgs, config: &Config) -> Result<()> {
     let mut session = Session::open(config)?;
-    if let Some(ids) = &args.gpu_ids
-        && let Some(bad) = ids.iter().find(|id| **id >= session.pool.gpu_count)
-    {
-        return Err(Error::Usage(format!(
-            "GPU ID {bad} is out of range (0-{})",
-            session.pool.gpu_count - 1
-        )));
+    if let Some(ids) = &args.gpu_ids {
+        // The same checks (range, duplicates) and messages as `reserve --gpu-ids`.
+        validate_selection(&Selection::Ids(ids.clone()), session.pool.gpu_count)?;
     }
     let scope = match (&args.gpu_ids, args.force) {
         (None, false) => ReleaseScope::OwnManual {

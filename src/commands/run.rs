@@ -91,13 +91,27 @@ pub fn execute(args: &RunArgs, config: &Config) -> Result<u8> {
         // This process supervises the command (and waits in the queue before).
         owner: Some(session.this_process()?),
     };
-    let gpus = wait::claim(
+    let claimed = wait::claim(
         &mut session,
         reservation.clone(),
         checked.selection,
         policy,
         &mut || supervisor.pending_signal(),
-    )?;
+    );
+    let gpus = match claimed {
+        Ok(gpus) => gpus,
+        // The allocation failed after a signal asked to cancel it: the signal is
+        // what ends the command, as a shell would report it.
+        Err(err) => match supervisor.pending_signal() {
+            Some(signal) => {
+                eprintln!(
+                    "canhazgpu: {signal} received before the command started; nothing reserved"
+                );
+                return Ok(128 + signal as u8);
+            }
+            None => return Err(err),
+        },
+    };
     // The store records its own clock reading; this one is within a second of it
     // (or of the end of the wait) and only used if the reservation ever has to be
     // written again.

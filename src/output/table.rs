@@ -2,6 +2,7 @@
 //! separated by two spaces, as the reference's `status` output shows.
 
 use anstyle::Style;
+use unicode_width::UnicodeWidthStr;
 
 /// A cell's text plus an optional style applied after padding, so colour codes
 /// never disturb alignment.
@@ -27,17 +28,17 @@ impl From<&str> for Cell {
 
 /// Renders rows under `headers`; the last column is not padded.
 pub fn render(headers: &[&str], rows: &[Vec<Cell>]) -> String {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.width()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
-            widths[i] = widths[i].max(cell.text.chars().count());
+            widths[i] = widths[i].max(cell.text.width());
         }
     }
     let mut out = String::new();
     let header_cells: Vec<Cell> = headers.iter().map(|h| Cell::from(*h)).collect();
     let rule_cells: Vec<Cell> = headers
         .iter()
-        .map(|h| Cell::from("-".repeat(h.chars().count())))
+        .map(|h| Cell::from("-".repeat(h.width())))
         .collect();
     for row in [&header_cells, &rule_cells].into_iter().chain(rows) {
         let last = row.len().saturating_sub(1);
@@ -46,7 +47,7 @@ pub fn render(headers: &[&str], rows: &[Vec<Cell>]) -> String {
             let padding = if i == last {
                 0
             } else {
-                widths[i] + 2 - cell.text.chars().count()
+                widths[i] + 2 - cell.text.width()
             };
             match cell.style {
                 Some(style) => line.push_str(&super::paint(style, &cell.text)),
@@ -64,6 +65,16 @@ pub fn render(headers: &[&str], rows: &[Vec<Cell>]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aligns_wide_characters_by_display_width() {
+        let rows = vec![
+            vec![Cell::from("名前"), Cell::from("x")],
+            vec![Cell::from("bob"), Cell::from("y")],
+        ];
+        let text = render(&["USER", "NOTE"], &rows);
+        assert_eq!(text, "USER  NOTE\n----  ----\n名前  x\nbob   y");
+    }
 
     #[test]
     fn aligns_columns_and_underlines_headers() {

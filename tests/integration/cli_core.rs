@@ -224,6 +224,9 @@ fn release_case(env: &CliEnv) {
     env.run(["reserve", "--gpu-ids", "1,3"]).assert_ok();
     let one = env.run(["release", "--gpu-ids", "3"]);
     assert_eq!(one.stdout.trim(), "Released 1 GPU(s): [3]");
+    let duplicate = env.run(["release", "--gpu-ids", "1,1"]);
+    duplicate.assert_code(2);
+    assert_eq!(duplicate.stderr.trim(), "Error: duplicate GPU ID: 1");
     let again = env.run(["release", "--gpu-ids", "0,2"]);
     assert_eq!(
         again.stdout.trim(),

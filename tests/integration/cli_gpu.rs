@@ -210,3 +210,29 @@ fn unverifiable_gpus_are_not_allocated() {
         "{two:?}"
     );
 }
+
+/// Ctrl-C while a hung nvidia-smi holds up the allocation: once the check gives up,
+/// `run` ends as interrupted (130), not with the GPU error, and reserves nothing.
+#[test]
+fn interrupting_run_during_a_hung_gpu_check_exits_130() {
+    let (mut env, mut smi) = env_with_smi(1);
+    env.run(["admin", "--gpus", "1"]).assert_ok();
+    smi.hang();
+    env.set_var("CANHAZGPU_SMI_TIMEOUT", "1");
+    let child = env
+        .command(["run", "--", "true"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("nothing reserved"), "{stderr}");
+    assert!(!stderr.contains("Error:"), "{stderr}");
+}
