@@ -151,8 +151,9 @@ pub fn without_dead_partials(
     {
         for &gpu_id in &entry.collected {
             if let Some(slot) = slots.get_mut(gpu_id as usize) {
+                // Free since the waiter's last sign of life.
                 *slot = GpuSlot::Free {
-                    last_released: Some(now),
+                    last_released: Some(entry.last_heartbeat.min(now)),
                 };
             }
         }
@@ -532,6 +533,7 @@ mod tests {
         let slots = vec![held("old", 999), held("dead", 999)];
         let settled = without_dead_partials(slots, &entries, &dead, 130);
         assert_eq!(settled[0], held("old", 999));
-        assert_eq!(settled[1], free(Some(130)));
+        // Free since the dead waiter's last heartbeat (100), not since it was noticed.
+        assert_eq!(settled[1], free(Some(100)));
     }
 }

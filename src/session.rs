@@ -63,12 +63,7 @@ impl Session {
     /// process on this host is gone. The partial reservations of queue entries that
     /// are gone show as free, as the next change leaves them.
     pub fn read_state(&mut self) -> Result<(Vec<GpuSlot>, Vec<QueueEntry>, Vec<String>)> {
-        let slots = self.store.slots()?;
-        let queue = self.store.queue()?;
-        let mut dead_ids = gpu_status::dead_reservation_ids(&slots, &self.host);
-        dead_ids.extend(queue::dead_waiter_ids(&queue, &self.host));
-        let slots = queue::without_dead_partials(slots, &queue, &dead_ids, now());
-        Ok((slots, queue, dead_ids))
+        read_state(self.store.as_mut(), &self.host)
     }
 
     /// This process, as the waiter of a queue entry.
@@ -139,6 +134,19 @@ impl Session {
             now: obs.now,
         })
     }
+}
+
+/// `Session::read_state` for a bare store (`report` needs no pool or provider).
+pub fn read_state(
+    store: &mut dyn Store,
+    host: &str,
+) -> Result<(Vec<GpuSlot>, Vec<QueueEntry>, Vec<String>)> {
+    let slots = store.slots()?;
+    let queue = store.queue()?;
+    let mut dead_ids = gpu_status::dead_reservation_ids(&slots, host);
+    dead_ids.extend(queue::dead_waiter_ids(&queue, host));
+    let slots = queue::without_dead_partials(slots, &queue, &dead_ids, now());
+    Ok((slots, queue, dead_ids))
 }
 
 pub fn now() -> UnixTime {

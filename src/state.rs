@@ -146,8 +146,10 @@ impl Reservation {
             ReservationKind::Run => {
                 let last = self.last_heartbeat.unwrap_or(self.start_time);
                 if !self.id.is_empty() && dead_ids.contains(&self.id) {
+                    // Its last sign of life, not the moment somebody noticed: a GPU
+                    // nobody takes for hours must not count as used all that time.
                     return Liveness::OwnerGone {
-                        ended_at: now.max(self.start_time),
+                        ended_at: last.max(self.start_time),
                     };
                 }
                 let stale_after = if self.owner.is_some() {
@@ -273,7 +275,7 @@ mod tests {
         assert!(!legacy.liveness(1401, &[]).is_active());
         assert_eq!(
             ours.liveness(1105, &["r1".to_string()]),
-            Liveness::OwnerGone { ended_at: 1105 }
+            Liveness::OwnerGone { ended_at: 1100 }
         );
     }
 

@@ -5,7 +5,6 @@ use jiff::tz::TimeZone;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::gpu::procinfo;
-use crate::gpu_status;
 use crate::output;
 use crate::report::{self, Report, Window};
 use crate::session;
@@ -51,8 +50,7 @@ pub fn generate(
     // History first, then the held GPUs: a reservation ending in between is left
     // out rather than counted twice.
     let mut usages = store.usage_summary(window.from, window.to)?;
-    let slots = store.slots()?;
-    let dead_ids = gpu_status::dead_reservation_ids(&slots, host);
+    let (slots, _, dead_ids) = crate::session::read_state(store, host)?;
     usages.extend(report::tally(
         &report::in_progress(&slots, &dead_ids, now),
         window,

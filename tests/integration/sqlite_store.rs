@@ -270,7 +270,9 @@ fn stale_or_dead_run_reservations_are_reclaimed() {
     ));
     assert_eq!(store.allocate(&take(211)).unwrap(), vec![0]);
 
-    // A supervisor known to be gone loses its GPUs at once, ending now.
+    // A supervisor known to be gone loses its GPUs at once; its reservation ended
+    // at its last heartbeat.
+    assert_eq!(store.heartbeat("r2", &[0], 221).unwrap(), vec![0]);
     let mut dead = request(run("r3", "carol"), Selection::Count(1), 230);
     dead.dead_ids = vec!["r2".into()];
     assert_eq!(store.allocate(&dead).unwrap(), vec![0]);
@@ -279,7 +281,7 @@ fn stale_or_dead_run_reservations_are_reclaimed() {
         history(&mut store, 0, 1000),
         vec![
             ("bob".into(), 0, 100, 150, kind),
-            ("alice".into(), 0, 211, 230, kind)
+            ("alice".into(), 0, 211, 221, kind)
         ]
     );
 }

@@ -59,6 +59,7 @@ macro_rules! store_conformance {
             queue_newcomers_get_only_what_waiters_cannot_use,
             queue_leaving_releases_what_was_collected,
             queue_dead_and_silent_waiters_are_dropped,
+            queue_dead_waiter_collection_ends_at_its_last_sign_of_life,
             queue_turns_refresh_and_respect_usage,
             queue_init_force_empties_the_queue,
             queue_watchers_hear_about_releases,
@@ -195,7 +196,7 @@ pub mod cases {
         records
     }
 
-    fn record(
+    pub(crate) fn record(
         user: &str,
         gpu_id: u32,
         start_time: UnixTime,
@@ -530,6 +531,7 @@ pub mod cases {
         let mut store = initialized(&fixture, 2);
         allocate(&mut *store, run("r-bob", "bob"), ids(&[0]), T).unwrap();
         allocate(&mut *store, run("r-dave", "dave"), ids(&[1]), T).unwrap();
+        assert_eq!(store.heartbeat("r-bob", &[0], T + 4).unwrap(), vec![0]);
         let mut wanted = request(manual("c", "carol", T + 999), Selection::Count(2), T + 10);
         wanted.dead_ids = vec!["r-bob".into()];
         assert_eq!(
@@ -544,7 +546,8 @@ pub mod cases {
         assert_eq!(store.allocate(&wanted).unwrap(), vec![0]);
         assert_eq!(
             all_history(&mut *store),
-            vec![record("bob", 0, T, T + 10, ReservationKind::Run)]
+            // Ended at its last sign of life, not when it was noticed.
+            vec![record("bob", 0, T, T + 4, ReservationKind::Run)]
         );
         assert_eq!(holders(&mut *store), ["carol", "dave"]);
     }

@@ -233,7 +233,8 @@ local function ended_at(slot, now, dead_ids)
   end
   local last = slot.last_heartbeat or slot.start_time
   if slot.reservation_id ~= "" and dead_ids[slot.reservation_id] then
-    return math.max(now, slot.start_time)
+    -- Its last sign of life, not the moment somebody noticed (as state.rs).
+    return math.max(last, slot.start_time)
   end
   local stale_after = LEGACY_RUN_STALE_AFTER_SECS
   if slot.host then

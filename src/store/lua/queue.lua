@@ -174,7 +174,7 @@ end
 -- reservations of entries that are gone (updating `slots`). Returns the live entries,
 -- each with `collected` (ascending), and whether history was written.
 local function settle(slots, count, now, dead_ids)
-  local entries, live = {}, {}
+  local entries, live, last_seen = {}, {}, {}
   for _, id in ipairs(redis.call("ZRANGE", QUEUE_KEY, 0, -1)) do
     local entry = read_entry(id)
     if entry and entry_alive(entry, now, dead_ids) then
@@ -182,6 +182,9 @@ local function settle(slots, count, now, dead_ids)
       entries[#entries + 1] = entry
       live[id] = entry
     else
+      if entry then
+        last_seen[id] = entry.last_heartbeat
+      end
       remove_entry(id)
     end
   end
@@ -193,7 +196,9 @@ local function settle(slots, count, now, dead_ids)
       if entry then
         entry.collected[#entry.collected + 1] = id
       else
-        free_held(id, slot, now, now)
+        -- What it collected was held until the waiter's last sign of life.
+        local ended = math.max(math.min(last_seen[slot.partial_queue_id] or now, now), slot.start_time)
+        free_held(id, slot, ended, now)
         slots[id] = { state = "free", last_released = now }
         history_written = true
         wake()

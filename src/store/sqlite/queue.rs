@@ -100,7 +100,16 @@ fn settle(conn: &Connection, dead_ids: &[String], now: UnixTime) -> Outcome<Scen
     };
     for (gpu_id, queue_id) in partial_markers(conn, pool.gpu_count)? {
         if !scene.entries.iter().any(|entry| entry.id == queue_id) {
-            scene.end(conn, gpu_id, now, now)?;
+            // What it collected was held until the waiter's last sign of life.
+            let last_seen = dead
+                .iter()
+                .find(|entry| entry.id == queue_id)
+                .map_or(now, |entry| entry.last_heartbeat.min(now));
+            let ended = match &scene.slots[gpu_id as usize] {
+                GpuSlot::Held(r) => last_seen.max(r.start_time),
+                _ => last_seen,
+            };
+            scene.end(conn, gpu_id, ended, now)?;
         }
     }
     Ok(scene)

@@ -10,7 +10,8 @@ use canhazgpu::state::{GpuSlot, ProviderKind, ReservationKind, RunOwner, Selecti
 use canhazgpu::store::{AllocRequest, QueueStep, QueueTick, ReleaseScope, Store};
 
 use super::{
-    Lcg, StoreFixture, T, all_history, allocate, holders, ids, initialized, manual, open, run,
+    Lcg, StoreFixture, T, all_history, allocate, holders, ids, initialized, manual, open, record,
+    run,
 };
 
 fn waiter(pid: u32) -> RunOwner {
@@ -279,6 +280,26 @@ pub fn queue_dead_and_silent_waiters_are_dropped(fixture: StoreFixture) {
     assert_eq!(newcomer, Ok(vec![0]));
     assert_eq!(queued(&mut *store), vec![]);
     assert_eq!(step(&mut *store, "silent", later), Err(queue::entry_gone()));
+}
+
+/// A waiter that died holding a collected GPU held it until its last sign of life,
+/// not until somebody noticed: its history record ends at its last heartbeat.
+pub fn queue_dead_waiter_collection_ends_at_its_last_sign_of_life(fixture: StoreFixture) {
+    let mut store = busy(&fixture, 2);
+    release(&mut *store, &[0], T + 5);
+    assert_eq!(
+        join(&mut *store, "dead", Selection::Count(2), T + 10),
+        waiting(1, &[0])
+    );
+    assert_eq!(step(&mut *store, "dead", T + 20), Ok(waiting(1, &[0])));
+    let mut request = super::request(manual("n", "n", T + 999), Selection::Count(1), T + 500);
+    request.dead_ids = vec!["dead".into()];
+    assert_eq!(store.allocate(&request), Ok(vec![0]));
+    let history = all_history(&mut *store);
+    assert!(
+        history.contains(&record("dead", 0, T + 10, T + 20, ReservationKind::Manual)),
+        "{history:?}"
+    );
 }
 
 /// Turns keep a waiter fresh; without a usage check nothing is handed out, and GPUs
