@@ -246,7 +246,8 @@ fn release_case(env: &CliEnv) {
 
 fn expiry_case(env: &CliEnv) {
     env.init_fake(1);
-    env.run(["reserve", "--duration", "1s"]).assert_ok();
+    // Times are whole seconds, so a 2 s reservation lasts more than 1 s and at most 2 s.
+    env.run(["reserve", "--duration", "2s"]).assert_ok();
     env.run(["reserve"]).assert_code(3);
     std::thread::sleep(std::time::Duration::from_millis(2100));
     // No `status` in between: allocation itself treats the expired reservation as free.
