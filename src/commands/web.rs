@@ -31,11 +31,17 @@ pub fn execute(args: &WebArgs, config: &Config) -> Result<()> {
         .build()
         .map_err(|e| Error::Runtime(format!("cannot start the web server: {e}")))?;
     runtime.block_on(async {
-        let listener = TcpListener::bind((args.host.as_str(), args.port))
+        // `[::1]` as in URLs means `::1`.
+        let host = args.host.trim_start_matches('[').trim_end_matches(']');
+        // A host that does not resolve is a bad value (exit 2); failing to listen on
+        // a good one (port taken, no permission) is a runtime failure.
+        let addresses: Vec<_> = tokio::net::lookup_host((host, args.port))
             .await
-            .map_err(|e| {
-                Error::Runtime(format!("cannot listen on {}:{}: {e}", args.host, args.port))
-            })?;
+            .map_err(|e| Error::Usage(format!("--host: cannot use '{}': {e}", args.host)))?
+            .collect();
+        let listener = TcpListener::bind(addresses.as_slice()).await.map_err(|e| {
+            Error::Runtime(format!("cannot listen on {}:{}: {e}", args.host, args.port))
+        })?;
         let address = listener
             .local_addr()
             .map_err(|e| Error::Runtime(format!("cannot read the listening address: {e}")))?;

@@ -52,11 +52,30 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let backend = Arc::new(Backend::start(config, options.snapshot_interval)?);
-    axum::serve(listener, router(backend))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| Error::Runtime(format!("web server failed: {e}")))
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stopping.send(true);
+    });
+    let mut server_stopped = stopped.clone();
+    let server = axum::serve(listener, router(backend)).with_graceful_shutdown(async move {
+        let _ = server_stopped.wait_for(|stop| *stop).await;
+    });
+    // Requests in flight get a grace period; a client that never finishes sending
+    // its request cannot keep the server from stopping.
+    let mut grace_stopped = stopped;
+    let grace = async move {
+        let _ = grace_stopped.wait_for(|stop| *stop).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        result = server => result.map_err(|e| Error::Runtime(format!("web server failed: {e}"))),
+        () = grace => Ok(()),
+    }
 }
+
+/// How long requests in flight may take to finish once shutdown was asked for.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 fn router(backend: Arc<Backend>) -> Router {
     Router::new()

@@ -155,6 +155,9 @@ fn shutdown_case(env: &CliEnv) {
     for signal in [Signal::SIGINT, Signal::SIGTERM] {
         let mut server = WebServer::start(env, 1);
         server.get_json("/api/status", 200);
+        // A client that never finishes its request must not keep the server up.
+        let mut half_sent = std::net::TcpStream::connect(&server.addr).unwrap();
+        std::io::Write::write_all(&mut half_sent, b"GET /healthz HTTP/1.1\r\n").unwrap();
         server.signal(signal);
         let status = server
             .wait(Duration::from_secs(10))
@@ -242,4 +245,16 @@ fn store_outage_is_a_503_until_the_store_is_back() {
     assert_eq!(status.as_array().unwrap().len(), 2);
     assert_eq!(server.get_json("/healthz", 200)["store"], "ok");
     server.get_json("/api/report?days=1", 200);
+}
+
+#[test]
+fn a_host_that_cannot_be_used_is_a_usage_error() {
+    let env = CliEnv::sqlite();
+    env.init_fake(1);
+    let run = env.run(["web", "--host", "", "--port", "0"]);
+    run.assert_code(2);
+    assert!(
+        run.stderr.starts_with("Error: --host: cannot use ''"),
+        "{run:?}"
+    );
 }

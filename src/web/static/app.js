@@ -254,7 +254,11 @@ document.addEventListener("DOMContentLoaded", () => {
   refreshStatus();
   refreshQueue();
   refreshReport();
-  setInterval(refreshStatus, STATUS_REFRESH_MS);
+  setInterval(() => {
+    refreshStatus();
+    // A failed report is retried with the status, not only every 5 minutes.
+    if (problems.has("report")) refreshReport();
+  }, STATUS_REFRESH_MS);
   setInterval(refreshQueue, QUEUE_REFRESH_MS);
   setInterval(refreshReport, REPORT_REFRESH_MS);
 });
