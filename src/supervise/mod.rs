@@ -249,7 +249,8 @@ fn stop_leftovers(until: Instant, grace: Duration) -> bool {
         if proctree::live_descendants(me).is_empty() {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        // Each look scans /proc; ten a second is prompt enough and costs little.
+        std::thread::sleep(Duration::from_millis(100));
     }
     let reached = kill_tree();
     if reached > 0 {
