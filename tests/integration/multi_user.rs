@@ -1,7 +1,7 @@
 //! Two real Unix users sharing one embedded store, through the real binary.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::support::cli::{BIN, Run};
@@ -49,6 +49,15 @@ fn as_user_with(user: Option<&str>, vars: &[&str], state_dir: &Path, args: &[&st
     cmd.output().expect("run canhazgpu").into()
 }
 
+/// A temporary directory every user can traverse, and the state directory in it
+/// (not created: `admin` does that).
+fn shared_state_dir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let state = dir.path().join("state");
+    (dir, state)
+}
+
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
 }
@@ -57,9 +66,7 @@ fn mode(path: &Path) -> u32 {
 fn two_users_share_the_embedded_store() {
     ensure_user("chg_alice");
     ensure_user("chg_bob");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let state = dir.path().join("state");
+    let (_dir, state) = shared_state_dir();
 
     as_user(
         None,
@@ -128,9 +135,7 @@ fn two_users_share_the_embedded_store() {
 #[test]
 fn unreadable_store_is_one_clear_line() {
     ensure_user("chg_bob");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let state = dir.path().join("state");
+    let (_dir, state) = shared_state_dir();
     as_user(
         None,
         &state,
@@ -151,9 +156,7 @@ fn unreadable_store_is_one_clear_line() {
 #[test]
 fn admin_shares_an_existing_directory_and_readers_create_nothing() {
     ensure_user("chg_bob");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let state = dir.path().join("state");
+    let (_dir, state) = shared_state_dir();
 
     // Before admin: reading commands report the missing pool and create nothing.
     let status = as_user(None, &state, &["status"]);
