@@ -29,3 +29,16 @@ redis_args=(--redis-url "redis+unix://$work/redis.sock")
 backend_args() {
     if [ "$1" = sqlite ]; then args=("${sqlite_args[@]}"); else args=("${redis_args[@]}"); fi
 }
+
+# Runs `$bin ARGS...` every 10 ms until its output matches PATTERN, at most TRIES times.
+# Usage: wait_for_output TRIES PATTERN ARGS...
+wait_for_output() {
+    local tries=$1 pattern=$2
+    shift 2
+    for _ in $(seq "$tries"); do
+        "$bin" "$@" 2>/dev/null | grep -q "$pattern" && return 0
+        sleep 0.01
+    done
+    echo "'$bin $*' never printed $pattern" >&2
+    return 1
+}

@@ -9,16 +9,6 @@
 source "$(dirname "$0")/common.sh"
 trials=${1:-21}
 
-# Waits until the queue has one waiter.
-wait_queued() {
-    for _ in $(seq 500); do
-        "$bin" "$@" queue --json 2>/dev/null | grep -q '"total_waiting": 1' && return 0
-        sleep 0.01
-    done
-    echo "the waiter never queued" >&2
-    return 1
-}
-
 for backend in sqlite redis; do
     backend_args "$backend"
     "$bin" "${args[@]}" admin --gpus 1 --provider fake >/dev/null 2>&1
@@ -27,7 +17,7 @@ for backend in sqlite redis; do
     for _ in $(seq "$trials"); do
         "$bin" "${args[@]}" reserve --wait --short --duration 1h >"$work/served" 2>/dev/null &
         waiter=$!
-        wait_queued "${args[@]}"
+        wait_for_output 500 '"total_waiting": 1' "${args[@]}" queue --json
         start=$(date +%s%N)
         "$bin" "${args[@]}" release -G 0 >/dev/null
         wait "$waiter"

@@ -8,16 +8,6 @@ source "$(dirname "$0")/common.sh"
 
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
-# Waits until GPU 0 shows IN_USE (the run's reservation is in place).
-wait_in_use() {
-    for _ in $(seq 200); do
-        "$bin" "$@" status --json 2>/dev/null | grep -q '"IN_USE"' && return 0
-        sleep 0.01
-    done
-    echo "GPU 0 never showed IN_USE" >&2
-    return 1
-}
-
 for backend in sqlite redis; do
     backend_args "$backend"
     "$bin" "${args[@]}" admin --gpus 8 --provider fake --force >/dev/null 2>&1 ||
@@ -52,7 +42,7 @@ PY
         "$bin" "${args[@]}" run --gpu-ids 0 -- sleep 30 >/dev/null 2>&1 &
         supervisor=$!
         disown "$supervisor" # no "Killed" job report
-        wait_in_use "${args[@]}"
+        wait_for_output 200 '"IN_USE"' "${args[@]}" status --json
         command=$(cat "/proc/$supervisor/task/$supervisor/children")
         start=$(date +%s%N)
         kill -9 "$supervisor"
