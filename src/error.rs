@@ -40,6 +40,9 @@ pub enum Error {
     GpuTaken(String),
     #[error("GPU pool not initialized - run 'canhazgpu admin --gpus <count>' first")]
     NotInitialized,
+    /// `admin` without `--force` on a pool of this many GPUs.
+    #[error("GPU pool already initialized with {0} GPUs. Use --force to reinitialize")]
+    AlreadyInitialized(u32),
     /// The store could not be opened or answered with an error.
     #[error("{0}")]
     Store(String),
@@ -81,7 +84,7 @@ fn not_enough_message(requested: u32, available: u32, unreserved: u32) -> String
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Usage(_) | Error::Config(_) => exit::USAGE,
+            Error::Usage(_) | Error::Config(_) | Error::AlreadyInitialized(_) => exit::USAGE,
             Error::NotEnough { .. } | Error::GpuTaken(_) | Error::WaitTimeout(_) => {
                 exit::UNAVAILABLE
             }

@@ -9,6 +9,7 @@ pub mod error;
 pub mod gpu;
 pub mod gpu_status;
 pub mod output;
+pub mod pool;
 pub mod queue;
 pub mod report;
 pub mod session;

@@ -213,7 +213,7 @@ pub enum GpuSlot {
 }
 
 /// One finished reservation of one GPU, as kept for `report`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
     pub user: String,
     pub actual_user: String,

@@ -1,9 +1,12 @@
 //! Persistent state: the GPU pool, reservations and usage history.
 //!
 //! Two implementations share one contract: `sqlite` (embedded, the default) and
-//! `redis` (data compatible with upstream canhazgpu v1.1.x). Every change of a GPU's
-//! state is atomic: one `BEGIN IMMEDIATE` transaction or one Lua script.
+//! `redis` (data compatible with upstream canhazgpu v1.1.x). Neither decides
+//! anything: each loads a `pool::PoolState`, runs one operation of the pool core and
+//! writes the changes it returns, atomically (one `BEGIN IMMEDIATE` transaction, or
+//! one `WATCH`/`MULTI`/`EXEC` optimistic transaction).
 
+pub mod local_wake;
 pub mod redis;
 pub mod sqlite;
 
@@ -14,10 +17,7 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::queue::QueueEntry;
 use crate::report::{self, UserUsage};
-use crate::state::{
-    GpuSlot, Pool, ProviderKind, Reservation, ReservationKind, RunOwner, Selection, UnixTime,
-    UsageRecord,
-};
+use crate::state::{GpuSlot, Pool, ProviderKind, RunOwner, UnixTime, UsageRecord};
 
 /// How to reach the store, resolved from flags, environment and config file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,104 +36,27 @@ pub struct RedisConfig {
     pub password: Option<String>,
 }
 
-/// The reservation an allocation creates on each claimed GPU.
+pub use crate::pool::{
+    AllocRequest, InitOutcome, NewReservation, QueueStep, QueueTick, ReassertRequest, Reasserted,
+    ReleaseScope,
+};
+
+/// What a waiter's cheap periodic refresh learns (`Store::queue_beat`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NewReservation {
-    pub id: String,
-    pub user: String,
-    pub actual_user: String,
-    pub kind: ReservationKind,
-    /// Manual reservations only.
-    pub expiry_time: Option<UnixTime>,
-    pub note: Option<String>,
-    /// Run reservations only: the supervising process.
-    pub owner: Option<RunOwner>,
+pub struct QueueBeat {
+    /// 1-based position among the stored entries (dead ones not dropped yet count).
+    pub position: u32,
+    /// The first stored entry (this one, at position 1), so a waiter behind a dead
+    /// head can take the turn that drops it.
+    pub head: Option<QueueEntry>,
 }
 
-impl NewReservation {
-    /// The reservation as a store holds it after claiming a GPU at `now`.
-    pub fn held_from(self, now: UnixTime) -> Reservation {
-        Reservation {
-            last_heartbeat: (self.kind == ReservationKind::Run).then_some(now),
-            id: self.id,
-            user: self.user,
-            actual_user: self.actual_user,
-            kind: self.kind,
-            start_time: now,
-            expiry_time: self.expiry_time,
-            note: self.note,
-            owner: self.owner,
-        }
-    }
-}
-
+/// The slots, with the queue entries that hold partial reservations on them: what
+/// `status` needs, however long the queue is.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AllocRequest {
-    pub reservation: NewReservation,
-    pub selection: Selection,
-    /// GPUs in use without reservation, never to be handed out.
-    pub unreserved: Vec<u32>,
-    /// Reservation and queue entry IDs whose process on this host is known to be gone.
-    pub dead_ids: Vec<String>,
-    pub now: UnixTime,
-}
-
-/// One turn of a waiter: refresh its entry when due (`QueueEntry::heartbeat_due`),
-/// hand out free GPUs, and serve it if it has everything.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct QueueTick {
-    pub entry_id: String,
-    /// GPUs in use without reservation; `None` when usage was not checked, and then
-    /// no GPU is handed out in this turn.
-    pub unreserved: Option<Vec<u32>>,
-    /// Reservation and queue entry IDs whose process on this host is known to be gone.
-    pub dead_ids: Vec<String>,
-    pub now: UnixTime,
-}
-
-/// Where a queued request stands after a change.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum QueueStep {
-    /// The reservation is complete on these GPUs (ascending) and the entry is gone.
-    Served(Vec<u32>),
-    /// Still waiting: 1-based position among the waiters, GPUs collected so far.
-    Waiting { position: u32, collected: Vec<u32> },
-}
-
-/// A run reservation to put back after the store lost it (see `Store::reassert`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ReassertRequest {
-    /// The pool the reservation was made in; recreated if the store has none.
-    pub pool: Pool,
-    pub reservation: NewReservation,
-    /// When the reservation started, kept so that its history stays right.
-    pub start_time: UnixTime,
-    pub gpus: Vec<u32>,
-    pub now: UnixTime,
-}
-
-/// What `Store::reassert` found on each GPU.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Reasserted {
-    /// GPUs that hold the reservation (again), ascending.
-    pub held: Vec<u32>,
-    /// GPUs another live reservation holds, with its holder (`Reservation::user_label`),
-    /// or unreadable ones, with the reason.
-    pub taken: Vec<(u32, String)>,
-}
-
-/// Which reservations a release ends.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ReleaseScope {
-    /// Every manual reservation of this Unix user (plain `release`).
-    OwnManual { actual_user: String },
-    /// These GPUs, run or manual, where this Unix user holds them (`release --gpu-ids`).
-    OwnIds { actual_user: String, ids: Vec<u32> },
-    /// These GPUs, whoever holds them (root's explicit override).
-    AnyIds { ids: Vec<u32> },
-    /// Every GPU held by one reservation (a run supervisor at exit, or a dead one's
-    /// reservation reclaimed).
-    Reservation { id: String },
+pub struct PoolView {
+    pub slots: Vec<GpuSlot>,
+    pub collecting: Vec<QueueEntry>,
 }
 
 /// The contract every backend implements. All methods are atomic with respect to
@@ -178,15 +101,28 @@ pub trait Store: Send {
     /// The queued entries in order, dead ones included (see `QueueEntry::is_alive`).
     fn queue(&mut self) -> Result<Vec<QueueEntry>>;
 
+    /// The slots and the entries collecting on them, read together.
+    fn pool_view(&mut self) -> Result<PoolView>;
+
+    /// A waiter's cheap refresh between turns: keeps its entry fresh and says where it
+    /// stands, without reading the queue or waking anyone. Fails when the entry is no
+    /// longer queued.
+    fn queue_beat(&mut self, entry_id: &str, now: UnixTime) -> Result<QueueBeat>;
+
     /// Starts noticing changes made by other processes that may help a waiter: GPUs
-    /// freed, waiters served or gone.
+    /// freed, waiters served or gone. Every such change wakes every pool watcher.
     fn watch_changes(&mut self) -> Result<()>;
+
+    /// Starts noticing the changes that concern queue entry `entry_id` alone: it was
+    /// given GPUs, removed, or is the head of the queue when GPUs are freed. Calls
+    /// `wake` for each (from another thread).
+    fn watch_entry(&mut self, entry_id: &str, wake: Wake) -> Result<()>;
 
     /// Waits up to `timeout` for a change since `watch_changes` or the last call;
     /// returns whether one happened. May also return true for unrelated changes.
     fn wait_for_change(&mut self, timeout: Duration) -> Result<bool>;
 
-    /// Stops what `watch_changes` started (Redis: the subscription and its thread).
+    /// Stops what `watch_changes` and `watch_entry` started.
     fn stop_watching(&mut self);
 
     /// Ends the reservations in `scope`, recording history. Returns the freed IDs.
@@ -212,19 +148,14 @@ pub trait Store: Send {
     fn usage_summary(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UserUsage>>;
 }
 
+/// Called when a watched entry may have changed; cheap, from any thread.
+pub type Wake = std::sync::Arc<dyn Fn() + Send + Sync>;
+
 /// Days of usage history kept unless `history.retention_days` says otherwise.
 pub const DEFAULT_HISTORY_RETENTION_DAYS: u32 = 90;
 /// Every write that records history prunes at most this many expired records, so
 /// pruning is continuous and never one long pause.
 pub const HISTORY_PRUNE_BATCH: u32 = 100;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct InitOutcome {
-    /// The size of the pool before, when it was re-initialised.
-    pub previous_count: Option<u32>,
-    /// How many active reservations `--force` ended.
-    pub cleared: u32,
-}
 
 /// Opens the configured store, keeping history for the configured retention (every
 /// writer prunes, so every opener must use the same setting).

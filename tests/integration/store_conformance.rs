@@ -259,12 +259,12 @@ pub mod cases {
         let err = store
             .init_pool(2, ProviderKind::Nvidia, false, T)
             .unwrap_err();
+        assert_eq!(err, Error::AlreadyInitialized(4));
         assert_eq!(
-            err,
-            Error::Usage(
-                "GPU pool already initialized with 4 GPUs. Use --force to reinitialize".into()
-            )
+            err.to_string(),
+            "GPU pool already initialized with 4 GPUs. Use --force to reinitialize"
         );
+        assert_eq!(err.exit_code(), canhazgpu::error::exit::USAGE);
         assert_eq!(
             store.pool().unwrap(),
             Some(Pool {

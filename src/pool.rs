@@ -1,0 +1,802 @@
+//! The pool core: every operation on one host's GPU pool, as a pure function of the
+//! stored state, the request and the time. A store loads a [`PoolState`], calls one
+//! operation, and persists the [`Changes`] it returns, all in one transaction; no
+//! store holds a rule of its own.
+//!
+//! The rules themselves live in `alloc` (placement), `queue` (who waits for what, and
+//! which free GPU goes to which waiter) and `state` (liveness); this module applies
+//! them in the order every change follows: drop dead waiters, hand free GPUs to the
+//! live ones, then serve the request.
+//!
+//! Adding an operation: write one function here that changes a [`Work`] and returns
+//! its outcome; `Transition` turns the difference into the writes. A store needs no
+//! change beyond loading any new key the operation reads.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::alloc::{self, PlanInput};
+use crate::error::{Error, Result};
+use crate::queue::{self, DistributionInput, QueueEntry};
+use crate::state::{
+    GpuSlot, Pool, ProviderKind, Reservation, ReservationKind, RunOwner, Selection, UnixTime,
+    UsageRecord,
+};
+
+/// Far above any single machine; keeps a typo (or a forged store) from making a
+/// huge pool that every command would have to walk.
+pub const MAX_GPUS: u32 = 1024;
+
+/// What a store holds for one host's pool, as one operation needs it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PoolState {
+    /// `None` before `admin` ran.
+    pub pool: Option<Pool>,
+    /// Index = GPU ID; as many as the pool has GPUs.
+    pub slots: Vec<GpuSlot>,
+    /// GPUs holding a partial reservation, with the queue entry it was collected for.
+    pub partials: BTreeMap<u32, String>,
+    /// The stored queue entries in order, dead ones included, each with the GPUs it
+    /// collected (from `partials`).
+    pub queue: Vec<QueueEntry>,
+    /// IDs of stored queue entries that could not be read; the next change drops them.
+    pub unreadable_entries: Vec<String>,
+    /// When each account last used each GPU, for the accounts the operation needs
+    /// (see `PoolState::accounts_needed`).
+    pub last_used: HashMap<String, HashMap<u32, UnixTime>>,
+}
+
+impl PoolState {
+    /// The accounts whose last use placement may consult: the requester's and every
+    /// waiter's.
+    pub fn accounts_needed(queue: &[QueueEntry], requester: Option<&str>) -> Vec<String> {
+        let mut accounts: BTreeSet<String> = queue
+            .iter()
+            .map(|entry| entry.actual_user.clone())
+            .collect();
+        accounts.extend(requester.map(str::to_string));
+        accounts.into_iter().collect()
+    }
+
+    /// Fills each entry's `collected` from `partials`.
+    pub fn link_partials(&mut self) {
+        for entry in &mut self.queue {
+            entry.collected = self
+                .partials
+                .iter()
+                .filter(|(_, queue_id)| **queue_id == entry.id)
+                .map(|(gpu, _)| *gpu)
+                .collect();
+        }
+    }
+
+    fn require_pool(&self) -> Result<Pool> {
+        self.pool.ok_or(Error::NotInitialized)
+    }
+}
+
+/// The account behind a reservation: its Unix user, or for upstream records that
+/// lack one, its display name.
+pub fn account(user: &str, actual_user: &str) -> String {
+    if actual_user.is_empty() {
+        user.to_string()
+    } else {
+        actual_user.to_string()
+    }
+}
+
+/// One finished reservation of one GPU, with the ID that keeps two identical short
+/// reservations apart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryEntry {
+    pub record: UsageRecord,
+    pub reservation_id: String,
+}
+
+/// What a store writes for one GPU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SlotWrite {
+    /// Free; `None` means never used (a store may delete the record).
+    Free { last_released: Option<UnixTime> },
+    Held {
+        reservation: Reservation,
+        /// Set for a partial reservation: the queue entry it was collected for.
+        collected_for: Option<String>,
+    },
+}
+
+/// Everything one operation changes, for a store to write in one transaction.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// The pool record, when it is created or re-initialised.
+    pub pool: Option<Pool>,
+    pub gpus: Vec<(u32, SlotWrite)>,
+    /// GPUs beyond a pool that shrank: their records go.
+    pub removed_gpus: Vec<u32>,
+    pub entries_added: Vec<QueueEntry>,
+    /// Entries whose heartbeat or collected GPUs changed.
+    pub entries_updated: Vec<QueueEntry>,
+    pub entries_removed: Vec<String>,
+    pub history: Vec<HistoryEntry>,
+    /// (account, GPU, time): the account used the GPU at that time (keep the later).
+    pub last_used: Vec<(String, u32, UnixTime)>,
+    /// Queue entries whose waiter should take a turn: they were given GPUs, became
+    /// the head of the queue while GPUs were freed, or were removed.
+    pub wake_entries: Vec<String>,
+    /// GPUs were freed or waiters left: whoever watches the whole pool may look.
+    pub wake_pool: bool,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.pool.is_none()
+            && self.gpus.is_empty()
+            && self.removed_gpus.is_empty()
+            && self.entries_added.is_empty()
+            && self.entries_updated.is_empty()
+            && self.entries_removed.is_empty()
+            && self.history.is_empty()
+            && self.last_used.is_empty()
+    }
+}
+
+/// The result of one operation: what to write, and what to answer. The changes are
+/// written even when the outcome is a refusal (a refused request still hands free
+/// GPUs to the waiters).
+#[derive(Debug)]
+pub struct Transition<T> {
+    pub changes: Changes,
+    pub outcome: Result<T>,
+}
+
+/// An operation in progress: the state as it will be, and what it recorded.
+pub struct Work {
+    pub state: PoolState,
+    history: Vec<HistoryEntry>,
+    last_used: Vec<(String, u32, UnixTime)>,
+    granted: BTreeSet<String>,
+    /// The entry whose own turn this is: it needs no wake-up.
+    caller: Option<String>,
+    /// Reservations and entries whose process is known to be gone.
+    dead_ids: Vec<String>,
+}
+
+impl Work {
+    fn new(state: &PoolState, dead_ids: &[String]) -> Self {
+        Work {
+            state: state.clone(),
+            history: Vec::new(),
+            last_used: Vec::new(),
+            granted: BTreeSet::new(),
+            caller: None,
+            dead_ids: dead_ids.to_vec(),
+        }
+    }
+
+    /// Ends whatever holds `gpu` (one history record, the account's last use) and
+    /// frees it, released at `now`.
+    fn end(&mut self, gpu: u32, ended_at: UnixTime, now: UnixTime) {
+        let freed = GpuSlot::Free {
+            last_released: Some(now),
+        };
+        let slot = std::mem::replace(&mut self.state.slots[gpu as usize], freed);
+        if let GpuSlot::Held(reservation) = slot {
+            let account = account(&reservation.user, &reservation.actual_user);
+            self.history.push(HistoryEntry {
+                record: UsageRecord {
+                    user: reservation.user.clone(),
+                    actual_user: account.clone(),
+                    gpu_id: gpu,
+                    start_time: reservation.start_time,
+                    end_time: ended_at,
+                    kind: reservation.kind,
+                },
+                reservation_id: reservation.id.clone(),
+            });
+            self.touch(&account, gpu, ended_at);
+        }
+        self.state.partials.remove(&gpu);
+    }
+
+    fn touch(&mut self, account: &str, gpu: u32, at: UnixTime) {
+        let used = self
+            .state
+            .last_used
+            .entry(account.to_string())
+            .or_default()
+            .entry(gpu)
+            .or_insert(at);
+        *used = (*used).max(at);
+        self.last_used.push((account.to_string(), gpu, at));
+    }
+
+    /// Puts `reservation` on `gpu`; `collected_for` marks a partial reservation.
+    fn hold(&mut self, gpu: u32, reservation: Reservation, collected_for: Option<&str>) {
+        self.state.slots[gpu as usize] = GpuSlot::Held(reservation);
+        match collected_for {
+            Some(entry) => self.state.partials.insert(gpu, entry.to_string()),
+            None => self.state.partials.remove(&gpu),
+        };
+    }
+
+    /// Drops dead and unreadable entries and ends the partial reservations of every
+    /// entry that is gone; what a gone waiter collected was held until its last sign
+    /// of life.
+    fn settle(&mut self, now: UnixTime) {
+        let dead_ids = self.dead_ids.clone();
+        let (live, dead): (Vec<QueueEntry>, Vec<QueueEntry>) =
+            std::mem::take(&mut self.state.queue)
+                .into_iter()
+                .partition(|entry| entry.is_alive(now, &dead_ids));
+        self.state.queue = live;
+        self.state.unreadable_entries.clear();
+        let orphans: Vec<(u32, String)> = self
+            .state
+            .partials
+            .iter()
+            .filter(|(_, entry)| !self.state.queue.iter().any(|live| live.id == **entry))
+            .map(|(gpu, entry)| (*gpu, entry.clone()))
+            .collect();
+        for (gpu, entry_id) in orphans {
+            let last_seen = dead
+                .iter()
+                .find(|entry| entry.id == entry_id)
+                .map_or(now, |entry| entry.last_heartbeat.min(now));
+            let ended_at = match &self.state.slots[gpu as usize] {
+                GpuSlot::Held(reservation) => last_seen.max(reservation.start_time),
+                _ => last_seen,
+            };
+            self.end(gpu, ended_at, now);
+        }
+    }
+
+    /// Hands free GPUs to the live waiters (`queue::distribute`).
+    fn grant(&mut self, unreserved: &[u32], now: UnixTime) {
+        let grants = queue::distribute(
+            &self.state.slots,
+            &self.state.queue,
+            &DistributionInput {
+                unreserved,
+                dead_ids: &self.dead_ids,
+                last_used: &self.state.last_used,
+                now,
+            },
+        );
+        for grant in grants {
+            if let Some(ended) = &grant.ended {
+                self.end(grant.gpu_id, ended.ended_at, now);
+            }
+            let entry = &self.state.queue[grant.entry];
+            let (entry_id, account) = (entry.id.clone(), entry.actual_user.clone());
+            let held = entry.partial_reservation().held_from(now);
+            self.hold(grant.gpu_id, held, Some(&entry_id));
+            self.touch(&account, grant.gpu_id, now);
+            let collected = &mut self.state.queue[grant.entry].collected;
+            collected.push(grant.gpu_id);
+            collected.sort_unstable();
+            self.granted.insert(entry_id);
+        }
+    }
+
+    /// Plans `request` on what the waiters left and claims it.
+    fn claim(&mut self, request: &AllocRequest) -> Result<Vec<u32>> {
+        let reservation = &request.reservation;
+        let no_history = HashMap::new();
+        let used = self
+            .state
+            .last_used
+            .get(&reservation.actual_user)
+            .unwrap_or(&no_history);
+        let plan = alloc::plan(
+            &self.state.slots,
+            &PlanInput {
+                selection: &request.selection,
+                unreserved: &request.unreserved,
+                dead_ids: &self.dead_ids,
+                user_last_used: used,
+                now: request.now,
+            },
+        )?;
+        for ended in &plan.ended {
+            self.end(ended.gpu_id, ended.ended_at, request.now);
+        }
+        for &gpu in &plan.claim {
+            self.hold(gpu, reservation.clone().held_from(request.now), None);
+            self.touch(&reservation.actual_user, gpu, request.now);
+        }
+        Ok(plan.claim)
+    }
+
+    /// The changes from `before` to the state now, with what was recorded.
+    fn finish<T>(self, before: &PoolState, outcome: Result<T>) -> Transition<T> {
+        let after = &self.state;
+        let mut changes = Changes {
+            history: self.history,
+            last_used: self.last_used,
+            ..Changes::default()
+        };
+        if after.pool != before.pool {
+            changes.pool = after.pool;
+        }
+        let never_used = GpuSlot::Free {
+            last_released: None,
+        };
+        let mut freed = false;
+        for gpu in 0..before.slots.len().max(after.slots.len()) as u32 {
+            let old = before.slots.get(gpu as usize);
+            let Some(new) = after.slots.get(gpu as usize) else {
+                changes.removed_gpus.push(gpu);
+                continue;
+            };
+            let old_marker = before.partials.get(&gpu);
+            let new_marker = after.partials.get(&gpu);
+            if old.unwrap_or(&never_used) == new && old_marker == new_marker {
+                continue;
+            }
+            if matches!(old, Some(GpuSlot::Held(_) | GpuSlot::Corrupt(_)))
+                && matches!(new, GpuSlot::Free { .. })
+            {
+                freed = true;
+            }
+            let write = match new {
+                GpuSlot::Free { last_released } => SlotWrite::Free {
+                    last_released: *last_released,
+                },
+                GpuSlot::Held(reservation) => SlotWrite::Held {
+                    reservation: reservation.clone(),
+                    collected_for: new_marker.cloned(),
+                },
+                // Never produced by an operation: corrupt slots are only freed.
+                GpuSlot::Corrupt(_) => continue,
+            };
+            changes.gpus.push((gpu, write));
+        }
+        let old_entries: HashMap<&str, &QueueEntry> = before
+            .queue
+            .iter()
+            .map(|entry| (entry.id.as_str(), entry))
+            .collect();
+        for entry in &after.queue {
+            match old_entries.get(entry.id.as_str()) {
+                None => changes.entries_added.push(entry.clone()),
+                Some(old) if *old != entry => changes.entries_updated.push(entry.clone()),
+                Some(_) => {}
+            }
+        }
+        let kept: BTreeSet<&str> = after.queue.iter().map(|entry| entry.id.as_str()).collect();
+        changes.entries_removed = before
+            .queue
+            .iter()
+            .map(|entry| entry.id.clone())
+            .chain(before.unreadable_entries.iter().cloned())
+            .filter(|id| !kept.contains(id.as_str()))
+            .collect();
+        let left = !changes.entries_removed.is_empty();
+        let mut wake: BTreeSet<String> = self.granted;
+        wake.extend(changes.entries_removed.iter().cloned());
+        if freed || left {
+            // The head drives the queue: its turn hands freed GPUs to every waiter.
+            if let Some(head) = after.queue.first() {
+                wake.insert(head.id.clone());
+            }
+            changes.wake_pool = true;
+        }
+        if let Some(caller) = &self.caller {
+            wake.remove(caller);
+        }
+        changes.wake_entries = wake.into_iter().collect();
+        Transition { changes, outcome }
+    }
+}
+
+/// The reservation an allocation creates on each claimed GPU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewReservation {
+    pub id: String,
+    pub user: String,
+    pub actual_user: String,
+    pub kind: ReservationKind,
+    /// Manual reservations only.
+    pub expiry_time: Option<UnixTime>,
+    pub note: Option<String>,
+    /// Run reservations only: the supervising process.
+    pub owner: Option<RunOwner>,
+}
+
+impl NewReservation {
+    /// The reservation as a store holds it after claiming a GPU at `now`.
+    pub fn held_from(self, now: UnixTime) -> Reservation {
+        Reservation {
+            last_heartbeat: (self.kind == ReservationKind::Run).then_some(now),
+            id: self.id,
+            user: self.user,
+            actual_user: self.actual_user,
+            kind: self.kind,
+            start_time: now,
+            expiry_time: self.expiry_time,
+            note: self.note,
+            owner: self.owner,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllocRequest {
+    pub reservation: NewReservation,
+    pub selection: Selection,
+    /// GPUs in use without reservation, never to be handed out.
+    pub unreserved: Vec<u32>,
+    /// Reservation and queue entry IDs whose process on this host is known to be gone.
+    pub dead_ids: Vec<String>,
+    pub now: UnixTime,
+}
+
+/// One turn of a waiter: refresh its entry when due (`QueueEntry::heartbeat_due`),
+/// hand out free GPUs, and serve it if it has everything.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueTick {
+    pub entry_id: String,
+    /// GPUs in use without reservation; `None` when usage was not checked, and then
+    /// no GPU is handed out in this turn.
+    pub unreserved: Option<Vec<u32>>,
+    /// Reservation and queue entry IDs whose process on this host is known to be gone.
+    pub dead_ids: Vec<String>,
+    pub now: UnixTime,
+}
+
+/// Where a queued request stands after a change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum QueueStep {
+    /// The reservation is complete on these GPUs (ascending) and the entry is gone.
+    Served(Vec<u32>),
+    /// Still waiting: 1-based position among the waiters, GPUs collected so far.
+    Waiting { position: u32, collected: Vec<u32> },
+}
+
+/// A run reservation to put back after the store lost it (see `Store::reassert`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReassertRequest {
+    /// The pool the reservation was made in; recreated if the store has none.
+    pub pool: Pool,
+    pub reservation: NewReservation,
+    /// When the reservation started, kept so that its history stays right.
+    pub start_time: UnixTime,
+    pub gpus: Vec<u32>,
+    pub now: UnixTime,
+}
+
+/// What `reassert` found on each GPU.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reasserted {
+    /// GPUs that hold the reservation (again), ascending.
+    pub held: Vec<u32>,
+    /// GPUs another live reservation holds, with its holder (`Reservation::user_label`),
+    /// or unreadable ones, with the reason.
+    pub taken: Vec<(u32, String)>,
+}
+
+/// Which reservations a release ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReleaseScope {
+    /// Every manual reservation of this Unix user (plain `release`).
+    OwnManual { actual_user: String },
+    /// These GPUs, run or manual, where this Unix user holds them (`release --gpu-ids`).
+    OwnIds { actual_user: String, ids: Vec<u32> },
+    /// These GPUs, whoever holds them (root's explicit override).
+    AnyIds { ids: Vec<u32> },
+    /// Every GPU held by one reservation (a run supervisor at exit, or a dead one's
+    /// reservation reclaimed).
+    Reservation { id: String },
+}
+
+impl ReleaseScope {
+    fn covers(&self, gpu: u32, reservation: &Reservation) -> bool {
+        let owner = || account(&reservation.user, &reservation.actual_user);
+        match self {
+            ReleaseScope::OwnManual { actual_user } => {
+                reservation.kind == ReservationKind::Manual && owner() == *actual_user
+            }
+            ReleaseScope::OwnIds { actual_user, ids } => {
+                ids.contains(&gpu) && owner() == *actual_user
+            }
+            ReleaseScope::AnyIds { ids } => ids.contains(&gpu),
+            ReleaseScope::Reservation { id } => !id.is_empty() && reservation.id == *id,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InitOutcome {
+    /// The size of the pool before, when it was re-initialised.
+    pub previous_count: Option<u32>,
+    /// How many active reservations `--force` ended.
+    pub cleared: u32,
+}
+
+/// When a release ends `reservation`: now, or earlier if it had already ended by itself.
+fn release_time(reservation: &Reservation, now: UnixTime) -> UnixTime {
+    reservation.liveness(now, &[]).ended_at().unwrap_or(now)
+}
+
+/// Creates the pool, or with `force` ends every reservation (with history), empties
+/// the queue and sets the new size and provider. Every GPU starts never used.
+pub fn init(
+    state: &PoolState,
+    gpu_count: u32,
+    provider: ProviderKind,
+    force: bool,
+    now: UnixTime,
+) -> Transition<InitOutcome> {
+    let mut work = Work::new(state, &[]);
+    let outcome = (|| {
+        if gpu_count == 0 {
+            return Err(Error::Usage("GPU count must be greater than 0".into()));
+        }
+        if gpu_count > MAX_GPUS {
+            return Err(Error::Usage(format!("--gpus must be at most {MAX_GPUS}")));
+        }
+        let previous = state.pool;
+        if let Some(pool) = previous
+            && !force
+        {
+            return Err(Error::AlreadyInitialized(pool.gpu_count));
+        }
+        let mut cleared = 0;
+        for gpu in 0..work.state.slots.len() as u32 {
+            if let GpuSlot::Held(reservation) = &work.state.slots[gpu as usize] {
+                let ended_at = release_time(reservation, now);
+                work.end(gpu, ended_at, now);
+                cleared += 1;
+            }
+        }
+        work.state.pool = Some(Pool {
+            gpu_count,
+            provider,
+        });
+        work.state.slots = vec![
+            GpuSlot::Free {
+                last_released: None
+            };
+            gpu_count as usize
+        ];
+        work.state.partials.clear();
+        work.state.queue.clear();
+        work.state.unreadable_entries.clear();
+        Ok(InitOutcome {
+            previous_count: previous.map(|pool| pool.gpu_count),
+            cleared,
+        })
+    })();
+    work.finish(state, outcome)
+}
+
+/// Claims GPUs per `alloc::plan`, all or nothing, after the waiters took what they
+/// can use. Returns the claimed IDs, ascending.
+pub fn allocate(state: &PoolState, request: &AllocRequest) -> Transition<Vec<u32>> {
+    let mut work = Work::new(state, &request.dead_ids);
+    let outcome = state.require_pool().and_then(|_| {
+        waiters_first(&mut work, &request.unreserved, request.now);
+        work.claim(request)
+    });
+    work.finish(state, outcome)
+}
+
+/// The fairness rule every allocation follows: dead waiters dropped, the live ones
+/// given what they can use, before the request gets anything.
+fn waiters_first(work: &mut Work, unreserved: &[u32], now: UnixTime) {
+    work.settle(now);
+    work.grant(unreserved, now);
+}
+
+/// Like `allocate`, but a request refused for now (a retryable error) joins the end
+/// of the queue, waited for by `waiter`, and collects what it can at once.
+pub fn join(state: &PoolState, request: &AllocRequest, waiter: &RunOwner) -> Transition<QueueStep> {
+    let mut work = Work::new(state, &request.dead_ids);
+    work.caller = Some(request.reservation.id.clone());
+    let outcome = state.require_pool().and_then(|_| {
+        waiters_first(&mut work, &request.unreserved, request.now);
+        match work.claim(request) {
+            Ok(claimed) => Ok(QueueStep::Served(claimed)),
+            Err(refusal) if !refusal.is_retryable() => Err(refusal),
+            Err(_) => {
+                let entry = QueueEntry::new(
+                    &request.reservation,
+                    &request.selection,
+                    waiter,
+                    request.now,
+                );
+                work.state.queue.push(entry);
+                // Only the new entry can find anything left.
+                work.grant(&request.unreserved, request.now);
+                let queue = &work.state.queue;
+                Ok(QueueStep::Waiting {
+                    position: queue.len() as u32,
+                    collected: queue
+                        .last()
+                        .map(|e| e.collected.clone())
+                        .unwrap_or_default(),
+                })
+            }
+        }
+    });
+    work.finish(state, outcome)
+}
+
+/// One turn of a waiter (see `QueueTick`). Fails when the entry is no longer queued
+/// (the settling is still written).
+pub fn step(state: &PoolState, tick: &QueueTick) -> Transition<QueueStep> {
+    let mut work = Work::new(state, &tick.dead_ids);
+    work.caller = Some(tick.entry_id.clone());
+    let outcome = state.require_pool().and_then(|_| step_in(&mut work, tick));
+    work.finish(state, outcome)
+}
+
+fn step_in(work: &mut Work, tick: &QueueTick) -> Result<QueueStep> {
+    let now = tick.now;
+    work.settle(now);
+    let Some(index) = work.state.queue.iter().position(|e| e.id == tick.entry_id) else {
+        return Err(queue::entry_gone());
+    };
+    if work.state.queue[index].heartbeat_due(now) {
+        work.state.queue[index].last_heartbeat = now;
+        for gpu in work.state.queue[index].collected.clone() {
+            if let GpuSlot::Held(reservation) = &mut work.state.slots[gpu as usize]
+                && reservation.kind == ReservationKind::Run
+            {
+                reservation.last_heartbeat = Some(now);
+            }
+        }
+    }
+    if let Some(unreserved) = &tick.unreserved {
+        work.grant(unreserved, now);
+    }
+    let entry = work.state.queue[index].clone();
+    if entry.missing() > 0 {
+        return Ok(QueueStep::Waiting {
+            position: index as u32 + 1,
+            collected: entry.collected,
+        });
+    }
+    // Served: the partial reservations become the reservation, its time starting now.
+    for &gpu in &entry.collected {
+        if let GpuSlot::Held(reservation) = &mut work.state.slots[gpu as usize] {
+            reservation.expiry_time = entry.served_expiry(now);
+            if reservation.kind == ReservationKind::Run {
+                reservation.last_heartbeat = Some(now);
+            }
+        }
+        work.state.partials.remove(&gpu);
+    }
+    work.state.queue.remove(index);
+    Ok(QueueStep::Served(entry.collected))
+}
+
+/// Removes the entry from the queue and ends the partial reservations it collected
+/// (with history). Returns the freed IDs; nothing if it is gone.
+pub fn leave(state: &PoolState, entry_id: &str, now: UnixTime) -> Transition<Vec<u32>> {
+    let mut work = Work::new(state, &[]);
+    work.caller = Some(entry_id.to_string());
+    let outcome = state.require_pool().map(|_| {
+        work.state.queue.retain(|entry| entry.id != entry_id);
+        let collected: Vec<u32> = work
+            .state
+            .partials
+            .iter()
+            .filter(|(_, entry)| *entry == entry_id)
+            .map(|(gpu, _)| *gpu)
+            .collect();
+        for &gpu in &collected {
+            work.end(gpu, now, now);
+        }
+        collected
+    });
+    work.finish(state, outcome)
+}
+
+/// Ends the reservations in `scope`, recording history. Returns the freed IDs.
+pub fn release(state: &PoolState, scope: &ReleaseScope, now: UnixTime) -> Transition<Vec<u32>> {
+    let mut work = Work::new(state, &[]);
+    let outcome = state.require_pool().and_then(|pool| {
+        if let ReleaseScope::OwnIds { ids, .. } | ReleaseScope::AnyIds { ids } = scope {
+            alloc::validate_selection(&Selection::Ids(ids.clone()), pool.gpu_count)?;
+        }
+        let mut freed = Vec::new();
+        for gpu in 0..work.state.slots.len() as u32 {
+            match &work.state.slots[gpu as usize] {
+                GpuSlot::Held(reservation) if scope.covers(gpu, reservation) => {
+                    let ended_at = release_time(reservation, now);
+                    work.end(gpu, ended_at, now);
+                    freed.push(gpu);
+                }
+                // An unreadable GPU has no owner to check; only an explicit
+                // any-holder release (root) resets it.
+                GpuSlot::Corrupt(_)
+                    if matches!(scope, ReleaseScope::AnyIds { ids } if ids.contains(&gpu)) =>
+                {
+                    work.end(gpu, now, now);
+                    freed.push(gpu);
+                }
+                _ => {}
+            }
+        }
+        Ok(freed)
+    });
+    work.finish(state, outcome)
+}
+
+/// Refreshes the heartbeat of a run reservation on `gpus`. Returns the GPUs it still
+/// holds; the others were released or taken meanwhile.
+pub fn heartbeat(
+    state: &PoolState,
+    reservation_id: &str,
+    gpus: &[u32],
+    now: UnixTime,
+) -> Transition<Vec<u32>> {
+    let mut work = Work::new(state, &[]);
+    let mut held = BTreeSet::new();
+    if !reservation_id.is_empty() {
+        for &gpu in gpus {
+            if let Some(GpuSlot::Held(reservation)) = work.state.slots.get_mut(gpu as usize)
+                && reservation.id == reservation_id
+                && reservation.kind == ReservationKind::Run
+            {
+                reservation.last_heartbeat = Some(now);
+                held.insert(gpu);
+            }
+        }
+    }
+    work.finish(state, Ok(held.into_iter().collect()))
+}
+
+/// Puts a run reservation back where the store lost it (a Redis restart without
+/// persistence, a stale-reservation cleanup during a long outage). Recreates a
+/// missing pool. Each requested GPU that is free, holds this reservation, or holds
+/// one that has ended (ended now, with history) gets the reservation with a fresh
+/// heartbeat; a GPU another live reservation holds is left alone and reported.
+pub fn reassert(state: &PoolState, request: &ReassertRequest) -> Transition<Reasserted> {
+    let mut work = Work::new(state, &[]);
+    let now = request.now;
+    if work.state.pool.is_none() {
+        work.state.pool = Some(request.pool);
+        work.state.slots = vec![
+            GpuSlot::Free {
+                last_released: None
+            };
+            request.pool.gpu_count as usize
+        ];
+        work.state.partials.clear();
+        work.state.queue.clear();
+    }
+    let mut outcome = Reasserted::default();
+    for &gpu in &request.gpus {
+        let Some(slot) = work.state.slots.get(gpu as usize) else {
+            continue;
+        };
+        match slot {
+            GpuSlot::Free { .. } => {}
+            GpuSlot::Held(held) if held.id == request.reservation.id => {}
+            GpuSlot::Held(other) => match other.liveness(now, &[]).ended_at() {
+                Some(ended_at) => work.end(gpu, ended_at, now),
+                None => {
+                    outcome.taken.push((gpu, other.user_label()));
+                    continue;
+                }
+            },
+            GpuSlot::Corrupt(reason) => {
+                outcome.taken.push((gpu, reason.clone()));
+                continue;
+            }
+        }
+        let mut reservation = request.reservation.clone().held_from(request.start_time);
+        if reservation.kind == ReservationKind::Run {
+            reservation.last_heartbeat = Some(now);
+        }
+        work.hold(gpu, reservation, None);
+        outcome.held.push(gpu);
+    }
+    outcome.held.sort_unstable();
+    outcome.held.dedup();
+    work.finish(state, Ok(outcome))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1 @@
+//! Invariants of the pool core, over random states and operation sequences.

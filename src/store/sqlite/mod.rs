@@ -1,0 +1,545 @@
+//! The embedded SQLite store: one database file shared by every Unix user of the
+//! machine (see `files` for its trust model).
+//!
+//! Every operation is one `BEGIN IMMEDIATE` transaction: load the state, run the pool
+//! core, write its changes. Concurrent processes are serialised by SQLite's lock, so a
+//! GPU is never held by two reservations. The wait queue lives in the same file
+//! (`queue` table) and changes in the same transactions; waiters are woken through
+//! `local_wake` (pool watchers poll `PRAGMA data_version`).
+
+mod files;
+mod history;
+mod rows;
+mod schema;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+
+use super::local_wake::{self, Listener};
+use super::{
+    AllocRequest, DEFAULT_HISTORY_RETENTION_DAYS, InitOutcome, PoolView, QueueBeat, QueueStep,
+    QueueTick, ReassertRequest, Reasserted, ReleaseScope, Store, Wake,
+};
+use crate::error::{Error, Result};
+use crate::pool::{self, PoolState, Transition};
+use crate::queue::QueueEntry;
+use crate::report::UserUsage;
+use crate::state::{GpuSlot, Pool, ProviderKind, RunOwner, UnixTime, UsageRecord};
+
+use files::{access_denied, add_permissions, create_shared, open_failure};
+
+/// How long a write waits for another process's transaction before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often `wait_for_change` looks for commits by other processes.
+const CHANGE_POLL: Duration = Duration::from_millis(50);
+
+/// One connection to the shared database file; open one per process or thread.
+pub struct SqliteStore {
+    conn: Connection,
+    path: PathBuf,
+    /// Names this store's wake-ups (`local_wake`).
+    wake_scope: String,
+    /// `PRAGMA data_version` when changes were last looked for (`watch_changes`).
+    seen_version: Option<i64>,
+    /// The wake-ups of the entry this process waits for (`watch_entry`).
+    listener: Option<Listener>,
+    /// Seconds of history kept; older records are pruned by writes.
+    history_retention: i64,
+}
+
+/// What can go wrong inside a store operation: SQLite itself, or a domain refusal
+/// (pool not initialised, not enough GPUs). Turned into an `Error` naming the path.
+#[derive(Debug)]
+enum Fault {
+    Sqlite(rusqlite::Error),
+    Domain(Error),
+}
+
+impl From<rusqlite::Error> for Fault {
+    fn from(err: rusqlite::Error) -> Self {
+        Fault::Sqlite(err)
+    }
+}
+
+impl From<Error> for Fault {
+    fn from(err: Error) -> Self {
+        Fault::Domain(err)
+    }
+}
+
+type Outcome<T> = std::result::Result<T, Fault>;
+
+impl Fault {
+    fn into_error(self, path: &Path) -> Error {
+        use rusqlite::ErrorCode;
+        match self {
+            Fault::Domain(err) => err,
+            Fault::Sqlite(err) => match err.sqlite_error_code() {
+                Some(ErrorCode::PermissionDenied | ErrorCode::ReadOnly | ErrorCode::CannotOpen) => {
+                    access_denied(path)
+                }
+                Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => Error::Store(format!(
+                    "the canhazgpu store at {} stayed locked by another process for over {} s",
+                    path.display(),
+                    BUSY_TIMEOUT.as_secs()
+                )),
+                _ => Error::Store(format!("canhazgpu store at {}: {err}", path.display())),
+            },
+        }
+    }
+}
+
+impl SqliteStore {
+    /// Opens an existing store; a missing one means `admin` has not run yet, and
+    /// nothing is created (a mistyped `--state-dir` leaves no store behind).
+    pub fn open_existing(path: &Path) -> Result<Self> {
+        match std::fs::metadata(path) {
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Err(Error::NotInitialized),
+            _ => Self::open(path),
+        }
+    }
+
+    /// Opens the store for `admin`: created where missing, and in any case made
+    /// usable by every user, since SQLite's side files (`-wal`, `-shm`, journal) are
+    /// created in the directory by whichever user writes first.
+    pub fn create(path: &Path) -> Result<Self> {
+        let store = Self::open(path)?;
+        let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty());
+        add_permissions(dir.unwrap_or(Path::new(".")), 0o777)
+            .and_then(|()| add_permissions(path, 0o666))
+            .map_err(|err| {
+                Error::Store(format!(
+                    "cannot make the canhazgpu store at {} usable by every user: {err}",
+                    path.display()
+                ))
+            })?;
+        Ok(store)
+    }
+
+    /// Opens the store at `path`, creating it (and its directory) usable by all users.
+    pub fn open(path: &Path) -> Result<Self> {
+        create_shared(path).map_err(|err| open_failure(path, err))?;
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let connect = || -> Outcome<Connection> {
+            let conn = Connection::open_with_flags(path, flags)?;
+            // SQLite silently falls back to read-only when the file is not writable.
+            if conn.is_readonly(rusqlite::MAIN_DB)? {
+                return Err(Fault::Domain(access_denied(path)));
+            }
+            conn.busy_timeout(BUSY_TIMEOUT)?;
+            // In WAL mode, NORMAL syncs at checkpoints instead of at every commit: a
+            // commit survives any process crash, and the database stays consistent
+            // after a power loss, which may only undo the last commits. That is the
+            // right trade here: a power loss ends every supervised run anyway, and an
+            // fsync per commit (10-15 ms on ordinary disks) would dominate `run`.
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            schema::ensure_schema(&conn)?;
+            Ok(conn)
+        };
+        let conn = connect().map_err(|fault| fault.into_error(path))?;
+        let wake_scope = local_wake::scope_of(
+            &std::fs::canonicalize(path)
+                .unwrap_or_else(|_| path.to_path_buf())
+                .to_string_lossy(),
+        );
+        Ok(SqliteStore {
+            conn,
+            path: path.to_path_buf(),
+            wake_scope,
+            seen_version: None,
+            listener: None,
+            history_retention: i64::from(DEFAULT_HISTORY_RETENTION_DAYS) * 86_400,
+        })
+    }
+
+    /// Keeps `seconds` of history instead of the default 90 days.
+    pub fn with_history_retention(mut self, seconds: i64) -> Self {
+        self.history_retention = seconds;
+        self
+    }
+
+    fn data_version(&self) -> Result<i64> {
+        self.conn
+            .query_row("PRAGMA data_version", [], |row| row.get(0))
+            .map_err(|err| Fault::Sqlite(err).into_error(&self.path))
+    }
+
+    /// Runs `body` in one transaction; `Immediate` takes the write lock up front so a
+    /// read-decide-write sequence cannot interleave with another process's.
+    fn transact<T>(
+        &mut self,
+        behavior: TransactionBehavior,
+        body: impl FnOnce(&Connection) -> Outcome<T>,
+    ) -> Result<T> {
+        let outcome = (|| {
+            let tx = self.conn.transaction_with_behavior(behavior)?;
+            let value = body(&tx)?;
+            tx.commit()?;
+            Ok(value)
+        })();
+        outcome.map_err(|fault: Fault| fault.into_error(&self.path))
+    }
+
+    /// Runs one operation of the pool core in one write transaction: load, decide,
+    /// write what changed (also when the outcome is a refusal), then wake whom the
+    /// change concerns.
+    fn operate<T>(
+        &mut self,
+        requester: Option<&str>,
+        now: UnixTime,
+        operation: impl FnOnce(&PoolState) -> Transition<T>,
+    ) -> Result<T> {
+        let prune_before = now - self.history_retention;
+        let transition = self.transact(TransactionBehavior::Immediate, |conn| {
+            let state = rows::load_state(conn, requester)?;
+            let transition = operation(&state);
+            rows::apply(conn, &transition.changes, prune_before)?;
+            Ok(transition)
+        })?;
+        local_wake::notify(&self.wake_scope, &transition.changes.wake_entries);
+        transition.outcome
+    }
+}
+
+impl Store for SqliteStore {
+    fn init_pool(
+        &mut self,
+        gpu_count: u32,
+        provider: ProviderKind,
+        force: bool,
+        now: UnixTime,
+    ) -> Result<InitOutcome> {
+        self.operate(None, now, |state| {
+            pool::init(state, gpu_count, provider, force, now)
+        })
+    }
+
+    fn pool(&mut self) -> Result<Option<Pool>> {
+        self.transact(TransactionBehavior::Deferred, schema::read_pool)
+    }
+
+    fn slots(&mut self) -> Result<Vec<GpuSlot>> {
+        Ok(self.pool_view()?.slots)
+    }
+
+    fn pool_view(&mut self) -> Result<PoolView> {
+        self.transact(TransactionBehavior::Deferred, |conn| {
+            let pool = schema::read_pool(conn)?.ok_or(Fault::Domain(Error::NotInitialized))?;
+            let (slots, partials) = rows::read_slots(conn, pool.gpu_count)?;
+            let mut ids: Vec<&String> = partials.values().collect();
+            ids.sort();
+            ids.dedup();
+            let mut collecting = rows::read_entries_by_id(conn, &ids)?;
+            let mut state = PoolState {
+                partials: partials.clone(),
+                queue: std::mem::take(&mut collecting),
+                ..PoolState::default()
+            };
+            state.link_partials();
+            Ok(PoolView {
+                slots,
+                collecting: state.queue,
+            })
+        })
+    }
+
+    fn allocate(&mut self, request: &AllocRequest) -> Result<Vec<u32>> {
+        self.operate(
+            Some(&request.reservation.actual_user),
+            request.now,
+            |state| pool::allocate(state, request),
+        )
+    }
+
+    fn join_queue(&mut self, request: &AllocRequest, waiter: &RunOwner) -> Result<QueueStep> {
+        self.operate(
+            Some(&request.reservation.actual_user),
+            request.now,
+            |state| pool::join(state, request, waiter),
+        )
+    }
+
+    fn queue_step(&mut self, tick: &QueueTick) -> Result<QueueStep> {
+        self.operate(None, tick.now, |state| pool::step(state, tick))
+    }
+
+    fn leave_queue(&mut self, entry_id: &str, now: UnixTime) -> Result<Vec<u32>> {
+        self.operate(None, now, |state| pool::leave(state, entry_id, now))
+    }
+
+    fn queue(&mut self) -> Result<Vec<QueueEntry>> {
+        self.transact(TransactionBehavior::Deferred, |conn| {
+            let state = rows::load_state(conn, None)?;
+            if state.pool.is_none() {
+                return Err(Fault::Domain(Error::NotInitialized));
+            }
+            Ok(state.queue)
+        })
+    }
+
+    fn queue_beat(&mut self, entry_id: &str, now: UnixTime) -> Result<QueueBeat> {
+        self.transact(TransactionBehavior::Immediate, |conn| {
+            let seq: Option<i64> = conn
+                .prepare_cached("SELECT seq FROM queue WHERE id = ?1")?
+                .query_row([entry_id], |row| row.get(0))
+                .optional()?;
+            let Some(seq) = seq else {
+                return Err(Fault::Domain(crate::queue::entry_gone()));
+            };
+            conn.prepare_cached("UPDATE queue SET last_heartbeat = ?1 WHERE id = ?2")?
+                .execute(params![now, entry_id])?;
+            let position: u32 = conn
+                .prepare_cached("SELECT count(*) FROM queue WHERE seq <= ?1")?
+                .query_row([seq], |row| row.get(0))?;
+            let head: Option<String> = conn
+                .prepare_cached("SELECT id FROM queue ORDER BY seq LIMIT 1")?
+                .query_row([], |row| row.get(0))
+                .optional()?;
+            let head = match head {
+                Some(id) => rows::read_entries_by_id(conn, &[&id])?.pop(),
+                None => None,
+            };
+            Ok(QueueBeat { position, head })
+        })
+    }
+
+    fn watch_changes(&mut self) -> Result<()> {
+        self.seen_version = Some(self.data_version()?);
+        Ok(())
+    }
+
+    fn watch_entry(&mut self, entry_id: &str, wake: Wake) -> Result<()> {
+        let listener = Listener::start(&self.wake_scope, entry_id, wake)
+            .map_err(|err| Error::Runtime(format!("cannot listen for queue wake-ups: {err}")))?;
+        self.listener = Some(listener);
+        Ok(())
+    }
+
+    fn stop_watching(&mut self) {
+        self.seen_version = None;
+        self.listener = None;
+    }
+
+    /// Polls `PRAGMA data_version`, which changes when another connection commits.
+    fn wait_for_change(&mut self, timeout: Duration) -> Result<bool> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let version = self.data_version()?;
+            if self.seen_version != Some(version) {
+                self.seen_version = Some(version);
+                return Ok(true);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            std::thread::sleep(left.min(CHANGE_POLL));
+        }
+    }
+
+    fn release(&mut self, scope: &ReleaseScope, now: UnixTime) -> Result<Vec<u32>> {
+        self.operate(None, now, |state| pool::release(state, scope, now))
+    }
+
+    fn heartbeat(&mut self, reservation_id: &str, gpus: &[u32], now: UnixTime) -> Result<Vec<u32>> {
+        self.operate(None, now, |state| {
+            pool::heartbeat(state, reservation_id, gpus, now)
+        })
+    }
+
+    fn reassert(&mut self, request: &ReassertRequest) -> Result<Reasserted> {
+        self.operate(None, request.now, |state| pool::reassert(state, request))
+    }
+
+    fn history(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UsageRecord>> {
+        self.transact(TransactionBehavior::Deferred, |conn| {
+            history::history(conn, from, to)
+        })
+    }
+
+    fn usage_summary(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UserUsage>> {
+        self.transact(TransactionBehavior::Deferred, |conn| {
+            history::usage_summary(conn, from, to)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::history::{prune_history, record_history};
+    use super::schema::{meta_value, set_meta};
+    use super::*;
+    use crate::state::ReservationKind;
+    use crate::store::HISTORY_PRUNE_BATCH;
+    use std::fs;
+    use std::os::unix::fs::MetadataExt;
+
+    fn fresh() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("store/state.db")).unwrap();
+        (dir, store)
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn creates_directory_and_database_for_all_users() {
+        let (dir, store) = fresh();
+        assert_eq!(mode(&dir.path().join("store")), 0o777);
+        assert_eq!(mode(&dir.path().join("store/state.db")), 0o666);
+        let journal: String = store
+            .conn
+            .query_row("PRAGMA journal_mode", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(journal, "wal");
+        let leftovers: Vec<_> = fs::read_dir(dir.path().join("store"))
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name.ends_with(".new"))
+            .collect();
+        assert!(leftovers.is_empty(), "staging files left: {leftovers:?}");
+    }
+
+    #[test]
+    fn reopening_keeps_data_and_refuses_newer_schema() {
+        let (dir, mut store) = fresh();
+        store.init_pool(2, ProviderKind::Fake, false, 10).unwrap();
+        drop(store);
+        let path = dir.path().join("store/state.db");
+        let mut store = SqliteStore::open(&path).unwrap();
+        assert_eq!(
+            store.pool().unwrap(),
+            Some(Pool {
+                gpu_count: 2,
+                provider: ProviderKind::Fake
+            })
+        );
+        set_meta(&store.conn, "schema_version", "3").unwrap();
+        drop(store);
+        let err = SqliteStore::open(&path).err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "the canhazgpu store has schema version 3, newer than this canhazgpu understands (2) - upgrade canhazgpu"
+        );
+    }
+
+    /// A store written before the queue existed gets it on first open, data kept.
+    #[test]
+    fn version_1_stores_are_upgraded() {
+        let (dir, mut store) = fresh();
+        store.init_pool(2, ProviderKind::Fake, false, 10).unwrap();
+        store
+            .conn
+            .execute_batch(
+                "DROP TABLE queue; ALTER TABLE gpus DROP COLUMN queue_id;
+                 UPDATE meta SET value = '1' WHERE key = 'schema_version';",
+            )
+            .unwrap();
+        drop(store);
+        let mut store = SqliteStore::open(&dir.path().join("store/state.db")).unwrap();
+        assert_eq!(
+            meta_value(&store.conn, "schema_version")
+                .unwrap()
+                .as_deref(),
+            Some("2")
+        );
+        assert_eq!(store.slots().unwrap().len(), 2);
+        assert_eq!(store.queue().unwrap(), Vec::new());
+    }
+
+    #[test]
+    fn corrupt_pool_settings_are_reported() {
+        let (_dir, mut store) = fresh();
+        store.init_pool(2, ProviderKind::Fake, false, 10).unwrap();
+        set_meta(&store.conn, "provider", "tpu").unwrap();
+        assert_eq!(
+            store.pool().unwrap_err().to_string(),
+            "corrupted GPU pool settings: invalid provider 'tpu'"
+        );
+    }
+
+    /// Each inconsistent row is reported with its reason, for that GPU only.
+    #[test]
+    fn inconsistent_rows_are_corrupt_slots() {
+        let (_dir, mut store) = fresh();
+        store.init_pool(6, ProviderKind::Fake, false, 10).unwrap();
+        let damage = [
+            (
+                0,
+                "user = 'a', type = 'gpu', start_time = 1",
+                "invalid reservation type 'gpu'",
+            ),
+            (1, "type = 'run'", "reservation type set on a free GPU"),
+            (
+                2,
+                "user = 'a', start_time = 1",
+                "reservation without a type",
+            ),
+            (
+                3,
+                "user = 'a', type = 'run'",
+                "reservation without a start time",
+            ),
+            (
+                4,
+                "user = 'a', type = 'run', start_time = 1, host = 'h'",
+                "incomplete run owner (host, pid, pid_start)",
+            ),
+        ];
+        for (id, set, _) in damage {
+            store
+                .conn
+                .execute(&format!("UPDATE gpus SET {set} WHERE id = {id}"), [])
+                .unwrap();
+        }
+        let slots = store.slots().unwrap();
+        for (id, _, why) in damage {
+            assert_eq!(
+                slots[id],
+                GpuSlot::Corrupt(format!("corrupted GPU state for GPU {id}: {why}"))
+            );
+        }
+        assert_eq!(
+            slots[5],
+            GpuSlot::Free {
+                last_released: None
+            }
+        );
+    }
+
+    #[test]
+    fn history_pruning_is_bounded_per_write() {
+        let (_dir, store) = fresh();
+        let old = UsageRecord {
+            user: "a".into(),
+            actual_user: "a".into(),
+            gpu_id: 0,
+            start_time: 0,
+            end_time: 1,
+            kind: ReservationKind::Manual,
+        };
+        for _ in 0..150 {
+            record_history(&store.conn, &old).unwrap();
+        }
+        let count = |store: &SqliteStore| -> i64 {
+            store
+                .conn
+                .query_row("SELECT count(*) FROM history WHERE end_time = 1", [], |r| {
+                    r.get(0)
+                })
+                .unwrap()
+        };
+        assert_eq!(count(&store), 150);
+        prune_history(&store.conn, 1).unwrap();
+        assert_eq!(count(&store), 150, "records ending at the cutoff are kept");
+        prune_history(&store.conn, 2).unwrap();
+        assert_eq!(count(&store), 150 - i64::from(HISTORY_PRUNE_BATCH));
+        prune_history(&store.conn, 2).unwrap();
+        assert_eq!(count(&store), 0);
+    }
+}
