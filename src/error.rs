@@ -54,7 +54,10 @@ pub enum Error {
     WaitTimeout(String),
     /// A signal ended the wait for GPUs.
     #[error("{message}")]
-    Interrupted { signal: i32, message: String },
+    Interrupted {
+        signal: nix::sys::signal::Signal,
+        message: String,
+    },
     /// `run`: the command was not found.
     #[error("{0}")]
     CommandNotFound(String),
@@ -89,7 +92,7 @@ impl Error {
                 exit::UNAVAILABLE
             }
             // As a shell reports a process ended by a signal.
-            Error::Interrupted { signal, .. } => 128u8.wrapping_add(*signal as u8),
+            Error::Interrupted { signal, .. } => crate::signals::exit_status(*signal),
             Error::NotInitialized => exit::NOT_INITIALIZED,
             Error::CommandNotFound(_) => exit::NOT_FOUND,
             Error::CommandNotExecutable(_) => exit::NOT_EXECUTABLE,

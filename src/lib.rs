@@ -13,6 +13,7 @@ pub mod pool;
 pub mod queue;
 pub mod report;
 pub mod session;
+pub mod signals;
 pub mod state;
 pub mod store;
 pub mod supervise;

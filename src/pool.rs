@@ -43,6 +43,9 @@ pub struct PoolState {
     /// When each account last used each GPU, for the accounts the operation needs
     /// (see `PoolState::accounts_needed`).
     pub last_used: HashMap<String, HashMap<u32, UnixTime>>,
+    /// Run reservations and queue entries whose process on the loading host is gone
+    /// (see `PoolState::find_gone`); every operation treats them as dead.
+    pub gone: Vec<String>,
 }
 
 impl PoolState {
@@ -67,6 +70,30 @@ impl PoolState {
                 .map(|(gpu, _)| *gpu)
                 .collect();
         }
+    }
+
+    /// Notes the run reservations and queue entries whose process, on `host`, is not
+    /// `alive`: the loading store checks them, so that any change drops what a killed
+    /// supervisor or waiter left, whoever makes it.
+    pub fn find_gone(&mut self, host: &str, alive: impl Fn(&RunOwner) -> bool) {
+        let here = |process: &RunOwner| process.host == host && !alive(process);
+        let mut gone: BTreeSet<String> = self
+            .slots
+            .iter()
+            .filter_map(|slot| match slot {
+                GpuSlot::Held(r) if !r.id.is_empty() && r.owner.as_ref().is_some_and(here) => {
+                    Some(r.id.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        gone.extend(
+            self.queue
+                .iter()
+                .filter(|entry| entry.waiter.as_ref().is_some_and(here))
+                .map(|entry| entry.id.clone()),
+        );
+        self.gone = gone.into_iter().collect();
     }
 
     fn require_pool(&self) -> Result<Pool> {
@@ -162,13 +189,15 @@ pub struct Work {
 
 impl Work {
     fn new(state: &PoolState, dead_ids: &[String]) -> Self {
+        let mut dead: Vec<String> = state.gone.clone();
+        dead.extend(dead_ids.iter().cloned());
         Work {
             state: state.clone(),
             history: Vec::new(),
             last_used: Vec::new(),
             granted: BTreeSet::new(),
             caller: None,
-            dead_ids: dead_ids.to_vec(),
+            dead_ids: dead,
         }
     }
 
@@ -699,6 +728,8 @@ pub fn release(state: &PoolState, scope: &ReleaseScope, now: UnixTime) -> Transi
         if let ReleaseScope::OwnIds { ids, .. } | ReleaseScope::AnyIds { ids } = scope {
             alloc::validate_selection(&Selection::Ids(ids.clone()), pool.gpu_count)?;
         }
+        // Dead waiters go first, so that the wake-up reaches a live head.
+        work.settle(now);
         let mut freed = Vec::new();
         for gpu in 0..work.state.slots.len() as u32 {
             match &work.state.slots[gpu as usize] {

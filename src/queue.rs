@@ -357,7 +357,7 @@ impl QueueRow {
     /// `2 GPUs`, or `IDs: [1, 3]`.
     pub fn requested(&self) -> String {
         match &self.requested_ids {
-            Some(ids) => format!("IDs: {}", crate::commands::id_list(ids)),
+            Some(ids) => format!("IDs: {}", crate::output::id_list(ids)),
             None if self.requested_count == 1 => "1 GPU".into(),
             None => format!("{} GPUs", self.requested_count),
         }

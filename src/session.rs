@@ -59,8 +59,8 @@ impl Session {
         })
     }
 
-    /// The slots and the queue, with the IDs of reservations and entries whose
-    /// process on this host is gone. The partial reservations of queue entries that
+    /// The slots and the queue entries collecting on them, with the IDs of
+    /// reservations and entries whose process on this host is gone. The partial reservations of queue entries that
     /// are gone show as free, as the next change leaves them.
     pub fn read_state(&mut self) -> Result<(Vec<GpuSlot>, Vec<QueueEntry>, Vec<String>)> {
         read_state(self.store.as_mut(), &self.host)
@@ -94,7 +94,8 @@ impl Session {
 
     /// The live queue, as `queue --json` and `/api/queue` show it.
     pub fn queue_report(&mut self) -> Result<queue::QueueReport> {
-        let (_, entries, dead_ids) = self.read_state()?;
+        let entries = self.store.queue()?;
+        let dead_ids = queue::dead_waiter_ids(&entries, &self.host);
         Ok(queue::report(&entries, &dead_ids, now()))
     }
 
@@ -141,11 +142,11 @@ pub fn read_state(
     store: &mut dyn Store,
     host: &str,
 ) -> Result<(Vec<GpuSlot>, Vec<QueueEntry>, Vec<String>)> {
-    let slots = store.slots()?;
-    let queue = store.queue()?;
-    let mut dead_ids = gpu_status::dead_reservation_ids(&slots, host);
+    let view = store.pool_view()?;
+    let queue = view.collecting;
+    let mut dead_ids = gpu_status::dead_reservation_ids(&view.slots, host);
     dead_ids.extend(queue::dead_waiter_ids(&queue, host));
-    let slots = queue::without_dead_partials(slots, &queue, &dead_ids, now());
+    let slots = queue::without_dead_partials(view.slots, &queue, &dead_ids, now());
     Ok((slots, queue, dead_ids))
 }
 

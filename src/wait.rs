@@ -1,20 +1,27 @@
-//! Waiting for GPUs (`--wait`): join the queue, then take turns whenever something
-//! changed until the request is served, the wait limit passes, or a signal ends it.
-//! Progress goes to stderr only, so stdout stays clean for `$(canhazgpu reserve --short)`.
+//! Waiting for GPUs (`--wait`): join the queue, then take turns until the request is
+//! served, the wait limit passes, or a signal ends it. Progress goes to stderr only,
+//! so stdout stays clean for `$(canhazgpu reserve --short)`.
 //!
-//! A turn needs the GPUs' real usage only when some GPU is not held by a live
-//! reservation (it may be handed out); otherwise the provider is not queried.
+//! A waiter costs next to nothing while nothing concerns it. It sleeps until its
+//! doorbell rings (a signal, or the store saying its entry changed: it was given
+//! GPUs, or GPUs were freed while it is the head of the queue) or its next refresh is
+//! due. Every 5 s it refreshes its entry with `Store::queue_beat`, which reads no
+//! queue and wakes nobody. Only the head of the queue takes periodic full turns,
+//! which hand free GPUs to every waiter; a waiter behind a head that looks dead takes
+//! one too, to drop it. A full turn reads the GPUs' real usage only when some GPU is
+//! not held by a live reservation.
 
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{SigSet, SigmaskHow, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::signal::Signal;
 
-use crate::commands::id_list;
 use crate::duration::format_duration;
 use crate::error::{Error, Result};
+use crate::gpu::procinfo;
 use crate::gpu_status;
-use crate::queue::WAITER_HEARTBEAT_SECS;
+use crate::output::id_list;
+use crate::queue::{QueueEntry, WAITER_HEARTBEAT_SECS};
 use crate::session::{Session, now};
 use crate::state::{GpuSlot, Liveness, Selection, UnixTime};
 use crate::store::{NewReservation, QueueStep, QueueTick};
@@ -30,19 +37,45 @@ pub enum WaitPolicy {
     Limit(Duration),
 }
 
-/// How often a waiter checks for signals and wake-ups.
-const TICK: Duration = Duration::from_millis(100);
+/// Wakes a sleeping waiter; rung by the signal thread and by the store's wake-ups.
+#[derive(Clone, Default)]
+pub struct Doorbell(Arc<(Mutex<bool>, Condvar)>);
+
+impl Doorbell {
+    pub fn ring(&self) {
+        let (rung, bell) = &*self.0;
+        if let Ok(mut rung) = rung.lock() {
+            *rung = true;
+            bell.notify_all();
+        }
+    }
+
+    /// Sleeps until rung or until `timeout` passed; says whether it was rung (and
+    /// silences it).
+    fn sleep(&self, timeout: Duration) -> bool {
+        let (rung, bell) = &*self.0;
+        let Ok(guard) = rung.lock() else {
+            std::thread::sleep(timeout);
+            return false;
+        };
+        match bell.wait_timeout_while(guard, timeout, |rung| !*rung) {
+            Ok((mut rung, _)) => std::mem::take(&mut *rung),
+            Err(_) => false,
+        }
+    }
+}
 
 /// Claims GPUs like `Session::claim`; with a waiting policy, joins the queue when
 /// they are not available yet and waits. `interrupted` is asked for a signal that
-/// ends the wait every tick. On any failure while queued the request leaves the
-/// queue and releases what it collected.
+/// ends the wait whenever `doorbell` rings. On any failure while queued the request
+/// leaves the queue and releases what it collected.
 pub fn claim(
     session: &mut Session,
     reservation: NewReservation,
     selection: Selection,
     policy: WaitPolicy,
     interrupted: &mut dyn FnMut() -> Option<Signal>,
+    doorbell: &Doorbell,
 ) -> Result<Vec<u32>> {
     let limit = match policy {
         WaitPolicy::FailAtOnce => return session.claim(reservation, selection),
@@ -63,70 +96,117 @@ pub fn claim(
     };
     let mut progress = Progress::new(wanted);
     progress.show(position, &collected);
-    let outcome = wait_in_queue(
-        session,
-        &entry_id,
+    let mut waiting = Waiting {
+        entry_id: &entry_id,
+        deadline: limit.map(|limit| started + limit),
         started,
-        limit,
-        interrupted,
-        &mut progress,
-    );
+        head: position == 1,
+    };
+    let outcome = waiting.wait(session, interrupted, doorbell, &mut progress);
     session.store.stop_watching();
     outcome.map_err(|failure| leave(session, &entry_id, failure, &progress))
 }
 
-fn wait_in_queue(
-    session: &mut Session,
-    entry_id: &str,
+/// A request waiting in the queue.
+struct Waiting<'a> {
+    entry_id: &'a str,
     started: Instant,
-    limit: Option<Duration>,
-    interrupted: &mut dyn FnMut() -> Option<Signal>,
-    progress: &mut Progress,
-) -> Result<Vec<u32>> {
-    session.store.watch_changes()?;
-    let deadline = limit.map(|limit| started + limit);
-    // A turn at once covers any change between joining and subscribing.
-    let mut next_turn = Instant::now();
-    let mut woken = false;
-    loop {
-        if let Some(signal) = interrupted() {
-            return Err(Error::Interrupted {
-                signal: signal as i32,
-                message: format!("interrupted by {signal} while waiting for GPUs"),
-            });
-        }
-        if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
-            return Err(Error::WaitTimeout(format!(
-                "timed out after {} waiting for GPUs",
-                format_duration(started.elapsed().as_secs() as i64)
-            )));
-        }
-        if woken || Instant::now() >= next_turn {
-            let (step, next_change) = turn(session, entry_id)?;
-            match step {
-                QueueStep::Served(gpus) => return Ok(gpus),
-                QueueStep::Waiting {
-                    position,
-                    collected,
-                } => progress.show(position, &collected),
-            }
-            next_turn = Instant::now() + Duration::from_secs(WAITER_HEARTBEAT_SECS as u64);
-            if let Some(in_secs) = next_change {
-                next_turn = next_turn.min(Instant::now() + Duration::from_secs(in_secs));
-            }
-        }
-        let mut timeout = TICK.min(next_turn.saturating_duration_since(Instant::now()));
-        if let Some(deadline) = deadline {
-            timeout = timeout.min(deadline.saturating_duration_since(Instant::now()));
-        }
-        woken = session
+    deadline: Option<Instant>,
+    /// Whether the entry was first in the queue when last seen.
+    head: bool,
+}
+
+impl Waiting<'_> {
+    fn wait(
+        &mut self,
+        session: &mut Session,
+        interrupted: &mut dyn FnMut() -> Option<Signal>,
+        doorbell: &Doorbell,
+        progress: &mut Progress,
+    ) -> Result<Vec<u32>> {
+        let bell = doorbell.clone();
+        if let Err(e) = session
             .store
-            .wait_for_change(timeout.max(Duration::from_millis(1)))?;
+            .watch_entry(self.entry_id, Arc::new(move || bell.ring()))
+        {
+            // Wake-ups are hints: without them the periodic refreshes still serve.
+            eprintln!("warning: {e}; checking the queue every {WAITER_HEARTBEAT_SECS}s instead");
+        }
+        let period = Duration::from_secs(WAITER_HEARTBEAT_SECS as u64);
+        // A turn at once covers any change between joining and watching.
+        let mut full_turn_due = true;
+        let mut next_turn = Instant::now() + period;
+        let mut next_beat = Instant::now() + period;
+        loop {
+            if let Some(signal) = interrupted() {
+                return Err(Error::Interrupted {
+                    signal,
+                    message: format!("interrupted by {signal} while waiting for GPUs"),
+                });
+            }
+            if self
+                .deadline
+                .is_some_and(|deadline| Instant::now() >= deadline)
+            {
+                return Err(Error::WaitTimeout(format!(
+                    "timed out after {} waiting for GPUs",
+                    format_duration(self.started.elapsed().as_secs() as i64)
+                )));
+            }
+            if full_turn_due || (self.head && Instant::now() >= next_turn) {
+                full_turn_due = false;
+                let (step, next_change) = turn(session, self.entry_id)?;
+                match step {
+                    QueueStep::Served(gpus) => return Ok(gpus),
+                    QueueStep::Waiting {
+                        position,
+                        collected,
+                    } => {
+                        self.head = position == 1;
+                        progress.show(position, &collected);
+                    }
+                }
+                next_turn = Instant::now() + period;
+                if let Some(in_secs) = next_change {
+                    next_turn = next_turn.min(Instant::now() + Duration::from_secs(in_secs));
+                }
+                next_beat = Instant::now() + period;
+            } else if Instant::now() >= next_beat {
+                let beat = session.store.queue_beat(self.entry_id, now())?;
+                self.head = beat.position == 1;
+                progress.show(beat.position, &progress.collected.clone());
+                // A dead head drives nothing: the turn that drops it falls to us.
+                full_turn_due = beat
+                    .head
+                    .is_some_and(|head| head.id != self.entry_id && looks_dead(&head, session));
+                next_beat = Instant::now() + period;
+            }
+            let mut wake_at = next_beat;
+            if self.head {
+                wake_at = wake_at.min(next_turn);
+            }
+            if let Some(deadline) = self.deadline {
+                wake_at = wake_at.min(deadline);
+            }
+            let timeout = wake_at.saturating_duration_since(Instant::now());
+            if doorbell.sleep(timeout.max(Duration::from_millis(1))) {
+                full_turn_due = true;
+            }
+        }
     }
 }
 
-/// One turn of the waiter. Also returns in how many seconds a reservation ends by
-/// itself (expires or goes stale), when one does: nobody announces that.
+/// Whether the entry's waiter is gone: its process on this host has exited, or it
+/// has not refreshed the entry in time.
+fn looks_dead(entry: &QueueEntry, session: &Session) -> bool {
+    let gone_here = entry.waiter.as_ref().is_some_and(|waiter| {
+        waiter.host == session.host && !procinfo::process_alive(waiter.pid, waiter.pid_start)
+    });
+    gone_here || !entry.is_alive(now(), &[])
+}
+
+/// One full turn of the waiter. Also returns in how many seconds a reservation ends
+/// by itself (expires or goes stale), when one does: nobody announces that.
 fn turn(session: &mut Session, entry_id: &str) -> Result<(QueueStep, Option<u64>)> {
     let (slots, _, dead_ids) = session.read_state()?;
     let now = now();
@@ -234,43 +314,34 @@ impl Progress {
     }
 }
 
-/// Takes SIGINT, SIGTERM and SIGHUP while it lives, so that they end a wait cleanly
-/// instead of the process: they are blocked and read from a signalfd. Dropping it
-/// restores the previous mask; a signal that arrived meanwhile and was not read then
-/// takes its default action.
-pub struct SignalGuard {
-    signals: SignalFd,
-    previous: SigSet,
+/// Signals that end a wait cleanly (leaving the queue) instead of the process: for
+/// `reserve --wait`, which has no supervisor of its own.
+pub struct WaitSignals {
+    pending: Arc<Mutex<Option<Signal>>>,
+    doorbell: Doorbell,
 }
 
-impl SignalGuard {
-    /// Call before any other thread starts: threads inherit the mask.
+impl WaitSignals {
+    /// Call before any other thread starts: threads inherit the signal mask.
     pub fn install() -> Result<Self> {
-        let mut mask = SigSet::empty();
-        for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-            mask.add(signal);
-        }
-        let failed = |e: nix::Error| Error::Runtime(format!("cannot take over signals: {e}"));
-        let previous = mask
-            .thread_swap_mask(SigmaskHow::SIG_BLOCK)
-            .map_err(failed)?;
-        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
-            .map_err(|e| {
-            let _ = previous.thread_set_mask();
-            failed(e)
+        let pending = Arc::new(Mutex::new(None));
+        let doorbell = Doorbell::default();
+        let (first, bell) = (Arc::clone(&pending), doorbell.clone());
+        crate::signals::listen(move |signal| {
+            if let Ok(mut first) = first.lock() {
+                first.get_or_insert(signal);
+            }
+            bell.ring();
         })?;
-        Ok(SignalGuard { signals, previous })
+        Ok(WaitSignals { pending, doorbell })
     }
 
-    /// A signal that arrived since the last call, if any.
-    pub fn pending(&mut self) -> Option<Signal> {
-        let info = self.signals.read_signal().ok()??;
-        Signal::try_from(info.ssi_signo as i32).ok()
+    /// The first signal that arrived, if any.
+    pub fn pending(&self) -> Option<Signal> {
+        self.pending.lock().ok().and_then(|first| *first)
     }
-}
 
-impl Drop for SignalGuard {
-    fn drop(&mut self) {
-        let _ = self.previous.thread_set_mask();
+    pub fn doorbell(&self) -> &Doorbell {
+        &self.doorbell
     }
 }

@@ -143,12 +143,6 @@ fn check_text(flag: &str, text: &str, max_chars: usize) -> Result<()> {
     Ok(())
 }
 
-/// `[0, 2]`, the way the reference prints GPU lists.
-pub fn id_list(ids: &[u32]) -> String {
-    let items: Vec<String> = ids.iter().map(u32::to_string).collect();
-    format!("[{}]", items.join(", "))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,7 +161,6 @@ mod tests {
         );
         assert!(selection(Some(3), Some(vec![1, 3])).is_err());
         assert!(selection(Some(0), None).is_err());
-        assert_eq!(id_list(&[0, 2]), "[0, 2]");
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub fn render(report: &QueueReport) -> String {
         .map(|row| {
             let mut collected = format!("{}/{}", row.allocated_count, row.requested_count);
             if !row.allocated_gpus.is_empty() {
-                collected.push_str(&format!(" {}", super::id_list(&row.allocated_gpus)));
+                collected.push_str(&format!(" {}", crate::output::id_list(&row.allocated_gpus)));
             }
             let mut cells = vec![
                 Cell::from(row.position.to_string()),

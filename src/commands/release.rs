@@ -46,12 +46,12 @@ pub fn execute(args: &ReleaseArgs, config: &Config) -> Result<()> {
         (None, true) => "No manually reserved GPUs found for current user".to_string(),
         (Some(ids), true) => format!(
             "No reservations found for current user on GPU(s): {}",
-            super::id_list(ids)
+            crate::output::id_list(ids)
         ),
         (_, false) => format!(
             "Released {} GPU(s): {}",
             released.len(),
-            super::id_list(&released)
+            crate::output::id_list(&released)
         ),
     };
     output::print(&message)

@@ -7,7 +7,7 @@ use crate::output;
 use crate::session::{Session, new_reservation_id, now};
 use crate::state::ReservationKind;
 use crate::store::NewReservation;
-use crate::wait::{self, SignalGuard, WaitPolicy};
+use crate::wait::{self, WaitPolicy, WaitSignals};
 
 use super::RequestOptions;
 
@@ -27,9 +27,9 @@ pub fn execute(args: &ReserveArgs, config: &Config) -> Result<()> {
     let policy = args.request.wait_policy(config, "reserve.wait")?;
     let note = args.request.note()?;
     // Signals end a wait cleanly (leaving the queue); taken before any thread starts.
-    let mut signals = match policy {
+    let signals = match policy {
         WaitPolicy::FailAtOnce => None,
-        _ => Some(SignalGuard::install()?),
+        _ => Some(WaitSignals::install()?),
     };
     let mut session = Session::open(config)?;
     let reservation = NewReservation {
@@ -41,15 +41,20 @@ pub fn execute(args: &ReserveArgs, config: &Config) -> Result<()> {
         note,
         owner: None,
     };
-    let mut interrupted = || signals.as_mut().and_then(SignalGuard::pending);
+    let doorbell = signals
+        .as_ref()
+        .map_or_else(wait::Doorbell::default, |signals| {
+            signals.doorbell().clone()
+        });
+    let mut interrupted = || signals.as_ref().and_then(WaitSignals::pending);
     let ids = wait::claim(
         &mut session,
         reservation,
         selection,
         policy,
         &mut interrupted,
+        &doorbell,
     )?;
-    drop(signals);
     let list: Vec<String> = ids.iter().map(u32::to_string).collect();
     if args.short {
         return output::print(&list.join(","));
@@ -57,7 +62,7 @@ pub fn execute(args: &ReserveArgs, config: &Config) -> Result<()> {
     output::print(&format!(
         "Reserved {} GPU(s): {} for {}\n\nRun the following command to run only on these GPUs:\nexport CUDA_VISIBLE_DEVICES={}",
         ids.len(),
-        super::id_list(&ids),
+        crate::output::id_list(&ids),
         format_duration(seconds as i64),
         list.join(",")
     ))

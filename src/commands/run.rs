@@ -97,6 +97,7 @@ pub fn execute(args: &RunArgs, config: &Config) -> Result<u8> {
         checked.selection,
         policy,
         &mut || supervisor.pending_signal(),
+        supervisor.doorbell(),
     );
     let gpus = match claimed {
         Ok(gpus) => gpus,
@@ -107,7 +108,7 @@ pub fn execute(args: &RunArgs, config: &Config) -> Result<u8> {
                 eprintln!(
                     "canhazgpu: {signal} received before the command started; nothing reserved"
                 );
-                return Ok(128 + signal as u8);
+                return Ok(crate::signals::exit_status(signal));
             }
             None => return Err(err),
         },
@@ -133,9 +134,9 @@ pub fn execute(args: &RunArgs, config: &Config) -> Result<u8> {
         let freed = release(keeper);
         eprintln!(
             "canhazgpu: {signal} received before the command started; released GPU(s) {}",
-            super::id_list(&freed)
+            crate::output::id_list(&freed)
         );
-        return Ok(128 + signal as u8);
+        return Ok(crate::signals::exit_status(signal));
     }
 
     let timeout_note = checked
@@ -146,7 +147,7 @@ pub fn execute(args: &RunArgs, config: &Config) -> Result<u8> {
     eprintln!(
         "Reserved {} GPU(s): {} for command execution{timeout_note}",
         gpus.len(),
-        super::id_list(&gpus)
+        crate::output::id_list(&gpus)
     );
 
     let pid = match supervisor.spawn(&args.command, &visible_devices(pool.provider, &gpus)) {
@@ -162,7 +163,7 @@ pub fn execute(args: &RunArgs, config: &Config) -> Result<u8> {
     if let Ending::TimedOut { .. } = ending {
         eprintln!(
             "canhazgpu: command stopped by the timeout; released GPU(s) {}; exit status {}",
-            super::id_list(&freed),
+            crate::output::id_list(&freed),
             ending.exit_code()
         );
     }

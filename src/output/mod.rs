@@ -31,6 +31,12 @@ fn stdout_error(e: std::io::Error) -> Error {
     Error::Runtime(format!("cannot write to stdout: {e}"))
 }
 
+/// `[0, 2]`, the way the reference prints GPU lists.
+pub fn id_list(ids: &[u32]) -> String {
+    let items: Vec<String> = ids.iter().map(u32::to_string).collect();
+    format!("[{}]", items.join(", "))
+}
+
 pub fn green() -> Style {
     Style::new().fg_color(Some(AnsiColor::Green.into())).bold()
 }
@@ -50,4 +56,13 @@ pub fn yellow() -> Style {
 /// `text` wrapped in `style`'s escape codes.
 pub fn paint(style: Style, text: &str) -> String {
     format!("{style}{text}{style:#}")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn id_lists_as_the_reference_prints_them() {
+        assert_eq!(super::id_list(&[0, 2]), "[0, 2]");
+        assert_eq!(super::id_list(&[]), "[]");
+    }
 }

@@ -7,9 +7,9 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::commands::id_list;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::output::id_list;
 use crate::session::now;
 use crate::state::{Pool, UnixTime};
 use crate::store::{self, NewReservation, ReassertRequest, ReleaseScope, Store};

@@ -7,7 +7,6 @@
 
 pub mod keeper;
 pub mod proctree;
-mod signals;
 pub mod spawn;
 
 use std::ffi::OsString;
@@ -23,6 +22,8 @@ use nix::unistd::Pid;
 use self::spawn::{EnvChange, SpawnError};
 
 use crate::error::{Error, Result, exit};
+use crate::signals;
+use crate::wait::Doorbell;
 
 /// What the supervising loop waits for.
 #[derive(Debug)]
@@ -60,7 +61,7 @@ impl Ending {
         match self {
             // Exit statuses are 0-255; the kernel keeps only the low byte.
             Ending::Exited(code) => code as u8,
-            Ending::Killed(signal) => 128u8.wrapping_add(signal as u8),
+            Ending::Killed(signal) => signals::exit_status(signal),
             Ending::TimedOut { .. } => exit::TIMEOUT,
         }
     }
@@ -71,6 +72,8 @@ pub struct Supervisor {
     sender: Sender<Event>,
     events: Receiver<Event>,
     started: Arc<AtomicBool>,
+    /// Rung on every signal, so that a wait in the queue ends at once.
+    doorbell: Doorbell,
 }
 
 impl Supervisor {
@@ -79,12 +82,45 @@ impl Supervisor {
     pub fn start() -> Result<Self> {
         let (sender, events) = mpsc::channel();
         let started = Arc::new(AtomicBool::new(false));
-        signals::listen(sender.clone(), Arc::clone(&started))?;
+        let doorbell = Doorbell::default();
+        let deliver = std::sync::Mutex::new(sender.clone());
+        let (before, bell) = (Arc::clone(&started), doorbell.clone());
+        let early = std::sync::atomic::AtomicU32::new(0);
+        // Until the command is spawned, a first signal is announced (the caller
+        // cancels once the allocation is done), a second ends the process at once.
+        // That way out leaves no stuck reservation behind: the reservation names this
+        // process as its owner, and every canhazgpu on this host treats a reservation
+        // whose owner is gone as free.
+        signals::listen(move |signal| {
+            let before_start = !before.load(Ordering::SeqCst);
+            if before_start {
+                if early.fetch_add(1, Ordering::SeqCst) == 0 {
+                    eprintln!(
+                        "canhazgpu: {signal} received; cancelling as soon as the allocation finishes (repeat it to quit at once)"
+                    );
+                } else {
+                    std::process::exit(i32::from(signals::exit_status(signal)));
+                }
+            }
+            if let Ok(deliver) = deliver.lock() {
+                let _ = deliver.send(Event::Signal {
+                    signal,
+                    before_start,
+                });
+            }
+            bell.ring();
+        })?;
         Ok(Supervisor {
             sender,
             events,
             started,
+            doorbell,
         })
+    }
+
+    /// Rung on every signal (see `wait::claim`).
+    pub fn doorbell(&self) -> &Doorbell {
+        &self.doorbell
     }
 
     /// The first signal that arrived before the command was started, if any.

@@ -24,6 +24,7 @@ use super::{
     Wake,
 };
 use crate::error::{Error, Result};
+use crate::gpu::procinfo;
 use crate::pool::{self, Changes, PoolState, SlotWrite, Transition};
 use crate::queue::QueueEntry;
 use crate::report::UserUsage;
@@ -92,6 +93,8 @@ pub struct RedisStore {
     /// Where the store lives, without any password, for messages.
     location: String,
     keys: Keys,
+    /// This machine, whose processes a transaction checks (`PoolState::find_gone`).
+    host: String,
     /// Wake-ups for a pool watcher (`watch_changes`).
     pool_watch: Option<(Watch, Receiver<()>)>,
     /// Wake-ups for a waiter's own entry (`watch_entry`).
@@ -128,6 +131,7 @@ impl RedisStore {
             connection: None,
             location,
             keys: Keys::UPSTREAM,
+            host: procinfo::hostname(),
             pool_watch: None,
             entry_watch: None,
             history_retention: i64::from(DEFAULT_HISTORY_RETENTION_DAYS) * 86_400,
@@ -335,7 +339,10 @@ impl RedisStore {
         let started = Instant::now();
         let mut pause = Duration::from_millis(1);
         loop {
-            let loaded = self.load(requester, true)?;
+            let mut loaded = self.load(requester, true)?;
+            loaded.state.find_gone(&self.host, |process| {
+                procinfo::process_alive(process.pid, process.pid_start)
+            });
             let transition = (!loaded.locked).then(|| operation(&loaded.state));
             let committed = match &transition {
                 None => {

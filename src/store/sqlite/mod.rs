@@ -23,6 +23,7 @@ use super::{
     QueueTick, ReassertRequest, Reasserted, ReleaseScope, Store, Wake,
 };
 use crate::error::{Error, Result};
+use crate::gpu::procinfo;
 use crate::pool::{self, PoolState, Transition};
 use crate::queue::QueueEntry;
 use crate::report::UserUsage;
@@ -42,6 +43,8 @@ pub struct SqliteStore {
     path: PathBuf,
     /// Names this store's wake-ups (`local_wake`).
     wake_scope: String,
+    /// This machine, whose processes a transaction checks (`PoolState::find_gone`).
+    host: String,
     /// `PRAGMA data_version` when changes were last looked for (`watch_changes`).
     seen_version: Option<i64>,
     /// The wake-ups of the entry this process waits for (`watch_entry`).
@@ -149,6 +152,7 @@ impl SqliteStore {
             conn,
             path: path.to_path_buf(),
             wake_scope,
+            host: procinfo::hostname(),
             seen_version: None,
             listener: None,
             history_retention: i64::from(DEFAULT_HISTORY_RETENTION_DAYS) * 86_400,
@@ -193,8 +197,12 @@ impl SqliteStore {
         operation: impl FnOnce(&PoolState) -> Transition<T>,
     ) -> Result<T> {
         let prune_before = now - self.history_retention;
+        let host = self.host.clone();
         let transition = self.transact(TransactionBehavior::Immediate, |conn| {
-            let state = rows::load_state(conn, requester)?;
+            let mut state = rows::load_state(conn, requester)?;
+            state.find_gone(&host, |process| {
+                procinfo::process_alive(process.pid, process.pid_start)
+            });
             let transition = operation(&state);
             rows::apply(conn, &transition.changes, prune_before)?;
             Ok(transition)

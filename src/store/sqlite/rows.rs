@@ -35,7 +35,7 @@ pub(super) fn load_state(conn: &Connection, requester: Option<&str>) -> Outcome<
         partials,
         queue,
         unreadable_entries,
-        last_used: HashMap::new(),
+        ..PoolState::default()
     };
     for account in PoolState::accounts_needed(&state.queue, requester) {
         let used = last_used(conn, &account)?;
