@@ -616,40 +616,6 @@ fn waiters_first(work: &mut Work, unreserved: &[u32], now: UnixTime) {
     work.grant(unreserved, now);
 }
 
-/// Like `allocate`, but a request refused for now (a retryable error) joins the end
-/// of the queue, waited for by `waiter`, and collects what it can at once.
-pub fn join(state: &PoolState, request: &AllocRequest, waiter: &RunOwner) -> Transition<QueueStep> {
-    let mut work = Work::new(state, &request.dead_ids);
-    work.caller = Some(request.reservation.id.clone());
-    let outcome = state.require_pool().and_then(|_| {
-        waiters_first(&mut work, &request.unreserved, request.now);
-        match work.claim(request) {
-            Ok(claimed) => Ok(QueueStep::Served(claimed)),
-            Err(refusal) if !refusal.is_retryable() => Err(refusal),
-            Err(_) => {
-                let entry = QueueEntry::new(
-                    &request.reservation,
-                    &request.selection,
-                    waiter,
-                    request.now,
-                );
-                work.state.queue.push(entry);
-                // Only the new entry can find anything left.
-                work.grant(&request.unreserved, request.now);
-                let queue = &work.state.queue;
-                Ok(QueueStep::Waiting {
-                    position: queue.len() as u32,
-                    collected: queue
-                        .last()
-                        .map(|e| e.collected.clone())
-                        .unwrap_or_default(),
-                })
-            }
-        }
-    });
-    work.finish(state, outcome)
-}
-
 /// One turn of a waiter (see `QueueTick`). Fails when the entry is no longer queued
 /// (the settling is still written).
 pub fn step(state: &PoolState, tick: &QueueTick) -> Transition<QueueStep> {

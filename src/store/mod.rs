@@ -88,7 +88,33 @@ pub trait Store: Send {
     /// Like `allocate`, but when the GPUs are not available yet (a retryable error)
     /// the request joins the end of the queue, waited for by `waiter`, and collects
     /// what it can at once. Other errors are returned as by `allocate`.
-    fn join_queue(&mut self, request: &AllocRequest, waiter: &RunOwner) -> Result<QueueStep>;
+    ///
+    /// Three steps, each atomic: the allocation, the append, and the entry's first
+    /// turn. When nothing is free, the first and last change nothing, so a crowd
+    /// joining at once contends only for the appends, which never conflict.
+    fn join_queue(&mut self, request: &AllocRequest, waiter: &RunOwner) -> Result<QueueStep> {
+        match self.allocate(request) {
+            Ok(claimed) => return Ok(QueueStep::Served(claimed)),
+            Err(refusal) if !refusal.is_retryable() => return Err(refusal),
+            Err(_) => {}
+        }
+        let entry = QueueEntry::new(
+            &request.reservation,
+            &request.selection,
+            waiter,
+            request.now,
+        );
+        self.enqueue(&entry)?;
+        self.queue_step(&QueueTick {
+            entry_id: entry.id,
+            unreserved: Some(request.unreserved.clone()),
+            dead_ids: request.dead_ids.clone(),
+            now: request.now,
+        })
+    }
+
+    /// Appends `entry` to the queue (a step of `join_queue`).
+    fn enqueue(&mut self, entry: &QueueEntry) -> Result<()>;
 
     /// One turn of the waiter of entry `tick.entry_id` (see `QueueTick`). Fails when
     /// the entry is no longer queued.

@@ -28,7 +28,7 @@ use crate::gpu::procinfo;
 use crate::pool::{self, Changes, PoolState, SlotWrite, Transition};
 use crate::queue::QueueEntry;
 use crate::report::UserUsage;
-use crate::state::{GpuSlot, Pool, ProviderKind, RunOwner, UnixTime, UsageRecord};
+use crate::state::{GpuSlot, Pool, ProviderKind, UnixTime, UsageRecord};
 
 use connection::{connect_error, connection_info, display_location, one_line};
 use watch::Watch;
@@ -110,8 +110,6 @@ struct Loaded {
     state: PoolState,
     /// The JSON of each readable entry, so an update keeps upstream's fields.
     raw_entries: HashMap<String, String>,
-    /// The score of the last queue entry.
-    tail_score: f64,
     /// Upstream holds its allocation lock.
     locked: bool,
 }
@@ -291,7 +289,6 @@ impl RedisStore {
         Ok(Loaded {
             state,
             raw_entries,
-            tail_score: queued.last().map_or(0.0, |(_, score)| *score),
             locked,
         })
     }
@@ -337,7 +334,7 @@ impl RedisStore {
         operation: impl Fn(&PoolState) -> Transition<T>,
     ) -> Result<T> {
         let started = Instant::now();
-        let mut pause = Duration::from_millis(1);
+        let mut pause = Duration::from_millis(2);
         loop {
             let mut loaded = self.load(requester, true)?;
             loaded.state.find_gone(&self.host, |process| {
@@ -376,7 +373,7 @@ impl RedisStore {
             }
             self.retries += 1;
             std::thread::sleep(jittered(pause));
-            pause = (pause * 2).min(Duration::from_millis(50));
+            pause = (pause * 2).min(Duration::from_millis(200));
         }
     }
 
@@ -419,18 +416,6 @@ impl RedisStore {
         for id in &changes.entries_removed {
             tx.zrem(keys.queue(), id).ignore();
             tx.del(keys.entry(id)).ignore();
-        }
-        let mut score = loaded.tail_score;
-        for entry in &changes.entries_added {
-            // Upstream's score: Unix nanoseconds, strictly after every entry.
-            score = (unix_nanos() as f64).max(score + 1000.0);
-            tx.cmd("ZADD")
-                .arg(keys.queue())
-                .arg(format!("{score:.0}"))
-                .arg(&entry.id)
-                .ignore();
-            tx.set(keys.entry(&entry.id), codec::encode_entry(entry))
-                .ignore();
         }
         for entry in &changes.entries_updated {
             let json = match loaded.raw_entries.get(&entry.id) {
@@ -497,6 +482,41 @@ impl RedisStore {
         let loaded = self.load(None, false)?;
         read(loaded.state)
     }
+
+    /// The slots and the entries collecting on them: the queue's length does not
+    /// matter here.
+    fn read_view(&mut self) -> Result<PoolView> {
+        let pool = self.pool()?.ok_or(Error::NotInitialized)?;
+        let gpu_keys: Vec<String> = (0..pool.gpu_count).map(|id| self.keys.gpu(id)).collect();
+        let gpus: Vec<Option<String>> =
+            self.call(|connection| redis::cmd("MGET").arg(&gpu_keys).query(connection))?;
+        let mut state = PoolState::default();
+        for (id, raw) in (0..).zip(&gpus) {
+            let (slot, partial) = codec::decode_slot(id, raw.as_deref());
+            if let Some(entry) = partial {
+                state.partials.insert(id, entry);
+            }
+            state.slots.push(slot);
+        }
+        let mut ids: Vec<&String> = state.partials.values().collect();
+        ids.sort();
+        ids.dedup();
+        if !ids.is_empty() {
+            let entry_keys: Vec<String> = ids.iter().map(|id| self.keys.entry(id)).collect();
+            let entries: Vec<Option<String>> =
+                self.call(|connection| redis::cmd("MGET").arg(&entry_keys).query(connection))?;
+            state.queue = ids
+                .iter()
+                .zip(entries)
+                .filter_map(|(id, raw)| codec::decode_entry(id, raw.as_deref()?))
+                .collect();
+        }
+        state.link_partials();
+        Ok(PoolView {
+            slots: state.slots,
+            collecting: state.queue,
+        })
+    }
 }
 
 fn unix_nanos() -> u128 {
@@ -554,21 +574,11 @@ impl Store for RedisStore {
     }
 
     fn slots(&mut self) -> Result<Vec<GpuSlot>> {
-        self.read(|state| not_initialized(&state, |state| state.slots.clone()))
+        Ok(self.read_view()?.slots)
     }
 
     fn pool_view(&mut self) -> Result<PoolView> {
-        self.read(|state| {
-            not_initialized(&state, |state| PoolView {
-                slots: state.slots.clone(),
-                collecting: state
-                    .queue
-                    .iter()
-                    .filter(|entry| !entry.collected.is_empty())
-                    .cloned()
-                    .collect(),
-            })
-        })
+        self.read_view()
     }
 
     fn allocate(&mut self, request: &AllocRequest) -> Result<Vec<u32>> {
@@ -579,12 +589,39 @@ impl Store for RedisStore {
         )
     }
 
-    fn join_queue(&mut self, request: &AllocRequest, waiter: &RunOwner) -> Result<QueueStep> {
-        self.operate(
-            Some(&request.reservation.actual_user),
-            request.now,
-            |state| pool::join(state, request, waiter),
-        )
+    /// Appends without `WATCH`: an append conflicts with no other append, and every
+    /// decision that depends on the queue watches it.
+    fn enqueue(&mut self, entry: &QueueEntry) -> Result<()> {
+        let (count_key, queue_key) = (self.keys.gpu_count(), self.keys.queue());
+        let (count, tail): (Option<String>, Vec<(String, f64)>) = self.call(|connection| {
+            redis::pipe()
+                .get(&count_key)
+                .cmd("ZRANGE")
+                .arg(&queue_key)
+                .arg(-1)
+                .arg(-1)
+                .arg("WITHSCORES")
+                .query(connection)
+        })?;
+        if count.is_none() {
+            return Err(Error::NotInitialized);
+        }
+        // Upstream's score: Unix nanoseconds, after every entry.
+        let tail = tail.first().map_or(0.0, |(_, score)| *score);
+        let score = (unix_nanos() as f64).max(tail + 1000.0);
+        let entry_key = self.keys.entry(&entry.id);
+        self.call(|connection| {
+            redis::pipe()
+                .atomic()
+                .set(&entry_key, codec::encode_entry(entry))
+                .ignore()
+                .cmd("ZADD")
+                .arg(&queue_key)
+                .arg(format!("{score:.0}"))
+                .arg(&entry.id)
+                .ignore()
+                .query::<()>(connection)
+        })
     }
 
     fn queue_step(&mut self, tick: &QueueTick) -> Result<QueueStep> {

@@ -15,8 +15,9 @@ use super::{CONNECT_TIMEOUT, IO_TIMEOUT};
 use crate::error::{Error, Result};
 use crate::store::Wake;
 
-/// How long the subscriber blocks before it checks whether it is still wanted.
-const SUBSCRIBER_POLL: Duration = Duration::from_secs(1);
+/// How long the subscriber blocks before it checks whether it is still wanted: long,
+/// since hundreds of waiters may each have one.
+const SUBSCRIBER_POLL: Duration = Duration::from_secs(5);
 
 /// A subscription; dropping it ends the thread (within `SUBSCRIBER_POLL`).
 pub(super) struct Watch {

@@ -27,7 +27,7 @@ use crate::gpu::procinfo;
 use crate::pool::{self, PoolState, Transition};
 use crate::queue::QueueEntry;
 use crate::report::UserUsage;
-use crate::state::{GpuSlot, Pool, ProviderKind, RunOwner, UnixTime, UsageRecord};
+use crate::state::{GpuSlot, Pool, ProviderKind, UnixTime, UsageRecord};
 
 use files::{access_denied, add_permissions, create_shared, open_failure};
 
@@ -187,23 +187,35 @@ impl SqliteStore {
         outcome.map_err(|fault: Fault| fault.into_error(&self.path))
     }
 
-    /// Runs one operation of the pool core in one write transaction: load, decide,
-    /// write what changed (also when the outcome is a refusal), then wake whom the
-    /// change concerns.
+    /// Runs one operation of the pool core: load, decide, write what changed (also
+    /// when the outcome is a refusal), then wake whom the change concerns. It decides
+    /// first in a read transaction, which takes no lock: an operation that changes
+    /// nothing (a refused request with nothing to hand out, a quiet turn) is done
+    /// then. Otherwise it runs again under the write lock (`BEGIN IMMEDIATE`).
     fn operate<T>(
         &mut self,
         requester: Option<&str>,
         now: UnixTime,
-        operation: impl FnOnce(&PoolState) -> Transition<T>,
+        operation: impl Fn(&PoolState) -> Transition<T>,
     ) -> Result<T> {
-        let prune_before = now - self.history_retention;
         let host = self.host.clone();
-        let transition = self.transact(TransactionBehavior::Immediate, |conn| {
+        let decide = |conn: &Connection| -> Outcome<Transition<T>> {
             let mut state = rows::load_state(conn, requester)?;
             state.find_gone(&host, |process| {
                 procinfo::process_alive(process.pid, process.pid_start)
             });
-            let transition = operation(&state);
+            Ok(operation(&state))
+        };
+        let quiet = self.transact(TransactionBehavior::Deferred, |conn| {
+            let transition = decide(conn)?;
+            Ok(transition.changes.is_empty().then_some(transition))
+        })?;
+        if let Some(transition) = quiet {
+            return transition.outcome;
+        }
+        let prune_before = now - self.history_retention;
+        let transition = self.transact(TransactionBehavior::Immediate, |conn| {
+            let transition = decide(conn)?;
             rows::apply(conn, &transition.changes, prune_before)?;
             Ok(transition)
         })?;
@@ -262,12 +274,13 @@ impl Store for SqliteStore {
         )
     }
 
-    fn join_queue(&mut self, request: &AllocRequest, waiter: &RunOwner) -> Result<QueueStep> {
-        self.operate(
-            Some(&request.reservation.actual_user),
-            request.now,
-            |state| pool::join(state, request, waiter),
-        )
+    fn enqueue(&mut self, entry: &QueueEntry) -> Result<()> {
+        self.transact(TransactionBehavior::Immediate, |conn| {
+            if schema::read_pool(conn)?.is_none() {
+                return Err(Fault::Domain(Error::NotInitialized));
+            }
+            rows::insert_entry(conn, entry)
+        })
     }
 
     fn queue_step(&mut self, tick: &QueueTick) -> Result<QueueStep> {

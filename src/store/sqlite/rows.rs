@@ -331,7 +331,7 @@ fn write_slot(conn: &Connection, gpu: u32, write: &SlotWrite) -> Outcome<()> {
     Ok(())
 }
 
-fn insert_entry(conn: &Connection, entry: &QueueEntry) -> Outcome<()> {
+pub(super) fn insert_entry(conn: &Connection, entry: &QueueEntry) -> Outcome<()> {
     let requested_ids = match &entry.selection {
         Selection::Ids(ids) => Some(ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")),
         Selection::Count(_) => None,
