@@ -171,6 +171,8 @@ impl Changes {
 /// GPUs to the waiters).
 #[derive(Debug)]
 pub struct Transition<T> {
+    /// The state as the changes leave it.
+    pub after: PoolState,
     pub changes: Changes,
     pub outcome: Result<T>,
 }
@@ -223,7 +225,11 @@ impl Work {
             });
             self.touch(&account, gpu, ended_at);
         }
-        self.state.partials.remove(&gpu);
+        if let Some(entry_id) = self.state.partials.remove(&gpu)
+            && let Some(entry) = self.state.queue.iter_mut().find(|e| e.id == entry_id)
+        {
+            entry.collected.retain(|collected| *collected != gpu);
+        }
     }
 
     fn touch(&mut self, account: &str, gpu: u32, at: UnixTime) {
@@ -413,7 +419,11 @@ impl Work {
             wake.remove(caller);
         }
         changes.wake_entries = wake.into_iter().collect();
-        Transition { changes, outcome }
+        Transition {
+            after: self.state,
+            changes,
+            outcome,
+        }
     }
 }
 
