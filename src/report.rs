@@ -221,7 +221,15 @@ pub fn build(
     // Hundredths of an hour are 36 s; tenths of a percent are thousandths.
     let total_centihours = (total_seconds + 18) / 36;
     let centihours = apportion(&seconds, total_centihours);
-    let permille = apportion(&seconds, if total_seconds > 0 { 1000 } else { 0 });
+    // Shares of the time used; reservations too short to measure in whole seconds
+    // (the stores' resolution) share by count, so TOTAL is 100 % whenever anything
+    // was used, whichever second boundaries those reservations happened to cross.
+    let weights = if total_seconds > 0 {
+        seconds.clone()
+    } else {
+        users.iter().map(UserUsage::count).collect()
+    };
+    let permille = apportion(&weights, if users.is_empty() { 0 } else { 1000 });
 
     let rows = users
         .iter()
@@ -530,10 +538,14 @@ mod tests {
             1,
         );
         assert_eq!(report.total_reservations, 1);
-        assert_eq!(report.users[0].percentage, 0.0);
+        // Too short to measure: shared by count, so the total is still 100 %.
+        assert_eq!(report.users[0].percentage, 100.0);
         let text = render_text(&report);
         assert!(!text.contains("NaN"), "{text}");
-        assert!(text.contains("TOTAL                           0.00            0.0%"));
+        assert!(
+            text.contains("TOTAL                           0.00          100.0%"),
+            "{text}"
+        );
     }
 
     proptest! {

@@ -19,6 +19,13 @@ pub struct AdminArgs {
 const MAX_POOL_SIZE: u32 = 1024;
 
 pub fn execute(args: &AdminArgs, config: &Config) -> Result<()> {
+    if !nix::unistd::getuid().is_root() {
+        // --force ends every user's reservations: only root may change the pool.
+        return Err(Error::Usage(
+            "admin changes the GPU pool of every user and is for root only (run it with sudo)"
+                .into(),
+        ));
+    }
     if args.gpus == 0 {
         return Err(Error::Usage("--gpus must be at least 1".into()));
     }
@@ -27,12 +34,25 @@ pub fn execute(args: &AdminArgs, config: &Config) -> Result<()> {
             "--gpus must be at most {MAX_POOL_SIZE}"
         )));
     }
-    let provider = match args.provider {
-        Some(kind) => {
+    // Re-initialising keeps the provider the pool was made with unless told otherwise.
+    let stored = match (args.force, args.provider) {
+        (true, None) => match store::open(config) {
+            Ok(mut store) => store.pool()?.map(|pool| pool.provider),
+            Err(Error::NotInitialized) => None,
+            Err(err) => return Err(err),
+        },
+        _ => None,
+    };
+    let provider = match (args.provider, stored) {
+        (Some(kind), _) => {
             eprintln!("Using explicitly specified GPU provider: {}", kind.as_str());
             kind
         }
-        None => {
+        (None, Some(kind)) => {
+            eprintln!("Keeping the pool's GPU provider: {}", kind.as_str());
+            kind
+        }
+        (None, None) => {
             eprint!("Detecting available GPU provider... ");
             let kind = gpu::detect()?;
             eprintln!("found {}", kind.as_str());
@@ -49,8 +69,20 @@ pub fn execute(args: &AdminArgs, config: &Config) -> Result<()> {
             )));
         }
     }
-    let mut store = store::create(config)?;
-    let outcome = store.init_pool(args.gpus, provider, args.force, now())?;
+    let (mut store, repaired) = store::create(config)?;
+    if let Some(path) = &repaired {
+        eprintln!(
+            "Repaired the permissions of the canhazgpu store at {}: every user can use it again",
+            path.display()
+        );
+    }
+    let outcome = match store.init_pool(args.gpus, provider, args.force, now()) {
+        // A repair was all that was asked for: the pool itself stays as it is.
+        Err(Error::AlreadyInitialized(count)) if repaired.is_some() && count == args.gpus => {
+            return Ok(());
+        }
+        other => other?,
+    };
     let last = args.gpus - 1;
     match outcome.previous_count {
         Some(previous) => {

@@ -190,9 +190,18 @@ pub fn open(config: &Config) -> Result<Box<dyn Store>> {
 }
 
 /// Opens the configured store, creating the embedded one (shared by every user of
-/// the machine) where it does not exist yet: for `admin`.
-pub fn create(config: &Config) -> Result<Box<dyn Store>> {
-    connect(config, sqlite::SqliteStore::create)
+/// the machine) where it does not exist yet, or making an existing one usable by
+/// every user again: for `admin`. Returns the path of a store it repaired.
+pub fn create(config: &Config) -> Result<(Box<dyn Store>, Option<PathBuf>)> {
+    let retention = history_retention_secs(config)?;
+    match &config.store {
+        StoreConfig::Sqlite { path } => {
+            let (store, repaired) = sqlite::SqliteStore::create(path)?;
+            let repaired = repaired.then(|| path.clone());
+            Ok((Box::new(store.with_history_retention(retention)), repaired))
+        }
+        StoreConfig::Redis(_) => Ok((open(config)?, None)),
+    }
 }
 
 fn connect(

@@ -19,6 +19,12 @@ macro_rules! cli_core_tests {
             }
 
             #[test]
+            fn admin_force_keeps_the_stored_provider() {
+                let (env, _guard) = $make;
+                admin_force_keeps_the_stored_provider_case(&env);
+            }
+
+            #[test]
             fn status_shows_available_then_manual_reservation() {
                 let (env, _guard) = $make;
                 status_case(&env);
@@ -89,6 +95,28 @@ fn admin_initialises_and_refuses_reinit_case(env: &CliEnv) {
         zero.stderr.contains("--gpus must be at least 1"),
         "{zero:?}"
     );
+}
+
+/// `--force` without `--provider` re-initialises with the pool's provider instead of
+/// detecting one (none would be found here: no GPU tools on PATH).
+fn admin_force_keeps_the_stored_provider_case(env: &CliEnv) {
+    env.run(["admin", "--gpus", "4", "--provider", "fake"])
+        .assert_ok();
+    env.run(["reserve", "--gpus", "2"]).assert_ok();
+    let forced = env.run(["admin", "--gpus", "2", "--force"]);
+    forced.assert_ok();
+    assert!(
+        forced
+            .stderr
+            .contains("Keeping the pool's GPU provider: fake"),
+        "{forced:?}"
+    );
+    assert_eq!(forced.stdout.trim(), "Reinitialized 2 GPUs (IDs 0 to 1)");
+    assert_eq!(env.statuses(), vec!["AVAILABLE"; 2]);
+    // Without --force there is nothing to keep: detection runs, and finds nothing.
+    let fresh = env.run(["admin", "--gpus", "2"]);
+    fresh.assert_code(1);
+    assert!(fresh.stderr.contains("no GPU provider found"), "{fresh:?}");
 }
 
 fn status_case(env: &CliEnv) {

@@ -179,3 +179,85 @@ fn admin_shares_an_existing_directory_and_readers_create_nothing() {
     let bob = as_user(Some("chg_bob"), &state, &["reserve"]);
     bob.assert_ok();
 }
+
+/// `admin` ends every user's reservations with `--force`, so it is root's alone, on
+/// both backends; the refusal comes before anything is opened.
+#[test]
+fn admin_is_for_root_only() {
+    ensure_user("chg_bob");
+    let (_dir, state) = shared_state_dir();
+    as_user(
+        None,
+        &state,
+        &["admin", "--gpus", "4", "--provider", "fake"],
+    )
+    .assert_ok();
+    as_user(None, &state, &["reserve", "--gpus", "2"]).assert_ok();
+    let server = crate::support::redis::TestRedis::launch();
+    let redis_url = server.url();
+    for backend in [vec![], vec!["--redis-url", redis_url.as_str()]] {
+        let mut args = backend.clone();
+        args.extend(["admin", "--gpus", "4", "--provider", "fake", "--force"]);
+        let bob = as_user(Some("chg_bob"), &state, &args);
+        bob.assert_code(2);
+        assert_eq!(
+            bob.stderr.trim(),
+            "Error: admin changes the GPU pool of every user and is for root only (run it with sudo)"
+        );
+    }
+    let status = as_user(None, &state, &["status", "--json"]);
+    let rows: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    let held = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|row| row["status"] == "IN_USE")
+        .count();
+    assert_eq!(held, 2, "root's reservations are untouched");
+}
+
+/// A store whose permissions went wrong: users are told what is wrong and who fixes
+/// it; root's `admin` repairs it without `--force` and without touching the pool.
+#[test]
+fn admin_repairs_a_store_with_wrong_permissions() {
+    ensure_user("chg_bob");
+    let (_dir, state) = shared_state_dir();
+    as_user(
+        None,
+        &state,
+        &["admin", "--gpus", "2", "--provider", "fake"],
+    )
+    .assert_ok();
+    as_user(None, &state, &["reserve"]).assert_ok();
+    let db = state.join("state.db");
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let denied = as_user(Some("chg_bob"), &state, &["reserve"]);
+    denied.assert_code(1);
+    assert_eq!(denied.stderr.lines().count(), 1, "{denied:?}");
+    assert!(
+        denied
+            .stderr
+            .contains("the file is mode 0644, owned by root, not writable by every user"),
+        "{denied:?}"
+    );
+    assert!(
+        denied.stderr.contains("ask root to run 'canhazgpu admin"),
+        "{denied:?}"
+    );
+
+    let repair = as_user(
+        None,
+        &state,
+        &["admin", "--gpus", "2", "--provider", "fake"],
+    );
+    repair.assert_ok();
+    assert!(
+        repair.stderr.contains("Repaired the permissions"),
+        "{repair:?}"
+    );
+    assert!(!repair.stderr.contains("--force"), "{repair:?}");
+    assert_eq!(mode(&db), 0o666);
+    as_user(Some("chg_bob"), &state, &["reserve"]).assert_ok();
+    let status = as_user(None, &state, &["status", "--json"]);
+    assert_eq!(status.stdout.matches("IN_USE").count(), 2, "{status:?}");
+}

@@ -47,6 +47,31 @@ macro_rules! report_tests {
 }
 
 report_tests!(sqlite, (CliEnv::sqlite(), ()));
+
+/// Runs shorter than a second, and one reservation of a few seconds, give the same
+/// figures on both backends; TOTAL is 100 % once any time was used.
+#[test]
+fn short_reservations_report_alike_on_both_backends() {
+    let server = crate::support::redis::TestRedis::launch();
+    let reports: Vec<Value> = [CliEnv::sqlite(), CliEnv::redis(&server.url())]
+        .iter()
+        .map(|env| {
+            env.init_fake(2);
+            for _ in 0..3 {
+                env.run(["run", "--", "true"]).assert_ok();
+            }
+            let runs_only = report_json(env, "1");
+            assert_eq!(runs_only["users"][0]["run_count"], 3, "{runs_only}");
+            env.run(["reserve", "--gpus", "1", "-d", "10m"]).assert_ok();
+            std::thread::sleep(std::time::Duration::from_millis(2100));
+            env.run(["release"]).assert_ok();
+            let report = report_json(env, "1");
+            assert_eq!(report["users"][0]["percentage"], 100.0, "{report}");
+            serde_json::json!([runs_only["users"], report["users"][0]["percentage"]])
+        })
+        .collect();
+    assert_eq!(reports[0], reports[1]);
+}
 report_tests!(redis, {
     let server = crate::support::redis::TestRedis::launch();
     (CliEnv::redis(&server.url()), server)

@@ -643,28 +643,46 @@ fn as_other_user() {
 #[test]
 fn store_unusable_for_a_user_says_what_to_do() {
     let (dir, db) = shared_tempdir();
-    let expected = |db: &Path| {
+    let expected = |db: &Path, why: &str| {
         format!(
-            "cannot open the canhazgpu store at {}: permission denied - ask an administrator \
-             to run 'canhazgpu admin --gpus <count>' (creates it for all users), or use \
-             --state-dir DIR",
+            "cannot open the canhazgpu store at {}: permission denied ({why}) - ask root to \
+             run 'canhazgpu admin --gpus <count>', which creates or repairs it for every user, \
+             or use --state-dir DIR",
             db.display()
         )
     };
     // Not created yet, and alice may not create it.
     let missing = dir.path().join("missing/state.db");
-    assert_eq!(reserve_as("chg_alice", &missing), Err(expected(&missing)));
+    assert_eq!(
+        reserve_as("chg_alice", &missing),
+        Err(expected(
+            &missing,
+            "there is no store yet and you may not create one"
+        ))
+    );
     assert!(!missing.parent().unwrap().exists());
 
     new_store(db.parent().unwrap(), 2);
     assert_eq!(reserve_as("chg_alice", &db).as_deref(), Ok("[0]"));
     // A database file she may not write (SQLite would quietly open it read-only).
     fs::set_permissions(&db, fs::Permissions::from_mode(0o644)).unwrap();
-    assert_eq!(reserve_as("chg_bob", &db), Err(expected(&db)));
+    assert_eq!(
+        reserve_as("chg_bob", &db),
+        Err(expected(
+            &db,
+            "the file is mode 0644, owned by root, not writable by every user"
+        ))
+    );
     // A directory she may not write: no `-wal`/`-shm` files can be created.
     fs::set_permissions(&db, fs::Permissions::from_mode(0o666)).unwrap();
     fs::set_permissions(db.parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
-    assert_eq!(reserve_as("chg_bob", &db), Err(expected(&db)));
+    assert_eq!(
+        reserve_as("chg_bob", &db),
+        Err(expected(
+            &db,
+            "its directory is mode 0755, owned by root, not writable by every user"
+        ))
+    );
 }
 
 /// The permission bits in octal, and the owner's UID.

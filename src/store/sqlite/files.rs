@@ -11,19 +11,46 @@
 
 use std::fs::{self, OpenOptions, Permissions};
 use std::io;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::error::Error;
 
-/// The one line a user sees when the shared store is not usable for them.
+/// The one line a user sees when the shared store is not usable for them: what is
+/// wrong, and who can fix it.
 pub(super) fn access_denied(path: &Path) -> Error {
     Error::Store(format!(
-        "cannot open the canhazgpu store at {}: permission denied - ask an administrator to \
-         run 'canhazgpu admin --gpus <count>' (creates it for all users), or use --state-dir DIR",
-        path.display()
+        "cannot open the canhazgpu store at {}: permission denied ({}) - ask root to run \
+         'canhazgpu admin --gpus <count>', which creates or repairs it for every user, or \
+         use --state-dir DIR",
+        path.display(),
+        why_denied(path)
     ))
+}
+
+fn why_denied(path: &Path) -> String {
+    let described = |what: &str, path: &Path, wanted: u32| {
+        let meta = fs::metadata(path).ok()?;
+        let mode = meta.permissions().mode() & 0o7777;
+        (mode & wanted != wanted).then(|| {
+            let owner = nix::unistd::User::from_uid(meta.uid().into())
+                .ok()
+                .flatten()
+                .map_or_else(|| meta.uid().to_string(), |user| user.name);
+            format!("{what} is mode {mode:04o}, owned by {owner}, not writable by every user")
+        })
+    };
+    let dir = path
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !path.exists() {
+        return "there is no store yet and you may not create one".into();
+    }
+    described("its directory", dir, 0o777)
+        .or_else(|| described("the file", path, 0o666))
+        .unwrap_or_else(|| "the file or its directory is not writable by you".into())
 }
 
 pub(super) fn open_failure(path: &Path, err: io::Error) -> Error {
@@ -38,13 +65,14 @@ pub(super) fn open_failure(path: &Path, err: io::Error) -> Error {
 }
 
 /// Adds `bits` to the permissions of `path` where they are missing (keeping any
-/// sticky bit, as on /tmp).
-pub(super) fn add_permissions(path: &Path, bits: u32) -> io::Result<()> {
+/// sticky bit, as on /tmp); says whether any were missing.
+pub(super) fn add_permissions(path: &Path, bits: u32) -> io::Result<bool> {
     let mode = fs::metadata(path)?.permissions().mode();
-    if mode & bits != bits {
-        fs::set_permissions(path, Permissions::from_mode((mode & 0o7777) | bits))?;
+    if mode & bits == bits {
+        return Ok(false);
     }
-    Ok(())
+    fs::set_permissions(path, Permissions::from_mode((mode & 0o7777) | bits))?;
+    Ok(true)
 }
 
 /// Creates the directory (0777) and an empty database file (0666) where missing. The

@@ -107,19 +107,22 @@ impl SqliteStore {
 
     /// Opens the store for `admin`: created where missing, and in any case made
     /// usable by every user, since SQLite's side files (`-wal`, `-shm`, journal) are
-    /// created in the directory by whichever user writes first.
-    pub fn create(path: &Path) -> Result<Self> {
+    /// created in the directory by whichever user writes first. Also says whether an
+    /// existing store's permissions had to be repaired.
+    pub fn create(path: &Path) -> Result<(Self, bool)> {
+        let existed = path.exists();
         let store = Self::open(path)?;
         let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty());
-        add_permissions(dir.unwrap_or(Path::new(".")), 0o777)
-            .and_then(|()| add_permissions(path, 0o666))
-            .map_err(|err| {
+        let mut repaired = false;
+        for (target, bits) in [(dir.unwrap_or(Path::new(".")), 0o777), (path, 0o666)] {
+            repaired |= add_permissions(target, bits).map_err(|err| {
                 Error::Store(format!(
                     "cannot make the canhazgpu store at {} usable by every user: {err}",
                     path.display()
                 ))
             })?;
-        Ok(store)
+        }
+        Ok((store, existed && repaired))
     }
 
     /// Opens the store at `path`, creating it (and its directory) usable by all users.
