@@ -41,7 +41,7 @@ const REDIS_KEYS: [&str; 5] = [
 const REDIS_URL_SCHEMES: [&str; 3] = ["redis://", "rediss://", "redis+unix://"];
 
 /// Settings given on the command line; `None` means "not given".
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Overrides {
     pub config_file: Option<PathBuf>,
     pub backend: Option<String>,
@@ -52,6 +52,30 @@ pub struct Overrides {
     pub redis_db: Option<String>,
     pub redis_password: Option<String>,
     pub memory_threshold: Option<String>,
+}
+
+/// Never shows the Redis password, not even inside the URL.
+impl fmt::Debug for Overrides {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let url = self
+            .redis_url
+            .as_deref()
+            .map(crate::store::redis::without_password);
+        f.debug_struct("Overrides")
+            .field("config_file", &self.config_file)
+            .field("backend", &self.backend)
+            .field("state_dir", &self.state_dir)
+            .field("redis_url", &url)
+            .field("redis_host", &self.redis_host)
+            .field("redis_port", &self.redis_port)
+            .field("redis_db", &self.redis_db)
+            .field(
+                "redis_password",
+                &self.redis_password.as_ref().map(|_| "<hidden>"),
+            )
+            .field("memory_threshold", &self.memory_threshold)
+            .finish()
+    }
 }
 
 /// The resolved configuration every command works from.
@@ -74,6 +98,8 @@ pub struct Key {
     /// What a valid value looks like, completing "expected ...".
     pub expected: &'static str,
     flag: Option<Flag>,
+    /// The value may hold a password: never shown (`Debug`, messages).
+    secret: bool,
 }
 
 struct Flag {
@@ -87,6 +113,7 @@ impl Key {
             name,
             expected,
             flag: None,
+            secret: false,
         }
     }
 
@@ -104,11 +131,19 @@ impl Key {
         )
     }
 
+    const fn secret(self) -> Self {
+        Key {
+            secret: true,
+            ..self
+        }
+    }
+
     fn setting(&self, value: String, source: Source) -> Setting {
         Setting {
             value,
             source,
             expected: self.expected,
+            secret: self.secret,
         }
     }
 
@@ -146,9 +181,11 @@ pub static KEYS: &[Key] = &[
         "redis.url",
         "a valid URL starting with redis://, rediss:// or redis+unix://",
     )
-    .flag("--redis-url", |o| text(&o.redis_url)),
+    .flag("--redis-url", |o| text(&o.redis_url))
+    .secret(),
     Key::new("redis.password", "a non-empty password")
-        .flag("--redis-password", |o| text(&o.redis_password)),
+        .flag("--redis-password", |o| text(&o.redis_password))
+        .secret(),
     Key::new("memory.threshold", "a whole number of MB")
         .flag("--memory-threshold", |o| text(&o.memory_threshold)),
     Key::new(
@@ -188,11 +225,21 @@ impl fmt::Display for Source {
 }
 
 /// A key's raw value from the highest layer that gave it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Setting {
     pub value: String,
     pub source: Source,
     expected: &'static str,
+    secret: bool,
+}
+
+impl fmt::Debug for Setting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Setting")
+            .field("value", &self.shown())
+            .field("source", &self.source)
+            .finish()
+    }
 }
 
 impl Setting {
@@ -200,7 +247,18 @@ impl Setting {
     /// source and what the key expects.
     pub fn parse<T>(&self, parse: impl FnOnce(&str) -> Option<T>) -> Result<T> {
         parse(&self.value)
-            .ok_or_else(|| invalid(&self.source, self.expected, &format!("{:?}", self.value)))
+            .ok_or_else(|| invalid(&self.source, self.expected, &format!("{:?}", self.shown())))
+    }
+
+    /// The value as messages may show it: a URL without its password, no password.
+    fn shown(&self) -> String {
+        match self.secret {
+            false => self.value.clone(),
+            true if self.value.contains("://") => {
+                crate::store::redis::without_password(&self.value)
+            }
+            true => "<hidden>".into(),
+        }
     }
 }
 
@@ -676,6 +734,25 @@ mod tests {
             redis(&config).url.as_deref(),
             Some("redis+unix:///run/redis.sock")
         );
+    }
+
+    #[test]
+    fn passwords_never_show_in_debug_output_or_messages() {
+        let overrides = Overrides {
+            redis_url: Some("redis://:url-secret@db.example/0".into()),
+            redis_password: Some("flag-secret".into()),
+            ..Overrides::default()
+        };
+        let config = resolve_with(&overrides, &|_| None, None, Path::new("/nonexistent")).unwrap();
+        let shown = format!("{overrides:?} {config:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(shown.contains("redis://db.example/0"), "{shown}");
+        let bad = Overrides {
+            redis_url: Some("redis://:url-secret@db.example:notaport/0".into()),
+            ..Overrides::default()
+        };
+        let err = resolve_with(&bad, &|_| None, None, Path::new("/nonexistent")).unwrap_err();
+        assert!(!err.to_string().contains("secret"), "{err}");
     }
 
     #[test]

@@ -11,7 +11,6 @@ use serde_json::Value;
 use super::tool::Tool;
 use super::{GpuProcess, GpuProvider, GpuUsage, procinfo};
 use crate::error::{Error, Result};
-use crate::state::ProviderKind;
 
 pub const METRIC_QUERY: [&str; 3] = ["metric", "-m", "--json"];
 pub const PROCESS_QUERY: [&str; 2] = ["process", "--json"];
@@ -61,10 +60,6 @@ impl AmdSmi {
 }
 
 impl GpuProvider for AmdSmi {
-    fn kind(&self) -> ProviderKind {
-        ProviderKind::Amd
-    }
-
     fn device_count(&self) -> Result<u32> {
         let gpus = self.query(&METRIC_QUERY)?;
         u32::try_from(gpus.len()).map_err(|_| Error::Gpu("amd-smi listed too many GPUs".into()))

@@ -2,7 +2,6 @@
 
 use super::{GpuProvider, GpuUsage};
 use crate::error::Result;
-use crate::state::ProviderKind;
 
 pub struct FakeProvider {
     count: u32,
@@ -15,10 +14,6 @@ impl FakeProvider {
 }
 
 impl GpuProvider for FakeProvider {
-    fn kind(&self) -> ProviderKind {
-        ProviderKind::Fake
-    }
-
     fn device_count(&self) -> Result<u32> {
         Ok(self.count)
     }

@@ -36,7 +36,6 @@ pub struct GpuUsage {
 }
 
 pub trait GpuProvider {
-    fn kind(&self) -> ProviderKind;
     /// How many GPUs the provider sees.
     fn device_count(&self) -> Result<u32>;
     /// Usage of every GPU the provider sees, ordered by index.

@@ -9,7 +9,6 @@ use std::time::Duration;
 use super::tool::{Tool, ToolOutput};
 use super::{GpuProcess, GpuProvider, GpuUsage, procinfo};
 use crate::error::{Error, Result};
-use crate::state::ProviderKind;
 
 pub const GPU_QUERY: [&str; 2] = [
     "--query-gpu=index,gpu_uuid,name,memory.used",
@@ -85,10 +84,6 @@ impl NvidiaSmi {
 }
 
 impl GpuProvider for NvidiaSmi {
-    fn kind(&self) -> ProviderKind {
-        ProviderKind::Nvidia
-    }
-
     fn device_count(&self) -> Result<u32> {
         let rows = self.gpu_rows()?;
         u32::try_from(rows.len()).map_err(|_| Error::Gpu("nvidia-smi listed too many GPUs".into()))

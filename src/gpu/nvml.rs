@@ -8,7 +8,6 @@ use nvml_wrapper::error::NvmlError;
 use super::nvidia_smi::strip_vendor;
 use super::{GpuProcess, GpuProvider, GpuUsage, procinfo};
 use crate::error::{Error, Result};
-use crate::state::ProviderKind;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -66,10 +65,6 @@ fn failed(err: NvmlError) -> Error {
 }
 
 impl GpuProvider for NvmlProvider {
-    fn kind(&self) -> ProviderKind {
-        ProviderKind::Nvidia
-    }
-
     fn device_count(&self) -> Result<u32> {
         self.nvml.device_count().map_err(failed)
     }

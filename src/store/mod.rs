@@ -26,7 +26,7 @@ pub enum StoreConfig {
     Redis(RedisConfig),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RedisConfig {
     /// A full URL (`redis://`, `rediss://`, `redis+unix://`) wins over host/port/db.
     pub url: Option<String>,
@@ -34,6 +34,19 @@ pub struct RedisConfig {
     pub port: u16,
     pub db: i64,
     pub password: Option<String>,
+}
+
+/// Never shows the password, not even inside the URL.
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &self.url.as_deref().map(redis::without_password))
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("db", &self.db)
+            .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .finish()
+    }
 }
 
 pub use crate::pool::{

@@ -14,9 +14,6 @@ use crate::session::now;
 use crate::state::{Pool, UnixTime};
 use crate::store::{self, NewReservation, ReassertRequest, ReleaseScope, Store};
 
-/// Default time between two heartbeats. Other hosts treat a run reservation as
-/// dead 60 s (`state::RUN_STALE_AFTER_SECS`) after its last heartbeat.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
 /// The longest interval that still leaves room for a missed heartbeat or two.
 pub const MAX_INTERVAL: Duration = Duration::from_secs(30);
 /// First retry delay after a failed heartbeat; it doubles up to `interval`.

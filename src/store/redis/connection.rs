@@ -43,7 +43,7 @@ pub(super) fn display_location(config: &RedisConfig) -> String {
 
 /// Drops the password from a Redis URL: `redis://user:secret@host` → `redis://user@host`,
 /// and `?pass=`/`?password=` query parameters (Unix-socket URLs).
-pub(super) fn without_password(url: &str) -> String {
+pub fn without_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };

@@ -30,6 +30,7 @@ use crate::queue::QueueEntry;
 use crate::report::UserUsage;
 use crate::state::{GpuSlot, Pool, ProviderKind, UnixTime, UsageRecord};
 
+pub use connection::without_password;
 use connection::{connect_error, connection_info, display_location, one_line};
 use watch::Watch;
 
