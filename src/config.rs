@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::gpu::GpuSettings;
 use crate::store::{RedisConfig, StoreConfig};
 
 /// Default location of the embedded store's directory.
@@ -83,6 +84,13 @@ impl fmt::Debug for Overrides {
 pub struct Config {
     pub store: StoreConfig,
     pub memory_threshold_mb: u64,
+    /// `history.retention_days`: how long finished reservations are kept for `report`.
+    pub history_retention_days: u32,
+    /// `run.wait` and `reserve.wait`: waiting in the queue by default.
+    pub run_wait: Option<WaitPolicy>,
+    pub reserve_wait: Option<WaitPolicy>,
+    /// `smi_timeout` and `nvml`.
+    pub gpu: GpuSettings,
     /// Non-fatal findings (unknown keys, flags a Redis URL overrides) to print on stderr.
     pub warnings: Vec<String>,
     /// The raw value of every registered key some layer gave, by key name. Commands
@@ -200,7 +208,50 @@ pub static KEYS: &[Key] = &[
         "reserve.wait",
         "a duration such as 30m, true (wait without limit) or false",
     ),
+    Key::new("smi_timeout", "a positive number of seconds"),
+    Key::new("nvml", "0 or 1 (false or true)"),
 ];
+
+/// What to do when the GPUs are not available yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitPolicy {
+    /// Fail at once with the reason (the default).
+    FailAtOnce,
+    /// Wait in the queue for as long as it takes.
+    Forever,
+    /// Wait in the queue, giving up after this long.
+    Limit(std::time::Duration),
+}
+
+/// `true` or `yes` (no limit), `false` or `no`, or a duration.
+fn wait_policy(text: &str) -> Option<WaitPolicy> {
+    match text.trim() {
+        "true" | "yes" => Some(WaitPolicy::Forever),
+        "false" | "no" => Some(WaitPolicy::FailAtOnce),
+        other => crate::duration::parse_duration(other)
+            .ok()
+            .map(|secs| WaitPolicy::Limit(std::time::Duration::from_secs(secs))),
+    }
+}
+
+/// `smi_timeout` and `nvml`; a bad timeout in the environment keeps the message
+/// that names the variable.
+fn gpu_settings(settings: &BTreeMap<&'static str, Setting>) -> Result<GpuSettings> {
+    let smi_timeout = match settings.get("smi_timeout") {
+        None => crate::gpu::tool::DEFAULT_TIMEOUT,
+        Some(setting) if matches!(setting.source, Source::Env(_)) => {
+            crate::gpu::tool::parse_timeout(Some(&setting.value))?
+        }
+        Some(setting) => setting.parse(|v| crate::gpu::tool::parse_timeout(Some(v)).ok())?,
+    };
+    let nvml = parsed(settings, "nvml", |v| match v.trim() {
+        "1" | "true" | "yes" => Some(true),
+        "0" | "false" | "no" => Some(false),
+        _ => None,
+    })?
+    .unwrap_or(true);
+    Ok(GpuSettings { smi_timeout, nvml })
+}
 
 fn key(name: &str) -> Option<&'static Key> {
     KEYS.iter().find(|key| key.name == name)
@@ -268,9 +319,6 @@ fn invalid(source: &Source, expected: &str, got: &str) -> Error {
 
 /// Resolves the configuration from flags, the process environment and config files.
 pub fn resolve(overrides: &Overrides) -> Result<Config> {
-    // Read by the GPU tools at each call; checked here so that a bad value is a
-    // usage error up front, not a GPU check that fails (or is skipped) later.
-    crate::gpu::tool::timeout_from_env()?;
     let env = |name: &str| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned());
     let home = std::env::home_dir().filter(|home| !home.as_os_str().is_empty());
     resolve_with(
@@ -315,6 +363,15 @@ pub fn resolve_with(
     let redis = redis_config(&settings, &mut warnings)?;
     let memory_threshold_mb = parsed(&settings, "memory.threshold", |v| v.parse().ok())?
         .unwrap_or(DEFAULT_MEMORY_THRESHOLD_MB);
+    let history_retention_days = parsed(&settings, "history.retention_days", |v| {
+        v.parse::<u32>()
+            .ok()
+            .filter(|days| (1..=crate::report::MAX_DAYS).contains(days))
+    })?
+    .unwrap_or(crate::store::DEFAULT_HISTORY_RETENTION_DAYS);
+    let run_wait = parsed(&settings, "run.wait", wait_policy)?;
+    let reserve_wait = parsed(&settings, "reserve.wait", wait_policy)?;
+    let gpu = gpu_settings(&settings)?;
 
     let redis_given = REDIS_KEYS.iter().any(|key| settings.contains_key(key));
     let store = match backend {
@@ -327,6 +384,10 @@ pub fn resolve_with(
     Ok(Config {
         store,
         memory_threshold_mb,
+        history_retention_days,
+        run_wait,
+        reserve_wait,
+        gpu,
         warnings,
         settings,
     })
@@ -676,10 +737,38 @@ mod tests {
                     path: PathBuf::from("/var/lib/canhazgpu/state.db"),
                 },
                 memory_threshold_mb: 1024,
+                history_retention_days: 90,
+                run_wait: None,
+                reserve_wait: None,
+                gpu: GpuSettings {
+                    smi_timeout: std::time::Duration::from_secs(10),
+                    nvml: true,
+                },
                 warnings: vec![],
                 settings: BTreeMap::new(),
             }
         );
+    }
+
+    #[test]
+    fn typed_settings_come_from_every_layer() {
+        let config = World::new()
+            .env("CANHAZGPU_SMI_TIMEOUT", "2.5")
+            .env("CANHAZGPU_NVML", "0")
+            .env("CANHAZGPU_RUN_WAIT", "5m")
+            .env("CANHAZGPU_HISTORY_RETENTION_DAYS", "7")
+            .config();
+        assert_eq!(
+            config.gpu.smi_timeout,
+            std::time::Duration::from_millis(2500)
+        );
+        assert!(!config.gpu.nvml);
+        assert_eq!(
+            config.run_wait,
+            Some(WaitPolicy::Limit(std::time::Duration::from_secs(300)))
+        );
+        assert_eq!(config.reserve_wait, None);
+        assert_eq!(config.history_retention_days, 7);
     }
 
     #[test]
@@ -699,6 +788,8 @@ mod tests {
                 "CANHAZGPU_HISTORY_RETENTION_DAYS",
                 "CANHAZGPU_RUN_WAIT",
                 "CANHAZGPU_RESERVE_WAIT",
+                "CANHAZGPU_SMI_TIMEOUT",
+                "CANHAZGPU_NVML",
             ]
         );
     }
@@ -845,7 +936,7 @@ mod tests {
     }
 
     /// A valid value per layer (file, env, flag) for every registered key.
-    const LAYER_VALUES: [(&str, [&str; 3]); 11] = [
+    const LAYER_VALUES: [(&str, [&str; 3]); 13] = [
         ("backend", ["sqlite", "redis", "sqlite"]),
         ("state_dir", ["/f", "/e", "/c"]),
         ("redis.host", ["f", "e", "c"]),
@@ -857,6 +948,8 @@ mod tests {
         ("history.retention_days", ["1", "2", "3"]),
         ("run.wait", ["1m", "2m", "3m"]),
         ("reserve.wait", ["true", "false", "3m"]),
+        ("smi_timeout", ["1", "2", "3"]),
+        ("nvml", ["0", "1", "0"]),
     ];
 
     /// Flags giving `key` the value, or `None` for keys only files and the
@@ -873,7 +966,7 @@ mod tests {
             "redis.url" => flags.redis_url = value,
             "redis.password" => flags.redis_password = value,
             "memory.threshold" => flags.memory_threshold = value,
-            "history.retention_days" => return None,
+            "history.retention_days" | "smi_timeout" | "nvml" => return None,
             // `--wait`/`--nonblock` belong to the commands (see commands::RequestOptions).
             "run.wait" | "reserve.wait" => return None,
             other => panic!("no flag for {other}"),

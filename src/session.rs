@@ -35,13 +35,13 @@ pub struct Observation {
 impl Session {
     /// Opens the store and requires an initialised pool.
     pub fn open(config: &Config) -> Result<Self> {
-        let mut store = store::open(config)?;
+        let mut store = store::open(&config.store, config.history_retention_days)?;
         let pool = store.pool()?.ok_or(Error::NotInitialized)?;
         Ok(Session {
             config: config.clone(),
             store,
             pool,
-            provider: gpu::provider_for(pool.provider, pool.gpu_count),
+            provider: gpu::provider_for(pool.provider, pool.gpu_count, &config.gpu),
             user: procinfo::current_user()?,
             host: procinfo::hostname(),
         })

@@ -26,16 +26,7 @@ use crate::session::{Session, now};
 use crate::state::{GpuSlot, Liveness, Selection, UnixTime};
 use crate::store::{NewReservation, QueueStep, QueueTick};
 
-/// What to do when the GPUs are not available yet.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WaitPolicy {
-    /// Fail at once with the reason (the default).
-    FailAtOnce,
-    /// Wait in the queue for as long as it takes.
-    Forever,
-    /// Wait in the queue, giving up after this long.
-    Limit(Duration),
-}
+pub use crate::config::WaitPolicy;
 
 /// Wakes a sleeping waiter; rung by the signal thread and by the store's wake-ups.
 #[derive(Clone, Default)]

@@ -36,7 +36,7 @@ pub fn execute(args: &AdminArgs, config: &Config) -> Result<()> {
     }
     // Re-initialising keeps the provider the pool was made with unless told otherwise.
     let stored = match (args.force, args.provider) {
-        (true, None) => match store::open(config) {
+        (true, None) => match store::open(&config.store, config.history_retention_days) {
             Ok(mut store) => store.pool()?.map(|pool| pool.provider),
             Err(Error::NotInitialized) => None,
             Err(err) => return Err(err),
@@ -54,13 +54,13 @@ pub fn execute(args: &AdminArgs, config: &Config) -> Result<()> {
         }
         (None, None) => {
             eprint!("Detecting available GPU provider... ");
-            let kind = gpu::detect()?;
+            let kind = gpu::detect(&config.gpu)?;
             eprintln!("found {}", kind.as_str());
             kind
         }
     };
     if provider != ProviderKind::Fake {
-        let seen = gpu::provider_for(provider, args.gpus).device_count()?;
+        let seen = gpu::provider_for(provider, args.gpus, &config.gpu).device_count()?;
         if args.gpus > seen {
             return Err(Error::Usage(format!(
                 "cannot initialize {} GPUs: the {} provider sees only {seen}",
@@ -69,7 +69,7 @@ pub fn execute(args: &AdminArgs, config: &Config) -> Result<()> {
             )));
         }
     }
-    let (mut store, repaired) = store::create(config)?;
+    let (mut store, repaired) = store::create(&config.store, config.history_retention_days)?;
     if let Some(path) = &repaired {
         eprintln!(
             "Repaired the permissions of the canhazgpu store at {}: every user can use it again",

@@ -12,10 +12,10 @@ pub mod web;
 use std::time::Duration;
 
 use crate::config::Config;
+use crate::config::WaitPolicy;
 use crate::duration::parse_duration;
 use crate::error::{Error, Result};
 use crate::state::Selection;
-use crate::wait::WaitPolicy;
 
 /// A command with its arguments, free of any CLI-parser types.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,23 +86,16 @@ const MAX_NOTE_CHARS: usize = 200;
 const MAX_USER_CHARS: usize = 64;
 
 impl RequestOptions {
-    /// The flags' wait policy, else the configuration key `setting` (`run.wait`,
-    /// `reserve.wait`: a duration, `true` for no limit, `false`), else fail at once.
-    pub fn wait_policy(&self, config: &Config, setting: &str) -> Result<WaitPolicy> {
-        let limit =
-            |text: &str| parse_duration(text).map(|s| WaitPolicy::Limit(Duration::from_secs(s)));
+    /// The flags' wait policy, else the configured one (`run.wait`, `reserve.wait`),
+    /// else fail at once.
+    pub fn wait_policy(&self, configured: Option<WaitPolicy>) -> Result<WaitPolicy> {
         match &self.wait {
             Some(WaitFlag::Nonblock) => Ok(WaitPolicy::FailAtOnce),
             Some(WaitFlag::Forever) => Ok(WaitPolicy::Forever),
-            Some(WaitFlag::Limit(text)) => limit(text),
-            None => match config.settings.get(setting) {
-                None => Ok(WaitPolicy::FailAtOnce),
-                Some(value) => value.parse(|text| match text.trim() {
-                    "true" | "yes" => Some(WaitPolicy::Forever),
-                    "false" | "no" => Some(WaitPolicy::FailAtOnce),
-                    other => limit(other).ok(),
-                }),
-            },
+            Some(WaitFlag::Limit(text)) => {
+                parse_duration(text).map(|s| WaitPolicy::Limit(Duration::from_secs(s)))
+            }
+            None => Ok(configured.unwrap_or(WaitPolicy::FailAtOnce)),
         }
     }
 

@@ -20,7 +20,7 @@ pub struct ReportArgs {
 
 pub fn execute(args: &ReportArgs, config: &Config) -> Result<()> {
     let days = report::parse_days(&args.days)?;
-    let mut store = store::open(config)?;
+    let mut store = store::open(&config.store, config.history_retention_days)?;
     store.pool()?.ok_or(Error::NotInitialized)?;
     let report = generate(
         store.as_mut(),

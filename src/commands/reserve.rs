@@ -24,7 +24,7 @@ pub struct ReserveArgs {
 pub fn execute(args: &ReserveArgs, config: &Config) -> Result<()> {
     let selection = super::selection(args.gpus, args.gpu_ids.clone())?;
     let seconds = parse_duration(&args.duration)?;
-    let policy = args.request.wait_policy(config, "reserve.wait")?;
+    let policy = args.request.wait_policy(config.reserve_wait)?;
     let note = args.request.note()?;
     // Signals end a wait cleanly (leaving the queue); taken before any thread starts.
     let signals = match policy {

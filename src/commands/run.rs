@@ -75,7 +75,7 @@ fn check(args: &RunArgs) -> Result<Checked> {
 
 pub fn execute(args: &RunArgs, config: &Config) -> Result<u8> {
     let checked = check(args)?;
-    let policy = args.request.wait_policy(config, "run.wait")?;
+    let policy = args.request.wait_policy(config.run_wait)?;
     let note = args.request.note()?;
     // Signals first: a Ctrl-C from here on is handled, never lost mid-allocation;
     // while waiting in the queue it ends the wait.

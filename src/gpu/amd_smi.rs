@@ -23,13 +23,13 @@ pub struct AmdSmi {
 }
 
 impl AmdSmi {
-    /// `amd-smi` from PATH, with the timeout from `CANHAZGPU_SMI_TIMEOUT` (default 10 s).
-    pub fn from_path() -> Self {
+    /// `amd-smi` from PATH, given `timeout` (`smi_timeout`, default 10 s).
+    pub fn from_path(timeout: Duration) -> Self {
         AmdSmi {
             tool: Tool {
                 name: "amd-smi",
                 program: "amd-smi".into(),
-                timeout: None,
+                timeout,
             },
         }
     }
@@ -40,7 +40,7 @@ impl AmdSmi {
             tool: Tool {
                 name: "amd-smi",
                 program: program.into(),
-                timeout: Some(timeout),
+                timeout,
             },
         }
     }

@@ -42,51 +42,74 @@ pub trait GpuProvider {
     fn usage(&self) -> Result<Vec<GpuUsage>>;
 }
 
+/// How the GPU tools are used: configuration keys `smi_timeout` and `nvml`
+/// (`CANHAZGPU_SMI_TIMEOUT`, `CANHAZGPU_NVML`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GpuSettings {
+    /// How long `nvidia-smi` or `amd-smi` may take before it is killed.
+    pub smi_timeout: std::time::Duration,
+    /// Whether NVML is tried before `nvidia-smi`.
+    pub nvml: bool,
+}
+
+impl Default for GpuSettings {
+    fn default() -> Self {
+        GpuSettings {
+            smi_timeout: tool::DEFAULT_TIMEOUT,
+            nvml: true,
+        }
+    }
+}
+
 /// The provider a pool was initialised with. `fake_count` is the pool size, used
 /// by the fake provider.
-pub fn provider_for(kind: ProviderKind, fake_count: u32) -> Box<dyn GpuProvider> {
+pub fn provider_for(
+    kind: ProviderKind,
+    fake_count: u32,
+    settings: &GpuSettings,
+) -> Box<dyn GpuProvider> {
     match kind {
-        ProviderKind::Nvidia => nvidia(),
-        ProviderKind::Amd => Box::new(amd_smi::AmdSmi::from_path()),
+        ProviderKind::Nvidia => nvidia(settings),
+        ProviderKind::Amd => Box::new(amd_smi::AmdSmi::from_path(settings.smi_timeout)),
         ProviderKind::Fake => Box::new(fake::FakeProvider::new(fake_count)),
     }
 }
 
-/// NVML when the driver library loads (unless `CANHAZGPU_NVML=0`), else `nvidia-smi`.
-fn nvidia() -> Box<dyn GpuProvider> {
+/// NVML when the driver library loads (unless `nvml` is off), else `nvidia-smi`.
+fn nvidia(settings: &GpuSettings) -> Box<dyn GpuProvider> {
     #[cfg(feature = "nvml")]
-    if let Some(provider) = nvml_provider() {
+    if let Some(provider) = nvml_provider(settings) {
         return Box::new(provider);
     }
-    Box::new(nvidia_smi::NvidiaSmi::from_path())
+    Box::new(nvidia_smi::NvidiaSmi::from_path(settings.smi_timeout))
 }
 
 #[cfg(feature = "nvml")]
-fn nvml_provider() -> Option<nvml::NvmlProvider> {
-    let disabled = std::env::var_os("CANHAZGPU_NVML").is_some_and(|value| value == "0");
-    if disabled {
+fn nvml_provider(settings: &GpuSettings) -> Option<nvml::NvmlProvider> {
+    if !settings.nvml {
         return None;
     }
     nvml::NvmlProvider::init().ok()
 }
 
-fn nvml_loads() -> bool {
+fn nvml_loads(settings: &GpuSettings) -> bool {
     #[cfg(feature = "nvml")]
     {
-        nvml_provider().is_some()
+        nvml_provider(settings).is_some()
     }
     #[cfg(not(feature = "nvml"))]
     {
+        let _ = settings;
         false
     }
 }
 
 /// Detects which provider this machine has, for `admin` without `--provider`.
-pub fn detect() -> Result<ProviderKind> {
+pub fn detect(settings: &GpuSettings) -> Result<ProviderKind> {
     detect_among(
-        nvml_loads(),
-        &nvidia_smi::NvidiaSmi::from_path(),
-        &amd_smi::AmdSmi::from_path(),
+        nvml_loads(settings),
+        &nvidia_smi::NvidiaSmi::from_path(settings.smi_timeout),
+        &amd_smi::AmdSmi::from_path(settings.smi_timeout),
     )
 }
 

@@ -42,13 +42,13 @@ struct AppRow {
 }
 
 impl NvidiaSmi {
-    /// `nvidia-smi` from PATH, with the timeout from `CANHAZGPU_SMI_TIMEOUT` (default 10 s).
-    pub fn from_path() -> Self {
+    /// `nvidia-smi` from PATH, given `timeout` (`smi_timeout`, default 10 s).
+    pub fn from_path(timeout: Duration) -> Self {
         NvidiaSmi {
             tool: Tool {
                 name: "nvidia-smi",
                 program: "nvidia-smi".into(),
-                timeout: None,
+                timeout,
             },
         }
     }
@@ -59,7 +59,7 @@ impl NvidiaSmi {
             tool: Tool {
                 name: "nvidia-smi",
                 program: program.into(),
-                timeout: Some(timeout),
+                timeout,
             },
         }
     }

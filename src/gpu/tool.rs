@@ -18,12 +18,6 @@ pub const TIMEOUT_ENV: &str = "CANHAZGPU_SMI_TIMEOUT";
 /// nvidia-smi can take 7-15 s on large machines (upstream PR #42), so stay above that.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The timeout from `CANHAZGPU_SMI_TIMEOUT`, or the default when it is unset or empty.
-pub fn timeout_from_env() -> Result<Duration> {
-    let value = std::env::var(TIMEOUT_ENV).ok().filter(|v| !v.is_empty());
-    parse_timeout(value.as_deref())
-}
-
 /// Parses a timeout in (possibly fractional) seconds; `None` gives the default.
 pub fn parse_timeout(value: Option<&str>) -> Result<Duration> {
     let Some(text) = value else {
@@ -48,8 +42,7 @@ pub struct Tool {
     pub name: &'static str,
     /// What to execute: the bare name (looked up on PATH) or a path.
     pub program: OsString,
-    /// `None` reads `CANHAZGPU_SMI_TIMEOUT` at each call.
-    pub timeout: Option<Duration>,
+    pub timeout: Duration,
 }
 
 /// What a finished tool printed.
@@ -63,10 +56,7 @@ pub struct ToolOutput {
 impl Tool {
     /// Runs the tool with `args`, killing it (and anything it started) at the deadline.
     pub fn run(&self, args: &[&str]) -> Result<ToolOutput> {
-        let timeout = match self.timeout {
-            Some(timeout) => timeout,
-            None => timeout_from_env()?,
-        };
+        let timeout = self.timeout;
         let child = Command::new(&self.program)
             .args(args)
             .stdin(Stdio::null())
@@ -186,7 +176,7 @@ mod tests {
         let tool = Tool {
             name: "nvidia-smi",
             program: "/nonexistent/nvidia-smi".into(),
-            timeout: Some(Duration::from_secs(1)),
+            timeout: Duration::from_secs(1),
         };
         let err = tool.run(&["--help"]).unwrap_err();
         assert!(err.to_string().starts_with("nvidia-smi not found"), "{err}");
@@ -198,7 +188,7 @@ mod tests {
         let tool = Tool {
             name: "sleeper",
             program: "sleep".into(),
-            timeout: Some(Duration::from_millis(200)),
+            timeout: Duration::from_millis(200),
         };
         let started = std::time::Instant::now();
         let err = tool.run(&["30"]).unwrap_err();
@@ -211,7 +201,7 @@ mod tests {
         let tool = Tool {
             name: "nvidia-smi",
             program: "nvidia-smi".into(),
-            timeout: None,
+            timeout: DEFAULT_TIMEOUT,
         };
         let output = ToolOutput {
             success: false,

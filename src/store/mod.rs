@@ -13,10 +13,9 @@ pub mod sqlite;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::config::Config;
 use crate::error::Result;
 use crate::queue::QueueEntry;
-use crate::report::{self, UserUsage};
+use crate::report::UserUsage;
 use crate::state::{GpuSlot, Pool, ProviderKind, RunOwner, UnixTime, UsageRecord};
 
 /// How to reach the store, resolved from flags, environment and config file.
@@ -196,35 +195,13 @@ pub const DEFAULT_HISTORY_RETENTION_DAYS: u32 = 90;
 /// pruning is continuous and never one long pause.
 pub const HISTORY_PRUNE_BATCH: u32 = 100;
 
-/// Opens the configured store, keeping history for the configured retention (every
-/// writer prunes, so every opener must use the same setting).
-pub fn open(config: &Config) -> Result<Box<dyn Store>> {
-    connect(config, sqlite::SqliteStore::open_existing)
-}
-
-/// Opens the configured store, creating the embedded one (shared by every user of
-/// the machine) where it does not exist yet, or making an existing one usable by
-/// every user again: for `admin`. Returns the path of a store it repaired.
-pub fn create(config: &Config) -> Result<(Box<dyn Store>, Option<PathBuf>)> {
-    let retention = history_retention_secs(config)?;
-    match &config.store {
-        StoreConfig::Sqlite { path } => {
-            let (store, repaired) = sqlite::SqliteStore::create(path)?;
-            let repaired = repaired.then(|| path.clone());
-            Ok((Box::new(store.with_history_retention(retention)), repaired))
-        }
-        StoreConfig::Redis(_) => Ok((open(config)?, None)),
-    }
-}
-
-fn connect(
-    config: &Config,
-    open_sqlite: fn(&std::path::Path) -> Result<sqlite::SqliteStore>,
-) -> Result<Box<dyn Store>> {
-    let retention = history_retention_secs(config)?;
-    match &config.store {
+/// Opens the configured store, keeping `retention_days` of history (every writer
+/// prunes, so every opener must use the same setting).
+pub fn open(config: &StoreConfig, retention_days: u32) -> Result<Box<dyn Store>> {
+    let retention = i64::from(retention_days) * 86_400;
+    match config {
         StoreConfig::Sqlite { path } => Ok(Box::new(
-            open_sqlite(path)?.with_history_retention(retention),
+            sqlite::SqliteStore::open_existing(path)?.with_history_retention(retention),
         )),
         StoreConfig::Redis(redis) => Ok(Box::new(
             redis::RedisStore::connect(redis)?.with_history_retention(retention),
@@ -232,16 +209,19 @@ fn connect(
     }
 }
 
-/// `history.retention_days` (default 90) in seconds.
-pub fn history_retention_secs(config: &Config) -> Result<i64> {
-    let days = match config.settings.get("history.retention_days") {
-        Some(setting) => setting.parse(|value| {
-            value
-                .parse::<u32>()
-                .ok()
-                .filter(|days| (1..=report::MAX_DAYS).contains(days))
-        })?,
-        None => DEFAULT_HISTORY_RETENTION_DAYS,
-    };
-    Ok(i64::from(days) * 86_400)
+/// Opens the configured store, creating the embedded one (shared by every user of
+/// the machine) where it does not exist yet, or making an existing one usable by
+/// every user again: for `admin`. Returns the path of a store it repaired.
+pub fn create(
+    config: &StoreConfig,
+    retention_days: u32,
+) -> Result<(Box<dyn Store>, Option<PathBuf>)> {
+    match config {
+        StoreConfig::Sqlite { path } => {
+            let (store, repaired) = sqlite::SqliteStore::create(path)?;
+            let store = store.with_history_retention(i64::from(retention_days) * 86_400);
+            Ok((Box::new(store), repaired.then(|| path.clone())))
+        }
+        StoreConfig::Redis(_) => Ok((open(config, retention_days)?, None)),
+    }
 }

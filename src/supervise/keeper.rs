@@ -124,7 +124,10 @@ impl KeeperState {
 
     fn store(&mut self) -> Result<&mut Box<dyn Store>> {
         if self.store.is_none() {
-            self.store = Some(store::open(&self.config)?);
+            self.store = Some(store::open(
+                &self.config.store,
+                self.config.history_retention_days,
+            )?);
         }
         Ok(self.store.as_mut().expect("just opened"))
     }

@@ -314,7 +314,7 @@ fn nvml_matches_nvidia_smi_when_present() {
     /// Tolerance between NVML and nvidia-smi memory figures, taken moments apart.
     const MEMORY_TOLERANCE_MB: u64 = 1024;
 
-    let smi = NvidiaSmi::from_path();
+    let smi = NvidiaSmi::from_path(canhazgpu::gpu::tool::DEFAULT_TIMEOUT);
     let smi_answers = smi.answers();
     let nvml = match NvmlProvider::init() {
         Ok(nvml) => nvml,

@@ -176,7 +176,8 @@ impl CliEnv {
             Path::new("/nonexistent"),
         )
         .expect("resolve the test configuration");
-        canhazgpu::store::open(&config).expect("open the store")
+        canhazgpu::store::open(&config.store, config.history_retention_days)
+            .expect("open the store")
     }
 }
 
