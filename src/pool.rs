@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use crate::alloc::{self, PlanInput};
 use crate::error::{Error, Result};
 use crate::queue::{self, DistributionInput, QueueEntry};
+pub use crate::state::NewReservation;
 use crate::state::{
     GpuSlot, Pool, ProviderKind, Reservation, ReservationKind, RunOwner, Selection, UnixTime,
     UsageRecord,
@@ -423,37 +424,6 @@ impl Work {
             after: self.state,
             changes,
             outcome,
-        }
-    }
-}
-
-/// The reservation an allocation creates on each claimed GPU.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NewReservation {
-    pub id: String,
-    pub user: String,
-    pub actual_user: String,
-    pub kind: ReservationKind,
-    /// Manual reservations only.
-    pub expiry_time: Option<UnixTime>,
-    pub note: Option<String>,
-    /// Run reservations only: the supervising process.
-    pub owner: Option<RunOwner>,
-}
-
-impl NewReservation {
-    /// The reservation as a store holds it after claiming a GPU at `now`.
-    pub fn held_from(self, now: UnixTime) -> Reservation {
-        Reservation {
-            last_heartbeat: (self.kind == ReservationKind::Run).then_some(now),
-            id: self.id,
-            user: self.user,
-            actual_user: self.actual_user,
-            kind: self.kind,
-            start_time: now,
-            expiry_time: self.expiry_time,
-            note: self.note,
-            owner: self.owner,
         }
     }
 }

@@ -18,12 +18,10 @@ use serde::Serialize;
 
 use crate::alloc::{self, Ended};
 use crate::duration::format_duration;
-use crate::gpu::procinfo;
 use crate::gpu_status::{GpuStatus, StatusKind};
 use crate::state::{
-    GpuSlot, Liveness, Reservation, ReservationKind, RunOwner, Selection, UnixTime,
+    GpuSlot, Liveness, NewReservation, Reservation, ReservationKind, RunOwner, Selection, UnixTime,
 };
-use crate::store::NewReservation;
 
 /// How often a waiter refreshes its queue entry (mirrored in `queue.lua`).
 pub const WAITER_HEARTBEAT_SECS: i64 = 5;
@@ -159,19 +157,6 @@ pub fn without_dead_partials(
         }
     }
     slots
-}
-
-/// IDs of queue entries whose waiting process on `host` is gone.
-pub fn dead_waiter_ids(entries: &[QueueEntry], host: &str) -> Vec<String> {
-    entries
-        .iter()
-        .filter(|entry| {
-            entry.waiter.as_ref().is_some_and(|waiter| {
-                waiter.host == host && !procinfo::process_alive(waiter.pid, waiter.pid_start)
-            })
-        })
-        .map(|entry| entry.id.clone())
-        .collect()
 }
 
 /// GPUs held for a request that still waits for more say so instead of showing a

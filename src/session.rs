@@ -95,7 +95,7 @@ impl Session {
     /// The live queue, as `queue --json` and `/api/queue` show it.
     pub fn queue_report(&mut self) -> Result<queue::QueueReport> {
         let entries = self.store.queue()?;
-        let dead_ids = queue::dead_waiter_ids(&entries, &self.host);
+        let dead_ids = dead_waiter_ids(&entries, &self.host);
         Ok(queue::report(&entries, &dead_ids, now()))
     }
 
@@ -145,7 +145,7 @@ pub fn read_state(
     let view = store.pool_view()?;
     let queue = view.collecting;
     let mut dead_ids = gpu_status::dead_reservation_ids(&view.slots, host);
-    dead_ids.extend(queue::dead_waiter_ids(&queue, host));
+    dead_ids.extend(dead_waiter_ids(&queue, host));
     let slots = queue::without_dead_partials(view.slots, &queue, &dead_ids, now());
     Ok((slots, queue, dead_ids))
 }
@@ -170,4 +170,39 @@ pub fn new_reservation_id() -> String {
         return format!("{:x}-{nanos:x}", std::process::id());
     }
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The report of the `days` days up to `now`: finished reservations from the
+/// history plus the ones the store still holds. `host` identifies run reservations
+/// supervised on this machine, whose supervisor can be checked directly.
+pub fn usage_report(
+    store: &mut dyn Store,
+    host: &str,
+    days: u32,
+    now: UnixTime,
+    tz: &jiff::tz::TimeZone,
+) -> Result<crate::report::Report> {
+    let window = crate::report::Window::last_days(days, now);
+    // History first, then the held GPUs: a reservation ending in between is left
+    // out rather than counted twice.
+    let mut usages = store.usage_summary(window.from, window.to)?;
+    let (slots, _, dead_ids) = read_state(store, host)?;
+    usages.extend(crate::report::tally(
+        &crate::report::in_progress(&slots, &dead_ids, now),
+        window,
+    ));
+    Ok(crate::report::build(usages, window, days, tz))
+}
+
+/// IDs of queue entries whose waiting process on `host` is gone.
+pub fn dead_waiter_ids(entries: &[QueueEntry], host: &str) -> Vec<String> {
+    entries
+        .iter()
+        .filter(|entry| {
+            entry.waiter.as_ref().is_some_and(|waiter| {
+                waiter.host == host && !procinfo::process_alive(waiter.pid, waiter.pid_start)
+            })
+        })
+        .map(|entry| entry.id.clone())
+        .collect()
 }

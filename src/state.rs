@@ -201,6 +201,37 @@ pub fn user_label(user: &str, actual_user: &str) -> String {
     }
 }
 
+/// The reservation an allocation creates on each claimed GPU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewReservation {
+    pub id: String,
+    pub user: String,
+    pub actual_user: String,
+    pub kind: ReservationKind,
+    /// Manual reservations only.
+    pub expiry_time: Option<UnixTime>,
+    pub note: Option<String>,
+    /// Run reservations only: the supervising process.
+    pub owner: Option<RunOwner>,
+}
+
+impl NewReservation {
+    /// The reservation as a store holds it after claiming a GPU at `now`.
+    pub fn held_from(self, now: UnixTime) -> Reservation {
+        Reservation {
+            last_heartbeat: (self.kind == ReservationKind::Run).then_some(now),
+            id: self.id,
+            user: self.user,
+            actual_user: self.actual_user,
+            kind: self.kind,
+            start_time: now,
+            expiry_time: self.expiry_time,
+            note: self.note,
+            owner: self.owner,
+        }
+    }
+}
+
 /// What the store holds for one GPU.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GpuSlot {

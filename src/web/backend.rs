@@ -14,7 +14,6 @@ use axum::http::StatusCode;
 use jiff::tz::TimeZone;
 use tokio::sync::oneshot;
 
-use crate::commands::report::generate;
 use crate::config::Config;
 use crate::error::Error;
 use crate::session::{self, Session};
@@ -236,7 +235,9 @@ impl Worker {
         }
         let tz = self.tz.clone();
         let answer = self
-            .with_session(|s| generate(s.store.as_mut(), &s.host, days, session::now(), &tz))
+            .with_session(|s| {
+                crate::session::usage_report(s.store.as_mut(), &s.host, days, session::now(), &tz)
+            })
             .and_then(to_json);
         // Keep only fresh reports, so that the cache stays as small as the traffic.
         self.reports.retain(|_, c| c.fresh(interval));

@@ -22,6 +22,7 @@ const MODEL: &str = "evil<b>/<img/src=x/onerror=alert(2)>";
 
 /// Runs headless Chromium with a fresh profile; scripts get 5 s of virtual time.
 fn chromium(args: &[String]) -> Output {
+    crate::support::require("chromium");
     let profile = tempfile::tempdir().expect("profile dir");
     let mut child = Command::new("chromium")
         .args([

@@ -5,74 +5,47 @@ use std::collections::HashSet;
 use std::process::Stdio;
 
 use crate::support::cli::{CliEnv, Run};
+use crate::support::{backend_matrix, cli_env};
 
-/// Generates the backend-agnostic CLI tests for one backend.
-macro_rules! cli_core_tests {
-    ($backend:ident, $make:expr) => {
-        mod $backend {
-            use super::*;
-
-            #[test]
-            fn admin_initialises_and_refuses_reinit() {
-                let (env, _guard) = $make;
-                admin_initialises_and_refuses_reinit_case(&env);
-            }
-
-            #[test]
-            fn admin_force_keeps_the_stored_provider() {
-                let (env, _guard) = $make;
-                admin_force_keeps_the_stored_provider_case(&env);
-            }
-
-            #[test]
-            fn status_shows_available_then_manual_reservation() {
-                let (env, _guard) = $make;
-                status_case(&env);
-            }
-
-            #[test]
-            fn reserve_rules_and_errors() {
-                let (env, _guard) = $make;
-                reserve_case(&env);
-            }
-
-            #[test]
-            fn release_own_reservations() {
-                let (env, _guard) = $make;
-                release_case(&env);
-            }
-
-            #[test]
-            fn expired_reservation_is_free_without_status() {
-                let (env, _guard) = $make;
-                expiry_case(&env);
-            }
-
-            #[test]
-            fn concurrent_reserves_never_double_allocate() {
-                let (env, _guard) = $make;
-                concurrency_case(&env);
-            }
-
-            #[test]
-            fn uninitialised_pool_is_a_clear_error() {
-                let (env, _guard) = $make;
-                let run = env.run(["status"]);
-                run.assert_code(4);
-                assert_eq!(
-                    run.stderr.trim(),
-                    "Error: GPU pool not initialized - run 'canhazgpu admin --gpus <count>' first"
-                );
-            }
-        }
-    };
+backend_matrix! {
+    admin_initialises_and_refuses_reinit => |backend| {
+        let (env, _guard) = cli_env(backend);
+        admin_initialises_and_refuses_reinit_case(&env);
+    },
+    admin_force_keeps_the_stored_provider => |backend| {
+        let (env, _guard) = cli_env(backend);
+        admin_force_keeps_the_stored_provider_case(&env);
+    },
+    status_shows_available_then_manual_reservation => |backend| {
+        let (env, _guard) = cli_env(backend);
+        status_case(&env);
+    },
+    reserve_rules_and_errors => |backend| {
+        let (env, _guard) = cli_env(backend);
+        reserve_case(&env);
+    },
+    release_own_reservations => |backend| {
+        let (env, _guard) = cli_env(backend);
+        release_case(&env);
+    },
+    expired_reservation_is_free_without_status => |backend| {
+        let (env, _guard) = cli_env(backend);
+        expiry_case(&env);
+    },
+    concurrent_reserves_never_double_allocate => |backend| {
+        let (env, _guard) = cli_env(backend);
+        concurrency_case(&env);
+    },
+    uninitialised_pool_is_a_clear_error => |backend| {
+        let (env, _guard) = cli_env(backend);
+        let run = env.run(["status"]);
+        run.assert_code(4);
+        assert_eq!(
+            run.stderr.trim(),
+            "Error: GPU pool not initialized - run 'canhazgpu admin --gpus <count>' first"
+        );
+    },
 }
-
-cli_core_tests!(sqlite, (CliEnv::sqlite(), ()));
-cli_core_tests!(redis, {
-    let server = crate::support::redis::TestRedis::launch();
-    (CliEnv::redis(&server.url()), server)
-});
 
 fn admin_initialises_and_refuses_reinit_case(env: &CliEnv) {
     let run = env.run(["admin", "--gpus", "4", "--provider", "fake"]);

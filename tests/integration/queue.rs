@@ -15,6 +15,7 @@ use crate::support::cli::{BIN, CliEnv, Run};
 use crate::support::fake_smi::FakeSmi;
 use crate::support::redis::TestRedis;
 use crate::support::web::WebServer;
+use crate::support::{BackendKind, backend_matrix, cli_env};
 
 /// A test environment with an initialised fake pool; holds its Redis server.
 struct Setup {
@@ -23,26 +24,21 @@ struct Setup {
 }
 
 impl Setup {
-    /// An embedded store with a pool of `gpus` fake GPUs (none: no pool yet).
-    fn sqlite(gpus: u32) -> Self {
-        let env = CliEnv::sqlite();
+    /// A store on `backend` with a pool of `gpus` fake GPUs (none: no pool yet).
+    fn on(backend: BackendKind, gpus: u32) -> Self {
+        let (env, redis) = cli_env(backend);
         if gpus > 0 {
             env.init_fake(gpus);
         }
-        Setup { env, _redis: None }
+        Setup { env, _redis: redis }
     }
 
-    /// A Redis store with a pool of `gpus` fake GPUs (none: no pool yet).
+    fn sqlite(gpus: u32) -> Self {
+        Self::on(BackendKind::Sqlite, gpus)
+    }
+
     fn redis(gpus: u32) -> Self {
-        let redis = TestRedis::launch();
-        let env = CliEnv::redis(&redis.url());
-        if gpus > 0 {
-            env.init_fake(gpus);
-        }
-        Setup {
-            env,
-            _redis: Some(redis),
-        }
+        Self::on(BackendKind::Redis, gpus)
     }
 
     fn run(&self, args: &[&str]) -> Run {
@@ -553,30 +549,19 @@ fn redis_upstream_entries_wait_and_unreadable_ones_are_dropped() {
     assert_eq!(entry["allocated_gpus"], serde_json::json!([0]));
 }
 
-macro_rules! on_both_backends {
-    ($($case:ident: $gpus:literal),* $(,)?) => {
-        mod sqlite {
-            $(#[test] fn $case() { super::$case(&super::Setup::sqlite($gpus)); })*
-        }
-        mod redis {
-            $(#[test] fn $case() { super::$case(&super::Setup::redis($gpus)); })*
-        }
-    };
+backend_matrix! {
+    fcfs_order_under_contention => |backend| super::fcfs_order_under_contention(&Setup::on(backend, 1)),
+    large_request_is_not_starved => |backend| super::large_request_is_not_starved(&Setup::on(backend, 2)),
+    release_wakes_the_waiter_promptly => |backend| super::release_wakes_the_waiter_promptly(&Setup::on(backend, 1)),
+    killed_waiter_leaves_the_queue => |backend| super::killed_waiter_leaves_the_queue(&Setup::on(backend, 2)),
+    interrupted_waiter_leaves_and_releases => |backend| super::interrupted_waiter_leaves_and_releases(&Setup::on(backend, 2)),
+    wait_limit_times_out => |backend| super::wait_limit_times_out(&Setup::on(backend, 1)),
+    errors_that_waiting_cannot_fix_fail_at_once => |backend| super::errors_that_waiting_cannot_fix_fail_at_once(&Setup::on(backend, 2)),
+    configured_wait_and_nonblock => |backend| super::configured_wait_and_nonblock(&Setup::on(backend, 2)),
+    notes_and_display_names_are_shown => |backend| super::notes_and_display_names_are_shown(&Setup::on(backend, 2)),
+    web_api_serves_the_queue => |backend| super::web_api_serves_the_queue(&Setup::on(backend, 2)),
+    run_waits_for_its_turn => |backend| super::run_waits_for_its_turn(&Setup::on(backend, 1)),
 }
-
-on_both_backends!(
-    fcfs_order_under_contention: 1,
-    large_request_is_not_starved: 2,
-    release_wakes_the_waiter_promptly: 1,
-    killed_waiter_leaves_the_queue: 2,
-    interrupted_waiter_leaves_and_releases: 2,
-    wait_limit_times_out: 1,
-    errors_that_waiting_cannot_fix_fail_at_once: 2,
-    configured_wait_and_nonblock: 2,
-    notes_and_display_names_are_shown: 2,
-    web_api_serves_the_queue: 2,
-    run_waits_for_its_turn: 1,
-);
 
 /// The dashboard lists the waiters, with user names and notes as text, never markup.
 #[test]

@@ -7,46 +7,30 @@ use serde_json::Value;
 
 use crate::support::cli::CliEnv;
 use crate::support::history::{HOUR, History, now};
+use crate::support::{backend_matrix, cli_env};
 
-macro_rules! report_tests {
-    ($backend:ident, $make:expr) => {
-        mod $backend {
-            use super::*;
-
-            #[test]
-            fn figures_are_clipped_to_the_window_and_add_up() {
-                let (env, _guard) = $make;
-                figures_case(&env);
-            }
-
-            #[test]
-            fn an_empty_period_is_a_clear_report() {
-                let (env, _guard) = $make;
-                empty_case(&env);
-            }
-
-            #[test]
-            fn days_must_be_a_positive_whole_number() {
-                let (env, _guard) = $make;
-                bad_days_case(&env);
-            }
-
-            #[test]
-            fn concurrent_clean_up_records_an_expired_reservation_once() {
-                let (env, _guard) = $make;
-                concurrent_cleanup_case(&env);
-            }
-
-            #[test]
-            fn history_retention_is_configurable() {
-                let (env, _guard) = $make;
-                retention_case(env);
-            }
-        }
-    };
+backend_matrix! {
+    figures_are_clipped_to_the_window_and_add_up => |backend| {
+        let (env, _guard) = cli_env(backend);
+        figures_case(&env);
+    },
+    an_empty_period_is_a_clear_report => |backend| {
+        let (env, _guard) = cli_env(backend);
+        empty_case(&env);
+    },
+    days_must_be_a_positive_whole_number => |backend| {
+        let (env, _guard) = cli_env(backend);
+        bad_days_case(&env);
+    },
+    concurrent_clean_up_records_an_expired_reservation_once => |backend| {
+        let (env, _guard) = cli_env(backend);
+        concurrent_cleanup_case(&env);
+    },
+    history_retention_is_configurable => |backend| {
+        let (env, _guard) = cli_env(backend);
+        retention_case(env);
+    },
 }
-
-report_tests!(sqlite, (CliEnv::sqlite(), ()));
 
 /// Runs shorter than a second, and one reservation of a few seconds, give the same
 /// figures on both backends; TOTAL is 100 % once any time was used.
@@ -72,10 +56,6 @@ fn short_reservations_report_alike_on_both_backends() {
         .collect();
     assert_eq!(reports[0], reports[1]);
 }
-report_tests!(redis, {
-    let server = crate::support::redis::TestRedis::launch();
-    (CliEnv::redis(&server.url()), server)
-});
 
 fn report_json(env: &CliEnv, days: &str) -> Value {
     let run = env.run(["report", "--json", "--days", days]);

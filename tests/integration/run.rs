@@ -14,75 +14,46 @@ use nix::unistd::Pid;
 
 use crate::support::cli::{BIN, Backend, CliEnv, Run, wait_until};
 use crate::support::redis::TestRedis;
+use crate::support::{backend_matrix, cli_env};
 
-/// Generates the backend-agnostic `run` tests for one backend.
-macro_rules! run_tests {
-    ($backend:ident, $make:expr) => {
-        mod $backend {
-            use super::*;
-
-            #[test]
-            fn exit_status_is_the_commands() {
-                let (env, _guard) = $make;
-                exit_status_case(&env);
-            }
-
-            #[test]
-            fn child_sees_its_gpus_and_a_run_reservation() {
-                let (env, _guard) = $make;
-                environment_case(&env);
-            }
-
-            #[test]
-            fn stdin_reaches_the_command() {
-                let (env, _guard) = $make;
-                stdin_case(&env);
-            }
-
-            #[test]
-            fn command_that_cannot_start_releases_at_once() {
-                let (env, _guard) = $make;
-                not_runnable_case(&env);
-            }
-
-            #[test]
-            fn signals_are_passed_on_and_waited_for() {
-                let (env, _guard) = $make;
-                signals_case(&env);
-            }
-
-            #[test]
-            fn timeout_stops_the_whole_tree() {
-                let (env, _guard) = $make;
-                timeout_case(&env);
-            }
-
-            #[test]
-            fn kill_9_of_canhazgpu_frees_the_gpu_at_once() {
-                let (env, _guard) = $make;
-                kill_9_case(&env);
-            }
-
-            #[test]
-            fn release_of_own_run_reservation_is_noticed() {
-                let (env, _guard) = $make;
-                release_notice_case(&env);
-            }
-
-            #[test]
-            fn twenty_concurrent_runs_on_eight_gpus() {
-                let (env, _guard) = $make;
-                concurrent_case(&env);
-            }
-        }
-    };
+backend_matrix! {
+    exit_status_is_the_commands => |backend| {
+        let (env, _guard) = cli_env(backend);
+        exit_status_case(&env);
+    },
+    child_sees_its_gpus_and_a_run_reservation => |backend| {
+        let (env, _guard) = cli_env(backend);
+        environment_case(&env);
+    },
+    stdin_reaches_the_command => |backend| {
+        let (env, _guard) = cli_env(backend);
+        stdin_case(&env);
+    },
+    command_that_cannot_start_releases_at_once => |backend| {
+        let (env, _guard) = cli_env(backend);
+        not_runnable_case(&env);
+    },
+    signals_are_passed_on_and_waited_for => |backend| {
+        let (env, _guard) = cli_env(backend);
+        signals_case(&env);
+    },
+    timeout_stops_the_whole_tree => |backend| {
+        let (env, _guard) = cli_env(backend);
+        timeout_case(&env);
+    },
+    kill_9_of_canhazgpu_frees_the_gpu_at_once => |backend| {
+        let (env, _guard) = cli_env(backend);
+        kill_9_case(&env);
+    },
+    release_of_own_run_reservation_is_noticed => |backend| {
+        let (env, _guard) = cli_env(backend);
+        release_notice_case(&env);
+    },
+    twenty_concurrent_runs_on_eight_gpus => |backend| {
+        let (env, _guard) = cli_env(backend);
+        concurrent_case(&env);
+    },
 }
-
-run_tests!(sqlite, (CliEnv::sqlite(), ()));
-run_tests!(redis, {
-    let server = crate::support::redis::TestRedis::launch();
-    (CliEnv::redis(&server.url()), server)
-});
 
 /// A `run` started in the background, in its own process group so that signals
 /// reach canhazgpu alone (as `kill PID` from another terminal would), with its

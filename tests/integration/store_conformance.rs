@@ -1,87 +1,54 @@
 //! The contract of `canhazgpu::store::Store`, checked against every backend.
 //!
-//! `store_conformance!(name, factory)` expands to a module `name` holding one `#[test]`
-//! per case in [`cases`]. `factory` is the full path of a `fn() -> StoreFixture` that
-//! creates a new, empty store. Adding a backend takes one line, e.g.
-//!
-//! ```ignore
-//! crate::store_conformance::store_conformance!(sqlite, crate::support::sqlite::sqlite_store_fixture);
-//! ```
+//! Every case in [`cases`] runs once per backend (`support::backend_matrix!`) on a new,
+//! empty store from `support::store_fixture`.
 //!
 //! The cases use only the `Store` trait and compare with `alloc::plan` and
 //! `Reservation::liveness`, which define the semantics every backend must have.
 
-use std::any::Any;
+use crate::support::{backend_matrix, store_fixture};
 
-use canhazgpu::store::Store;
+pub use crate::support::StoreFixture;
 
-/// An empty store under test.
-pub struct StoreFixture {
-    /// Keeps the backend alive for the test (a server process, temporary files).
-    #[expect(dead_code, reason = "only held, to be dropped when the test ends")]
-    pub guard: Box<dyn Any>,
-    /// Opens another, independent connection to the same store.
-    pub open: Box<dyn Fn() -> Box<dyn Store> + Send + Sync>,
+backend_matrix! {
+    init_creates_the_pool => |backend| cases::init_creates_the_pool(store_fixture(backend)),
+    init_refuses_an_initialized_pool => |backend| cases::init_refuses_an_initialized_pool(store_fixture(backend)),
+    init_force_ends_reservations_with_history => |backend| cases::init_force_ends_reservations_with_history(store_fixture(backend)),
+    allocation_prefers_mru_then_never_used_then_lru => |backend| cases::allocation_prefers_mru_then_never_used_then_lru(store_fixture(backend)),
+    not_enough_counts_free_and_unreserved => |backend| cases::not_enough_counts_free_and_unreserved(store_fixture(backend)),
+    invalid_selections_are_usage_errors => |backend| cases::invalid_selections_are_usage_errors(store_fixture(backend)),
+    specific_ids_are_all_or_nothing => |backend| cases::specific_ids_are_all_or_nothing(store_fixture(backend)),
+    expired_manual_is_freed_with_one_history_record => |backend| cases::expired_manual_is_freed_with_one_history_record(store_fixture(backend)),
+    stale_runs_are_freed => |backend| cases::stale_runs_are_freed(store_fixture(backend)),
+    dead_run_reservations_are_freed => |backend| cases::dead_run_reservations_are_freed(store_fixture(backend)),
+    allocation_only_ends_reservations_it_claims => |backend| cases::allocation_only_ends_reservations_it_claims(store_fixture(backend)),
+    release_own_manual_leaves_runs_and_other_users => |backend| cases::release_own_manual_leaves_runs_and_other_users(store_fixture(backend)),
+    release_own_ids_only_where_the_user_holds => |backend| cases::release_own_ids_only_where_the_user_holds(store_fixture(backend)),
+    release_any_ids_and_by_reservation => |backend| cases::release_any_ids_and_by_reservation(store_fixture(backend)),
+    release_of_expired_manual_ends_at_expiry => |backend| cases::release_of_expired_manual_ends_at_expiry(store_fixture(backend)),
+    heartbeat_keeps_run_alive_and_reports_held_gpus => |backend| cases::heartbeat_keeps_run_alive_and_reports_held_gpus(store_fixture(backend)),
+    reassert_puts_back_a_lost_run_reservation => |backend| cases::reassert_puts_back_a_lost_run_reservation(store_fixture(backend)),
+    reassert_recreates_a_lost_pool => |backend| cases::reassert_recreates_a_lost_pool(store_fixture(backend)),
+    history_window_selects_overlapping_records => |backend| cases::history_window_selects_overlapping_records(store_fixture(backend)),
+    identical_short_reservations_are_each_recorded => |backend| cases::identical_short_reservations_are_each_recorded(store_fixture(backend)),
+    concurrent_allocations_never_share_a_gpu => |backend| cases::concurrent_allocations_never_share_a_gpu(store_fixture(backend)),
+    allocation_matches_the_placement_policy => |backend| cases::allocation_matches_the_placement_policy(store_fixture(backend)),
+    usage_summary_matches_the_clipped_history => |backend| cases::usage_summary_matches_the_clipped_history(store_fixture(backend)),
+    history_is_pruned_in_bounded_batches => |backend| cases::history_is_pruned_in_bounded_batches(store_fixture(backend)),
+    concurrent_endings_record_a_reservation_once => |backend| cases::concurrent_endings_record_a_reservation_once(store_fixture(backend)),
+    queue_join_is_served_at_once_when_gpus_are_free => |backend| cases::queue_join_is_served_at_once_when_gpus_are_free(store_fixture(backend)),
+    queue_serves_waiters_in_order => |backend| cases::queue_serves_waiters_in_order(store_fixture(backend)),
+    queue_large_request_collects_until_served => |backend| cases::queue_large_request_collects_until_served(store_fixture(backend)),
+    queue_newcomers_get_only_what_waiters_cannot_use => |backend| cases::queue_newcomers_get_only_what_waiters_cannot_use(store_fixture(backend)),
+    queue_leaving_releases_what_was_collected => |backend| cases::queue_leaving_releases_what_was_collected(store_fixture(backend)),
+    queue_dead_and_silent_waiters_are_dropped => |backend| cases::queue_dead_and_silent_waiters_are_dropped(store_fixture(backend)),
+    queue_dead_waiter_collection_ends_at_its_last_sign_of_life => |backend| cases::queue_dead_waiter_collection_ends_at_its_last_sign_of_life(store_fixture(backend)),
+    queue_turns_refresh_and_respect_usage => |backend| cases::queue_turns_refresh_and_respect_usage(store_fixture(backend)),
+    queue_init_force_empties_the_queue => |backend| cases::queue_init_force_empties_the_queue(store_fixture(backend)),
+    queue_watchers_hear_about_releases => |backend| cases::queue_watchers_hear_about_releases(store_fixture(backend)),
+    queue_quiet_turns_wake_nobody => |backend| cases::queue_quiet_turns_wake_nobody(store_fixture(backend)),
+    queue_distribution_matches_the_policy => |backend| cases::queue_distribution_matches_the_policy(store_fixture(backend)),
 }
-
-macro_rules! store_conformance {
-    ($backend:ident, $factory:path) => {
-        $crate::store_conformance::store_conformance!(
-            @cases $backend, $factory,
-            init_creates_the_pool,
-            init_refuses_an_initialized_pool,
-            init_force_ends_reservations_with_history,
-            allocation_prefers_mru_then_never_used_then_lru,
-            not_enough_counts_free_and_unreserved,
-            invalid_selections_are_usage_errors,
-            specific_ids_are_all_or_nothing,
-            expired_manual_is_freed_with_one_history_record,
-            stale_runs_are_freed,
-            dead_run_reservations_are_freed,
-            allocation_only_ends_reservations_it_claims,
-            release_own_manual_leaves_runs_and_other_users,
-            release_own_ids_only_where_the_user_holds,
-            release_any_ids_and_by_reservation,
-            release_of_expired_manual_ends_at_expiry,
-            heartbeat_keeps_run_alive_and_reports_held_gpus,
-            reassert_puts_back_a_lost_run_reservation,
-            reassert_recreates_a_lost_pool,
-            history_window_selects_overlapping_records,
-            identical_short_reservations_are_each_recorded,
-            concurrent_allocations_never_share_a_gpu,
-            allocation_matches_the_placement_policy,
-            usage_summary_matches_the_clipped_history,
-            history_is_pruned_in_bounded_batches,
-            concurrent_endings_record_a_reservation_once,
-            queue_join_is_served_at_once_when_gpus_are_free,
-            queue_serves_waiters_in_order,
-            queue_large_request_collects_until_served,
-            queue_newcomers_get_only_what_waiters_cannot_use,
-            queue_leaving_releases_what_was_collected,
-            queue_dead_and_silent_waiters_are_dropped,
-            queue_dead_waiter_collection_ends_at_its_last_sign_of_life,
-            queue_turns_refresh_and_respect_usage,
-            queue_init_force_empties_the_queue,
-            queue_watchers_hear_about_releases,
-            queue_quiet_turns_wake_nobody,
-            queue_distribution_matches_the_policy,
-        );
-    };
-    (@cases $backend:ident, $factory:path, $($case:ident),* $(,)?) => {
-        mod $backend {
-            $(
-                #[test]
-                fn $case() {
-                    $crate::store_conformance::cases::$case($factory());
-                }
-            )*
-        }
-    };
-}
-pub(crate) use store_conformance;
-
-store_conformance!(redis, crate::support::redis::redis_store_fixture);
-store_conformance!(sqlite, crate::support::sqlite::sqlite_store_fixture);
 
 pub mod cases {
     mod queue;

@@ -11,38 +11,22 @@ use crate::support::fake_smi::FakeSmi;
 use crate::support::history::{HOUR, History, now};
 use crate::support::redis::TestRedis;
 use crate::support::web::{WebServer, request};
+use crate::support::{backend_matrix, cli_env};
 
-macro_rules! web_tests {
-    ($backend:ident, $make:expr) => {
-        mod $backend {
-            use super::*;
-
-            #[test]
-            fn api_serves_what_the_cli_prints() {
-                let (env, _guard) = $make;
-                api_case(&env);
-            }
-
-            #[test]
-            fn bad_requests_get_json_errors() {
-                let (env, _guard) = $make;
-                bad_requests_case(&env);
-            }
-
-            #[test]
-            fn stops_cleanly_on_sigint_and_sigterm() {
-                let (env, _guard) = $make;
-                shutdown_case(&env);
-            }
-        }
-    };
+backend_matrix! {
+    api_serves_what_the_cli_prints => |backend| {
+        let (env, _guard) = cli_env(backend);
+        api_case(&env);
+    },
+    bad_requests_get_json_errors => |backend| {
+        let (env, _guard) = cli_env(backend);
+        bad_requests_case(&env);
+    },
+    stops_cleanly_on_sigint_and_sigterm => |backend| {
+        let (env, _guard) = cli_env(backend);
+        shutdown_case(&env);
+    },
 }
-
-web_tests!(sqlite, (CliEnv::sqlite(), ()));
-web_tests!(redis, {
-    let server = TestRedis::launch();
-    (CliEnv::redis(&server.url()), server)
-});
 
 /// Retries until `fetch` gives the same value twice in a row from the API and the CLI:
 /// both show durations that tick every second.

@@ -11,7 +11,7 @@ use canhazgpu::store::RedisConfig;
 use canhazgpu::store::redis::RedisStore;
 use tempfile::TempDir;
 
-use crate::store_conformance::StoreFixture;
+use super::StoreFixture;
 
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -74,6 +74,7 @@ impl TestRedis {
     /// Starts the server (again, after `stop`) on the same socket, empty.
     pub fn start(&mut self) {
         assert!(self.server.is_none(), "redis-server is already running");
+        super::require("redis-server");
         let log = self.dir.path().join("redis.log");
         let mut server = Command::new("redis-server")
             .args(["--port", "0", "--unixsocket"])

@@ -2,7 +2,7 @@
 
 use canhazgpu::store::sqlite::SqliteStore;
 
-use crate::store_conformance::StoreFixture;
+use super::StoreFixture;
 
 pub fn sqlite_store_fixture() -> StoreFixture {
     let dir = tempfile::tempdir().expect("tempdir");
