@@ -1,0 +1,384 @@
+//! The optimistic transaction every change runs in: `WATCH` what the operation reads,
+//! read it (pipelined), decide with the pool core, and write the changes in one
+//! `MULTI`/`EXEC`, again after a jittered pause while other clients change what was
+//! read. Also the plain reads, which watch nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use super::{RedisStore, codec};
+use crate::error::{Error, Result};
+use crate::gpu::procinfo;
+use crate::pool::{self, Changes, PoolState, SlotWrite, Transition};
+use crate::state::{Pool, ProviderKind, UnixTime};
+use crate::store::{HISTORY_PRUNE_BATCH, PoolView, Store};
+
+/// How long an operation keeps trying when other clients keep changing what it read
+/// (or upstream holds its allocation lock, which expires after 10 s).
+const TRANSACTION_PATIENCE: Duration = Duration::from_secs(15);
+
+/// What a transaction read besides the state: what it needs to write its changes.
+pub(super) struct Loaded {
+    state: PoolState,
+    /// The JSON of each readable entry, so an update keeps upstream's fields.
+    raw_entries: HashMap<String, String>,
+    /// Upstream holds its allocation lock.
+    locked: bool,
+}
+
+impl RedisStore {
+    /// Reads the pool, its slots and its queue (and the last use of the accounts
+    /// placement may consult), watching every key a decision depends on when `watch`.
+    pub(super) fn load(&mut self, requester: Option<&str>, watch: bool) -> Result<Loaded> {
+        let keys = &self.keys;
+        let (count_key, provider_key, queue_key, lock_key) = (
+            keys.gpu_count(),
+            keys.provider(),
+            keys.queue(),
+            keys.allocation_lock(),
+        );
+        let mut first = redis::pipe();
+        if watch {
+            first
+                .cmd("WATCH")
+                .arg(&count_key)
+                .arg(&provider_key)
+                .arg(&queue_key)
+                .arg(&lock_key)
+                .ignore();
+        }
+        first
+            .cmd("MGET")
+            .arg(&count_key)
+            .arg(&provider_key)
+            .cmd("ZRANGE")
+            .arg(&queue_key)
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .cmd("EXISTS")
+            .arg(&lock_key);
+        type First = ((Option<String>, Option<String>), Vec<(String, f64)>, bool);
+        let ((count, provider), queued, locked): First =
+            self.call(|connection| first.query(connection))?;
+        let pool = self.decode_pool(count, provider)?;
+        let gpu_count = pool.map_or(0, |pool| pool.gpu_count);
+
+        let gpu_keys: Vec<String> = (0..gpu_count).map(|id| self.keys.gpu(id)).collect();
+        let entry_ids: Vec<&String> = queued.iter().map(|(id, _)| id).collect();
+        let entry_keys: Vec<String> = entry_ids.iter().map(|id| self.keys.entry(id)).collect();
+        let mut second = redis::pipe();
+        if watch && !gpu_keys.is_empty() {
+            second.cmd("WATCH").arg(&gpu_keys).ignore();
+        }
+        second.cmd("MGET").arg(&gpu_keys);
+        second.cmd("MGET").arg(&entry_keys);
+        let (gpus, entries): (Vec<Option<String>>, Vec<Option<String>>) =
+            if gpu_keys.is_empty() && entry_keys.is_empty() {
+                (Vec::new(), Vec::new())
+            } else if entry_keys.is_empty() {
+                let mut only_gpus = redis::pipe();
+                if watch {
+                    only_gpus.cmd("WATCH").arg(&gpu_keys).ignore();
+                }
+                only_gpus.cmd("MGET").arg(&gpu_keys);
+                let (gpus,): (Vec<Option<String>>,) =
+                    self.call(|connection| only_gpus.query(connection))?;
+                (gpus, Vec::new())
+            } else if gpu_keys.is_empty() {
+                let entries: Vec<Option<String>> =
+                    self.call(|connection| redis::cmd("MGET").arg(&entry_keys).query(connection))?;
+                (Vec::new(), entries)
+            } else {
+                self.call(|connection| second.query(connection))?
+            };
+
+        let mut state = PoolState {
+            pool,
+            ..PoolState::default()
+        };
+        for (id, raw) in (0..).zip(&gpus) {
+            let (slot, partial) = codec::decode_slot(id, raw.as_deref());
+            if let Some(entry) = partial {
+                state.partials.insert(id, entry);
+            }
+            state.slots.push(slot);
+        }
+        let mut raw_entries = HashMap::new();
+        for (id, raw) in entry_ids.iter().zip(entries) {
+            match raw.as_deref().and_then(|raw| codec::decode_entry(id, raw)) {
+                Some(entry) => {
+                    raw_entries.insert(entry.id.clone(), raw.unwrap_or_default());
+                    state.queue.push(entry);
+                }
+                None => state.unreadable_entries.push(id.to_string()),
+            }
+        }
+        state.link_partials();
+        let accounts = PoolState::accounts_needed(&state.queue, requester);
+        if !accounts.is_empty() && pool.is_some() {
+            let mut reads = redis::pipe();
+            for account in &accounts {
+                reads.cmd("HGETALL").arg(self.keys.last_used(account));
+            }
+            let used: Vec<Vec<(String, String)>> =
+                self.call(|connection| reads.query(connection))?;
+            for (account, pairs) in accounts.into_iter().zip(used) {
+                let used = pairs
+                    .iter()
+                    .filter_map(|(gpu, at)| Some((gpu.parse().ok()?, at.parse().ok()?)))
+                    .collect();
+                state.last_used.insert(account, used);
+            }
+        }
+        Ok(Loaded {
+            state,
+            raw_entries,
+            locked,
+        })
+    }
+
+    /// The pool from `canhazgpu:gpu_count` and `canhazgpu:provider`, validated with
+    /// the limits `admin` enforces.
+    pub(super) fn decode_pool(
+        &self,
+        count: Option<String>,
+        provider: Option<String>,
+    ) -> Result<Option<Pool>> {
+        let Some(count) = count else {
+            return Ok(None);
+        };
+        let gpu_count = count
+            .parse()
+            .ok()
+            .filter(|count| (1..=pool::MAX_GPUS).contains(count))
+            .ok_or_else(|| {
+                Error::Store(format!(
+                    "invalid {} in Redis: '{count}'",
+                    self.keys.gpu_count()
+                ))
+            })?;
+        // Pools created before upstream recorded the provider are NVIDIA pools.
+        let provider = match provider {
+            None => ProviderKind::Nvidia,
+            Some(name) => ProviderKind::parse(&name).ok_or_else(|| {
+                Error::Store(format!(
+                    "unknown GPU provider '{name}' in {}",
+                    self.keys.provider()
+                ))
+            })?,
+        };
+        Ok(Some(Pool {
+            gpu_count,
+            provider,
+        }))
+    }
+
+    /// Runs one operation of the pool core as an optimistic transaction, again and
+    /// again while other clients change what it read.
+    pub(super) fn operate<T>(
+        &mut self,
+        requester: Option<&str>,
+        now: UnixTime,
+        operation: impl Fn(&PoolState) -> Transition<T>,
+    ) -> Result<T> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let mut loaded = self.load(requester, true)?;
+            loaded.state.find_gone(&self.host, |process| {
+                procinfo::process_alive(process.pid, process.pid_start)
+            });
+            let transition = (!loaded.locked).then(|| operation(&loaded.state));
+            let committed = match &transition {
+                None => {
+                    self.call(|connection| redis::cmd("UNWATCH").query::<()>(connection))?;
+                    false
+                }
+                Some(transition) if transition.changes.is_empty() => {
+                    self.call(|connection| redis::cmd("UNWATCH").query::<()>(connection))?;
+                    true
+                }
+                Some(transition) => self.commit(&loaded, &transition.changes, now)?,
+            };
+            if committed && let Some(transition) = transition {
+                return transition.outcome;
+            }
+            if started.elapsed() > TRANSACTION_PATIENCE {
+                return Err(Error::Store(if loaded.locked {
+                    format!(
+                        "Redis at {}: upstream canhazgpu held {} for over {} s",
+                        self.location,
+                        self.keys.allocation_lock(),
+                        TRANSACTION_PATIENCE.as_secs()
+                    )
+                } else {
+                    format!(
+                        "Redis at {}: other clients kept changing the pool for over {} s",
+                        self.location,
+                        TRANSACTION_PATIENCE.as_secs()
+                    )
+                }));
+            }
+            self.retries += 1;
+            std::thread::sleep(jittered(pause));
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    /// Writes `changes` in one `MULTI`/`EXEC`; false when a watched key changed.
+    fn commit(&mut self, loaded: &Loaded, changes: &Changes, now: UnixTime) -> Result<bool> {
+        let prune = if changes.history.is_empty() {
+            None
+        } else {
+            Some(self.prune_bound(now - self.history_retention)?)
+        };
+        let keys = &self.keys;
+        let mut tx = redis::pipe();
+        tx.atomic();
+        if let Some(pool) = changes.pool {
+            tx.set(keys.gpu_count(), pool.gpu_count).ignore();
+            tx.set(keys.provider(), pool.provider.as_str()).ignore();
+        }
+        for &gpu in &changes.removed_gpus {
+            tx.del(keys.gpu(gpu)).ignore();
+        }
+        for (gpu, write) in &changes.gpus {
+            match write {
+                SlotWrite::Free {
+                    last_released: None,
+                } => tx.del(keys.gpu(*gpu)).ignore(),
+                SlotWrite::Free {
+                    last_released: Some(at),
+                } => tx.set(keys.gpu(*gpu), codec::encode_released(*at)).ignore(),
+                SlotWrite::Held {
+                    reservation,
+                    collected_for,
+                } => tx
+                    .set(
+                        keys.gpu(*gpu),
+                        codec::encode_held(reservation, collected_for.as_deref()),
+                    )
+                    .ignore(),
+            };
+        }
+        for id in &changes.entries_removed {
+            tx.zrem(keys.queue(), id).ignore();
+            tx.del(keys.entry(id)).ignore();
+        }
+        for entry in &changes.entries_updated {
+            let json = match loaded.raw_entries.get(&entry.id) {
+                Some(raw) => codec::patch_entry(raw, entry),
+                None => codec::encode_entry(entry),
+            };
+            tx.set(keys.entry(&entry.id), json).ignore();
+        }
+        let mut last_used: BTreeMap<(&str, u32), UnixTime> = BTreeMap::new();
+        for (account, gpu, at) in &changes.last_used {
+            let latest = last_used.entry((account.as_str(), *gpu)).or_insert(*at);
+            *latest = (*latest).max(*at);
+        }
+        for ((account, gpu), at) in last_used {
+            tx.hset(keys.last_used(account), gpu, at).ignore();
+        }
+        for entry in &changes.history {
+            tx.zadd(
+                keys.history(),
+                codec::encode_history(entry),
+                entry.record.end_time,
+            )
+            .ignore();
+        }
+        if let Some(bound) = prune {
+            tx.cmd("ZREMRANGEBYSCORE")
+                .arg(keys.history())
+                .arg("-inf")
+                .arg(bound)
+                .ignore();
+        }
+        for id in &changes.wake_entries {
+            tx.publish(keys.wake_entry(id), 1).ignore();
+        }
+        if changes.wake_pool {
+            tx.publish(keys.wake_pool(), 1).ignore();
+        }
+        let done: Option<()> = self.call(|connection| tx.query(connection))?;
+        Ok(done.is_some())
+    }
+
+    /// The highest score a write may prune: records that ended before `cutoff`, at
+    /// most `HISTORY_PRUNE_BATCH` of them (more only when they share an end second).
+    fn prune_bound(&mut self, cutoff: UnixTime) -> Result<String> {
+        let key = self.keys.history();
+        let batch_end: Vec<(String, f64)> = self.call(|connection| {
+            redis::cmd("ZRANGEBYSCORE")
+                .arg(&key)
+                .arg("-inf")
+                .arg(format!("({cutoff}"))
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(HISTORY_PRUNE_BATCH - 1)
+                .arg(1)
+                .query(connection)
+        })?;
+        Ok(match batch_end.first() {
+            Some((_, score)) => format!("{score}"),
+            None => format!("({cutoff}"),
+        })
+    }
+
+    pub(super) fn read<T>(&mut self, read: impl FnOnce(PoolState) -> Result<T>) -> Result<T> {
+        let loaded = self.load(None, false)?;
+        read(loaded.state)
+    }
+
+    /// The slots and the entries collecting on them: the queue's length does not
+    /// matter here.
+    pub(super) fn read_view(&mut self) -> Result<PoolView> {
+        let pool = self.pool()?.ok_or(Error::NotInitialized)?;
+        let gpu_keys: Vec<String> = (0..pool.gpu_count).map(|id| self.keys.gpu(id)).collect();
+        let gpus: Vec<Option<String>> =
+            self.call(|connection| redis::cmd("MGET").arg(&gpu_keys).query(connection))?;
+        let mut state = PoolState::default();
+        for (id, raw) in (0..).zip(&gpus) {
+            let (slot, partial) = codec::decode_slot(id, raw.as_deref());
+            if let Some(entry) = partial {
+                state.partials.insert(id, entry);
+            }
+            state.slots.push(slot);
+        }
+        let mut ids: Vec<&String> = state.partials.values().collect();
+        ids.sort();
+        ids.dedup();
+        if !ids.is_empty() {
+            let entry_keys: Vec<String> = ids.iter().map(|id| self.keys.entry(id)).collect();
+            let entries: Vec<Option<String>> =
+                self.call(|connection| redis::cmd("MGET").arg(&entry_keys).query(connection))?;
+            state.queue = ids
+                .iter()
+                .zip(entries)
+                .filter_map(|(id, raw)| codec::decode_entry(id, raw.as_deref()?))
+                .collect();
+        }
+        state.link_partials();
+        Ok(PoolView {
+            slots: state.slots,
+            collecting: state.queue,
+        })
+    }
+}
+
+pub(super) fn unix_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_nanos())
+        .unwrap_or(0)
+}
+
+/// Between half and all of `pause`, so that clients that collided do not collide
+/// again in step.
+fn jittered(pause: Duration) -> Duration {
+    let noise =
+        (unix_nanos() as u64 ^ u64::from(std::process::id()).wrapping_mul(0x9e37_79b9)) % 1000;
+    pause / 2 + pause * noise as u32 / 2000
+}
