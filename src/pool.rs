@@ -150,8 +150,6 @@ pub struct Changes {
     /// Queue entries whose waiter should take a turn: they were given GPUs, became
     /// the head of the queue while GPUs were freed, or were removed.
     pub wake_entries: Vec<String>,
-    /// GPUs were freed or waiters left: whoever watches the whole pool may look.
-    pub wake_pool: bool,
 }
 
 impl Changes {
@@ -414,7 +412,6 @@ impl Work {
             if let Some(head) = after.queue.first() {
                 wake.insert(head.id.clone());
             }
-            changes.wake_pool = true;
         }
         if let Some(caller) = &self.caller {
             wake.remove(caller);

@@ -11,7 +11,6 @@ pub mod redis;
 pub mod sqlite;
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use crate::error::Result;
 use crate::queue::QueueEntry;
@@ -147,20 +146,12 @@ pub trait Store: Send {
     /// longer queued.
     fn queue_beat(&mut self, entry_id: &str, now: UnixTime) -> Result<QueueBeat>;
 
-    /// Starts noticing changes made by other processes that may help a waiter: GPUs
-    /// freed, waiters served or gone. Every such change wakes every pool watcher.
-    fn watch_changes(&mut self) -> Result<()>;
-
     /// Starts noticing the changes that concern queue entry `entry_id` alone: it was
     /// given GPUs, removed, or is the head of the queue when GPUs are freed. Calls
     /// `wake` for each (from another thread).
     fn watch_entry(&mut self, entry_id: &str, wake: Wake) -> Result<()>;
 
-    /// Waits up to `timeout` for a change since `watch_changes` or the last call;
-    /// returns whether one happened. May also return true for unrelated changes.
-    fn wait_for_change(&mut self, timeout: Duration) -> Result<bool>;
-
-    /// Stops what `watch_changes` and `watch_entry` started.
+    /// Stops what `watch_entry` started.
     fn stop_watching(&mut self);
 
     /// Ends the reservations in `scope`, recording history. Returns the freed IDs.

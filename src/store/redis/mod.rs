@@ -13,7 +13,6 @@ mod history;
 mod transaction;
 mod watch;
 
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::Duration;
 
 use redis::{Client, Connection, RedisResult};
@@ -72,10 +71,6 @@ impl Keys {
     fn allocation_lock(&self) -> String {
         format!("{}allocation_lock", self.prefix)
     }
-    /// Published when GPUs are freed or waiters leave.
-    fn wake_pool(&self) -> String {
-        format!("{}queue:wake", self.prefix)
-    }
     /// Published when a change concerns one queue entry.
     fn wake_entry(&self, id: &str) -> String {
         format!("{}queue:wake:{id}", self.prefix)
@@ -92,8 +87,6 @@ pub struct RedisStore {
     keys: Keys,
     /// This machine, whose processes a transaction checks (`PoolState::find_gone`).
     host: String,
-    /// Wake-ups for a pool watcher (`watch_changes`).
-    pool_watch: Option<(Watch, Receiver<()>)>,
     /// Wake-ups for a waiter's own entry (`watch_entry`).
     entry_watch: Option<Watch>,
     /// Seconds of history kept; writes that record history prune older records.
@@ -118,7 +111,6 @@ impl RedisStore {
             location,
             keys: Keys::UPSTREAM,
             host: procinfo::hostname(),
-            pool_watch: None,
             entry_watch: None,
             history_retention: i64::from(DEFAULT_HISTORY_RETENTION_DAYS) * 86_400,
             retries: 0,
@@ -313,22 +305,6 @@ impl Store for RedisStore {
         })
     }
 
-    fn watch_changes(&mut self) -> Result<()> {
-        if self.pool_watch.is_none() {
-            let (woken, wakes) = mpsc::channel();
-            let woken = std::sync::Mutex::new(woken);
-            let wake: Wake = std::sync::Arc::new(move || {
-                if let Ok(woken) = woken.lock() {
-                    let _ = woken.send(());
-                }
-            });
-            let channel = self.keys.wake_pool();
-            let watch = Watch::start(&self.client, &self.location, channel, wake)?;
-            self.pool_watch = Some((watch, wakes));
-        }
-        Ok(())
-    }
-
     fn watch_entry(&mut self, entry_id: &str, wake: Wake) -> Result<()> {
         let channel = self.keys.wake_entry(entry_id);
         self.entry_watch = Some(Watch::start(&self.client, &self.location, channel, wake)?);
@@ -336,23 +312,7 @@ impl Store for RedisStore {
     }
 
     fn stop_watching(&mut self) {
-        self.pool_watch = None;
         self.entry_watch = None;
-    }
-
-    fn wait_for_change(&mut self, timeout: Duration) -> Result<bool> {
-        let Some((_, wakes)) = &self.pool_watch else {
-            std::thread::sleep(timeout);
-            return Ok(false);
-        };
-        let woken = match wakes.recv_timeout(timeout) {
-            Ok(()) => true,
-            Err(RecvTimeoutError::Timeout) => false,
-            // The thread is gone; a turn now tells the waiter what happened.
-            Err(RecvTimeoutError::Disconnected) => true,
-        };
-        while wakes.try_recv().is_ok() {}
-        Ok(woken)
     }
 
     fn release(&mut self, scope: &ReleaseScope, now: UnixTime) -> Result<Vec<u32>> {

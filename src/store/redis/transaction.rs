@@ -299,9 +299,6 @@ impl RedisStore {
         for id in &changes.wake_entries {
             tx.publish(keys.wake_entry(id), 1).ignore();
         }
-        if changes.wake_pool {
-            tx.publish(keys.wake_pool(), 1).ignore();
-        }
         let done: Option<()> = self.call(|connection| tx.query(connection))?;
         Ok(done.is_some())
     }

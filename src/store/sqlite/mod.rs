@@ -5,7 +5,7 @@
 //! core, write its changes. Concurrent processes are serialised by SQLite's lock, so a
 //! GPU is never held by two reservations. The wait queue lives in the same file
 //! (`queue` table) and changes in the same transactions; waiters are woken through
-//! `local_wake` (pool watchers poll `PRAGMA data_version`).
+//! `local_wake`.
 
 mod files;
 mod history;
@@ -13,7 +13,7 @@ mod rows;
 mod schema;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
@@ -34,9 +34,6 @@ use files::{access_denied, add_permissions, create_shared, open_failure};
 /// How long a write waits for another process's transaction before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How often `wait_for_change` looks for commits by other processes.
-const CHANGE_POLL: Duration = Duration::from_millis(50);
-
 /// One connection to the shared database file; open one per process or thread.
 pub struct SqliteStore {
     conn: Connection,
@@ -45,8 +42,6 @@ pub struct SqliteStore {
     wake_scope: String,
     /// This machine, whose processes a transaction checks (`PoolState::find_gone`).
     host: String,
-    /// `PRAGMA data_version` when changes were last looked for (`watch_changes`).
-    seen_version: Option<i64>,
     /// The wake-ups of the entry this process waits for (`watch_entry`).
     listener: Option<Listener>,
     /// Seconds of history kept; older records are pruned by writes.
@@ -156,7 +151,6 @@ impl SqliteStore {
             path: path.to_path_buf(),
             wake_scope,
             host: procinfo::hostname(),
-            seen_version: None,
             listener: None,
             history_retention: i64::from(DEFAULT_HISTORY_RETENTION_DAYS) * 86_400,
         })
@@ -166,12 +160,6 @@ impl SqliteStore {
     pub fn with_history_retention(mut self, seconds: i64) -> Self {
         self.history_retention = seconds;
         self
-    }
-
-    fn data_version(&self) -> Result<i64> {
-        self.conn
-            .query_row("PRAGMA data_version", [], |row| row.get(0))
-            .map_err(|err| Fault::Sqlite(err).into_error(&self.path))
     }
 
     /// Runs `body` in one transaction; `Immediate` takes the write lock up front so a
@@ -330,11 +318,6 @@ impl Store for SqliteStore {
         })
     }
 
-    fn watch_changes(&mut self) -> Result<()> {
-        self.seen_version = Some(self.data_version()?);
-        Ok(())
-    }
-
     fn watch_entry(&mut self, entry_id: &str, wake: Wake) -> Result<()> {
         let listener = Listener::start(&self.wake_scope, entry_id, wake)
             .map_err(|err| Error::Runtime(format!("cannot listen for queue wake-ups: {err}")))?;
@@ -343,25 +326,7 @@ impl Store for SqliteStore {
     }
 
     fn stop_watching(&mut self) {
-        self.seen_version = None;
         self.listener = None;
-    }
-
-    /// Polls `PRAGMA data_version`, which changes when another connection commits.
-    fn wait_for_change(&mut self, timeout: Duration) -> Result<bool> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let version = self.data_version()?;
-            if self.seen_version != Some(version) {
-                self.seen_version = Some(version);
-                return Ok(true);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(false);
-            }
-            std::thread::sleep(left.min(CHANGE_POLL));
-        }
     }
 
     fn release(&mut self, scope: &ReleaseScope, now: UnixTime) -> Result<Vec<u32>> {

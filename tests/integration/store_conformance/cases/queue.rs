@@ -2,6 +2,8 @@
 //! change watching), checked against every backend and against `canhazgpu::queue`.
 
 use std::collections::HashMap;
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use canhazgpu::error::Error;
@@ -357,28 +359,47 @@ pub fn queue_init_force_empties_the_queue(fixture: StoreFixture) {
     assert_eq!(step(&mut *store, "w", T + 3), Err(queue::entry_gone()));
 }
 
-/// A waiter watching for changes hears about a release by another connection.
+/// Wake-ups of one entry, counted: what `Store::watch_entry` calls.
+fn watch(store: &mut dyn Store, entry: &str) -> Receiver<()> {
+    let (woken, wakes) = mpsc::channel();
+    let woken = Mutex::new(woken);
+    store
+        .watch_entry(
+            entry,
+            Arc::new(move || {
+                let _ = woken.lock().unwrap().send(());
+            }),
+        )
+        .unwrap();
+    wakes
+}
+
+/// The head of the queue hears about a release by another connection, at once.
 pub fn queue_watchers_hear_about_releases(fixture: StoreFixture) {
     let mut watcher = busy(&fixture, 1);
     let mut other = open(&fixture);
-    watcher.watch_changes().unwrap();
-    assert!(!watcher.wait_for_change(Duration::from_millis(150)).unwrap());
+    assert_eq!(
+        join(&mut *watcher, "w", Selection::Count(1), T + 1),
+        waiting(1, &[])
+    );
+    let wakes = watch(&mut *watcher, "w");
+    assert!(wakes.recv_timeout(Duration::from_millis(150)).is_err());
     let started = Instant::now();
     std::thread::scope(|scope| {
         scope.spawn(|| {
             std::thread::sleep(Duration::from_millis(100));
-            release(&mut *other, &[0], T + 1);
+            release(&mut *other, &[0], T + 2);
         });
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while !watcher.wait_for_change(Duration::from_millis(100)).unwrap() {
-            assert!(Instant::now() < deadline, "no wake-up within 3 s");
-        }
+        assert!(
+            wakes.recv_timeout(Duration::from_secs(3)).is_ok(),
+            "no wake-up within 3 s"
+        );
     });
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
 /// A turn that changes nothing wakes no other waiter (else waiters would keep waking
-/// each other); the heartbeat is written only when due.
+/// each other), nor does a heartbeat; the heartbeat is written only when due.
 pub fn queue_quiet_turns_wake_nobody(fixture: StoreFixture) {
     let mut store = busy(&fixture, 1);
     let mut other = open(&fixture);
@@ -386,13 +407,23 @@ pub fn queue_quiet_turns_wake_nobody(fixture: StoreFixture) {
         join(&mut *store, "w", Selection::Count(1), T + 1),
         waiting(1, &[])
     );
-    other.watch_changes().unwrap();
+    assert_eq!(
+        join(&mut *other, "v", Selection::Count(1), T + 1),
+        waiting(2, &[])
+    );
+    let wakes = watch(&mut *other, "v");
     for now in [T + 2, T + 3, T + 5] {
         assert_eq!(step(&mut *store, "w", now), Ok(waiting(1, &[])));
     }
-    assert!(!other.wait_for_change(Duration::from_millis(150)).unwrap());
     assert_eq!(step(&mut *store, "w", T + 6), Ok(waiting(1, &[])));
     assert_eq!(store.queue().unwrap()[0].last_heartbeat, T + 6);
+    assert_eq!(
+        store.queue_beat("v", T + 7).unwrap().position,
+        2,
+        "a refresh says where the entry stands"
+    );
+    assert!(wakes.recv_timeout(Duration::from_millis(150)).is_err());
+    assert_eq!(store.queue().unwrap()[1].last_heartbeat, T + 7);
 }
 
 /// Random pools, holders and queues: one waiter's turn hands out exactly what
