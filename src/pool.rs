@@ -772,5 +772,99 @@ pub fn reassert(state: &PoolState, request: &ReassertRequest) -> Transition<Reas
     work.finish(state, Ok(outcome))
 }
 
+/// One operation, as a store runs it: `Store::run` loads the state, calls `apply` and
+/// writes the changes. A new operation is a variant here, its function above, and a
+/// line in `apply`; the stores need nothing more.
+#[derive(Clone, Copy, Debug)]
+pub enum Operation<'a> {
+    Init {
+        gpu_count: u32,
+        provider: ProviderKind,
+        force: bool,
+        now: UnixTime,
+    },
+    Allocate(&'a AllocRequest),
+    Step(&'a QueueTick),
+    Leave {
+        entry_id: &'a str,
+        now: UnixTime,
+    },
+    Release {
+        scope: &'a ReleaseScope,
+        now: UnixTime,
+    },
+    Heartbeat {
+        reservation_id: &'a str,
+        gpus: &'a [u32],
+        now: UnixTime,
+    },
+    Reassert(&'a ReassertRequest),
+}
+
+/// What an operation answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Init(InitOutcome),
+    /// GPU IDs, ascending: claimed, freed or still held.
+    Gpus(Vec<u32>),
+    Step(QueueStep),
+    Reasserted(Reasserted),
+}
+
+impl Operation<'_> {
+    /// The time the operation happens at.
+    pub fn now(&self) -> UnixTime {
+        match self {
+            Operation::Init { now, .. }
+            | Operation::Leave { now, .. }
+            | Operation::Release { now, .. }
+            | Operation::Heartbeat { now, .. } => *now,
+            Operation::Allocate(request) => request.now,
+            Operation::Step(tick) => tick.now,
+            Operation::Reassert(request) => request.now,
+        }
+    }
+
+    /// The account whose last use placement consults, besides the waiters'.
+    pub fn requester(&self) -> Option<&str> {
+        match self {
+            Operation::Allocate(request) => Some(&request.reservation.actual_user),
+            _ => None,
+        }
+    }
+}
+
+impl<T> Transition<T> {
+    fn map(self, answer: impl FnOnce(T) -> Outcome) -> Transition<Outcome> {
+        Transition {
+            after: self.after,
+            changes: self.changes,
+            outcome: self.outcome.map(answer),
+        }
+    }
+}
+
+/// Runs `operation` on `state`.
+pub fn apply(state: &PoolState, operation: &Operation) -> Transition<Outcome> {
+    match *operation {
+        Operation::Init {
+            gpu_count,
+            provider,
+            force,
+            now,
+        } => init(state, gpu_count, provider, force, now).map(Outcome::Init),
+        Operation::Allocate(request) => allocate(state, request).map(Outcome::Gpus),
+        Operation::Step(tick) => step(state, tick).map(Outcome::Step),
+        Operation::Leave { entry_id, now } => leave(state, entry_id, now).map(Outcome::Gpus),
+        Operation::Release { scope, now } => release(state, scope, now).map(Outcome::Gpus),
+        Operation::Heartbeat {
+            reservation_id,
+            gpus,
+            now,
+        } => heartbeat(state, reservation_id, gpus, now).map(Outcome::Gpus),
+        Operation::Reassert(request) => reassert(state, request).map(Outcome::Reasserted),
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -48,8 +48,8 @@ impl std::fmt::Debug for RedisConfig {
 }
 
 pub use crate::pool::{
-    AllocRequest, InitOutcome, NewReservation, QueueStep, QueueTick, ReassertRequest, Reasserted,
-    ReleaseScope,
+    AllocRequest, InitOutcome, NewReservation, Operation, Outcome, QueueStep, QueueTick,
+    ReassertRequest, Reasserted, ReleaseScope,
 };
 
 /// What a waiter's cheap periodic refresh learns (`Store::queue_beat`).
@@ -73,6 +73,11 @@ pub struct PoolView {
 /// The contract every backend implements. All methods are atomic with respect to
 /// each other, across processes and (for Redis) machines.
 pub trait Store: Send {
+    /// Runs one operation of the pool core atomically with respect to every other
+    /// client: load the state it needs, `pool::apply`, write the changes (also when
+    /// the outcome is a refusal), wake whom they concern.
+    fn run(&mut self, operation: &Operation) -> Result<Outcome>;
+
     /// Creates the pool. Fails if it exists unless `force`, which ends every
     /// reservation (recording history) and sets the new size and provider.
     fn init_pool(
@@ -81,20 +86,34 @@ pub trait Store: Send {
         provider: ProviderKind,
         force: bool,
         now: UnixTime,
-    ) -> Result<InitOutcome>;
+    ) -> Result<InitOutcome> {
+        match self.run(&Operation::Init {
+            gpu_count,
+            provider,
+            force,
+            now,
+        })? {
+            Outcome::Init(outcome) => Ok(outcome),
+            other => Err(unexpected(other)),
+        }
+    }
 
     /// The pool, or `None` before `admin` ran.
     fn pool(&mut self) -> Result<Option<Pool>>;
 
     /// The state of every GPU of the pool, index = GPU ID. A corrupt entry is
     /// reported as `GpuSlot::Corrupt` without failing the others.
-    fn slots(&mut self) -> Result<Vec<GpuSlot>>;
+    fn slots(&mut self) -> Result<Vec<GpuSlot>> {
+        Ok(self.pool_view()?.slots)
+    }
 
     /// Claims GPUs per `alloc::plan`, all or nothing, ending dead reservations on
     /// the claimed GPUs (with history). Waiters come first (see `queue`): dead
     /// entries are dropped, free GPUs are handed to the live ones, and the request
     /// gets only what is left. Returns the claimed IDs, ascending.
-    fn allocate(&mut self, request: &AllocRequest) -> Result<Vec<u32>>;
+    fn allocate(&mut self, request: &AllocRequest) -> Result<Vec<u32>> {
+        gpu_ids(self.run(&Operation::Allocate(request))?)
+    }
 
     /// Like `allocate`, but when the GPUs are not available yet (a retryable error)
     /// the request joins the end of the queue, waited for by `waiter`, and collects
@@ -129,11 +148,18 @@ pub trait Store: Send {
 
     /// One turn of the waiter of entry `tick.entry_id` (see `QueueTick`). Fails when
     /// the entry is no longer queued.
-    fn queue_step(&mut self, tick: &QueueTick) -> Result<QueueStep>;
+    fn queue_step(&mut self, tick: &QueueTick) -> Result<QueueStep> {
+        match self.run(&Operation::Step(tick))? {
+            Outcome::Step(step) => Ok(step),
+            other => Err(unexpected(other)),
+        }
+    }
 
     /// Removes the entry from the queue and ends the partial reservations it
     /// collected (with history). Returns the freed IDs; nothing if it is gone.
-    fn leave_queue(&mut self, entry_id: &str, now: UnixTime) -> Result<Vec<u32>>;
+    fn leave_queue(&mut self, entry_id: &str, now: UnixTime) -> Result<Vec<u32>> {
+        gpu_ids(self.run(&Operation::Leave { entry_id, now })?)
+    }
 
     /// The queued entries in order, dead ones included (see `QueueEntry::is_alive`).
     fn queue(&mut self) -> Result<Vec<QueueEntry>>;
@@ -155,11 +181,19 @@ pub trait Store: Send {
     fn stop_watching(&mut self);
 
     /// Ends the reservations in `scope`, recording history. Returns the freed IDs.
-    fn release(&mut self, scope: &ReleaseScope, now: UnixTime) -> Result<Vec<u32>>;
+    fn release(&mut self, scope: &ReleaseScope, now: UnixTime) -> Result<Vec<u32>> {
+        gpu_ids(self.run(&Operation::Release { scope, now })?)
+    }
 
     /// Refreshes the heartbeat of a run reservation on `gpus`. Returns the GPUs it
     /// still holds; the others were released or taken meanwhile.
-    fn heartbeat(&mut self, reservation_id: &str, gpus: &[u32], now: UnixTime) -> Result<Vec<u32>>;
+    fn heartbeat(&mut self, reservation_id: &str, gpus: &[u32], now: UnixTime) -> Result<Vec<u32>> {
+        gpu_ids(self.run(&Operation::Heartbeat {
+            reservation_id,
+            gpus,
+            now,
+        })?)
+    }
 
     /// Puts a run reservation back where the store lost it (a Redis restart without
     /// persistence, a stale-reservation cleanup during a long outage). Recreates the
@@ -167,7 +201,12 @@ pub trait Store: Send {
     /// holds this reservation, or holds one that has ended (which is ended, with
     /// history) gets the reservation with a fresh heartbeat; a GPU that another live
     /// reservation holds is left alone and reported as taken.
-    fn reassert(&mut self, request: &ReassertRequest) -> Result<Reasserted>;
+    fn reassert(&mut self, request: &ReassertRequest) -> Result<Reasserted> {
+        match self.run(&Operation::Reassert(request))? {
+            Outcome::Reasserted(outcome) => Ok(outcome),
+            other => Err(unexpected(other)),
+        }
+    }
 
     /// Finished reservations overlapping `[from, to]` (end ≥ from, start ≤ to).
     fn history(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UsageRecord>>;
@@ -175,6 +214,19 @@ pub trait Store: Send {
     /// What `report::tally` makes of `history(from, to)`: per-account seconds inside
     /// `[from, to]` and counts, computed without holding every record in memory.
     fn usage_summary(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UserUsage>>;
+}
+
+/// The GPU IDs an operation answered.
+fn gpu_ids(outcome: Outcome) -> Result<Vec<u32>> {
+    match outcome {
+        Outcome::Gpus(gpus) => Ok(gpus),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// An answer of the wrong kind: `pool::apply` never gives one.
+fn unexpected(outcome: Outcome) -> crate::error::Error {
+    crate::error::Error::Runtime(format!("unexpected answer from the pool core: {outcome:?}"))
 }
 
 /// Called when a watched entry may have changed; cheap, from any thread.

@@ -17,16 +17,13 @@ use std::time::Duration;
 
 use redis::{Client, Connection, RedisResult};
 
-use super::{
-    AllocRequest, DEFAULT_HISTORY_RETENTION_DAYS, InitOutcome, PoolView, QueueBeat, QueueStep,
-    QueueTick, ReassertRequest, Reasserted, RedisConfig, ReleaseScope, Store, Wake,
-};
+use super::{DEFAULT_HISTORY_RETENTION_DAYS, PoolView, QueueBeat, RedisConfig, Store, Wake};
 use crate::error::{Error, Result};
 use crate::gpu::procinfo;
-use crate::pool::{self, PoolState};
+use crate::pool::{Operation, Outcome, PoolState};
 use crate::queue::QueueEntry;
 use crate::report::UserUsage;
-use crate::state::{GpuSlot, Pool, ProviderKind, UnixTime, UsageRecord};
+use crate::state::{Pool, UnixTime, UsageRecord};
 
 pub use connection::without_password;
 use connection::{connect_error, connection_info, display_location, one_line};
@@ -180,16 +177,8 @@ fn not_initialized<T>(state: &PoolState, value: impl FnOnce(&PoolState) -> T) ->
 }
 
 impl Store for RedisStore {
-    fn init_pool(
-        &mut self,
-        gpu_count: u32,
-        provider: ProviderKind,
-        force: bool,
-        now: UnixTime,
-    ) -> Result<InitOutcome> {
-        self.operate(None, now, |state| {
-            pool::init(state, gpu_count, provider, force, now)
-        })
+    fn run(&mut self, operation: &Operation) -> Result<Outcome> {
+        self.operate(operation)
     }
 
     fn pool(&mut self) -> Result<Option<Pool>> {
@@ -202,20 +191,8 @@ impl Store for RedisStore {
         self.decode_pool(count, provider)
     }
 
-    fn slots(&mut self) -> Result<Vec<GpuSlot>> {
-        Ok(self.read_view()?.slots)
-    }
-
     fn pool_view(&mut self) -> Result<PoolView> {
         self.read_view()
-    }
-
-    fn allocate(&mut self, request: &AllocRequest) -> Result<Vec<u32>> {
-        self.operate(
-            Some(&request.reservation.actual_user),
-            request.now,
-            |state| pool::allocate(state, request),
-        )
     }
 
     /// Appends without `WATCH`: an append conflicts with no other append, and every
@@ -251,14 +228,6 @@ impl Store for RedisStore {
                 .ignore()
                 .query::<()>(connection)
         })
-    }
-
-    fn queue_step(&mut self, tick: &QueueTick) -> Result<QueueStep> {
-        self.operate(None, tick.now, |state| pool::step(state, tick))
-    }
-
-    fn leave_queue(&mut self, entry_id: &str, now: UnixTime) -> Result<Vec<u32>> {
-        self.operate(None, now, |state| pool::leave(state, entry_id, now))
     }
 
     fn queue(&mut self) -> Result<Vec<QueueEntry>> {
@@ -313,20 +282,6 @@ impl Store for RedisStore {
 
     fn stop_watching(&mut self) {
         self.entry_watch = None;
-    }
-
-    fn release(&mut self, scope: &ReleaseScope, now: UnixTime) -> Result<Vec<u32>> {
-        self.operate(None, now, |state| pool::release(state, scope, now))
-    }
-
-    fn heartbeat(&mut self, reservation_id: &str, gpus: &[u32], now: UnixTime) -> Result<Vec<u32>> {
-        self.operate(None, now, |state| {
-            pool::heartbeat(state, reservation_id, gpus, now)
-        })
-    }
-
-    fn reassert(&mut self, request: &ReassertRequest) -> Result<Reasserted> {
-        self.operate(None, request.now, |state| pool::reassert(state, request))
     }
 
     fn history(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UsageRecord>> {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::{RedisStore, codec};
 use crate::error::{Error, Result};
 use crate::gpu::procinfo;
-use crate::pool::{self, Changes, PoolState, SlotWrite, Transition};
+use crate::pool::{self, Changes, Operation, Outcome, PoolState, SlotWrite};
 use crate::state::{Pool, ProviderKind, UnixTime};
 use crate::store::{HISTORY_PRUNE_BATCH, PoolView, Store};
 
@@ -176,12 +176,8 @@ impl RedisStore {
 
     /// Runs one operation of the pool core as an optimistic transaction, again and
     /// again while other clients change what it read.
-    pub(super) fn operate<T>(
-        &mut self,
-        requester: Option<&str>,
-        now: UnixTime,
-        operation: impl Fn(&PoolState) -> Transition<T>,
-    ) -> Result<T> {
+    pub(super) fn operate(&mut self, operation: &Operation) -> Result<Outcome> {
+        let (requester, now) = (operation.requester(), operation.now());
         let started = Instant::now();
         let mut pause = Duration::from_millis(2);
         loop {
@@ -189,7 +185,7 @@ impl RedisStore {
             loaded.state.find_gone(&self.host, |process| {
                 procinfo::process_alive(process.pid, process.pid_start)
             });
-            let transition = (!loaded.locked).then(|| operation(&loaded.state));
+            let transition = (!loaded.locked).then(|| pool::apply(&loaded.state, operation));
             let committed = match &transition {
                 None => {
                     self.call(|connection| redis::cmd("UNWATCH").query::<()>(connection))?;

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use rusqlite::{Connection, params};
 
-use super::{Fault, Outcome};
+use super::{Fault, SqlResult};
 use crate::error::Error;
 use crate::report::UserUsage;
 use crate::state::{ReservationKind, UnixTime, UsageRecord};
@@ -12,7 +12,7 @@ use crate::store::HISTORY_PRUNE_BATCH;
 
 /// Appends a history record, in the transaction that ends the reservation, so a
 /// reservation is recorded once however many processes end it at the same time.
-pub(super) fn record_history(conn: &Connection, record: &UsageRecord) -> Outcome<()> {
+pub(super) fn record_history(conn: &Connection, record: &UsageRecord) -> SqlResult<()> {
     conn.prepare_cached(
         "INSERT INTO history (user, actual_user, gpu_id, start_time, end_time, type)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -30,7 +30,7 @@ pub(super) fn record_history(conn: &Connection, record: &UsageRecord) -> Outcome
 
 /// Deletes a bounded batch of the records that ended before `before`. Every write
 /// that records history runs it, so pruning is continuous and each write cheap.
-pub(super) fn prune_history(conn: &Connection, before: UnixTime) -> Outcome<()> {
+pub(super) fn prune_history(conn: &Connection, before: UnixTime) -> SqlResult<()> {
     conn.prepare_cached(
         "DELETE FROM history WHERE id IN
          (SELECT id FROM history WHERE end_time < ?1 ORDER BY end_time LIMIT ?2)",
@@ -44,7 +44,7 @@ pub(super) fn history(
     conn: &Connection,
     from: UnixTime,
     to: UnixTime,
-) -> Outcome<Vec<UsageRecord>> {
+) -> SqlResult<Vec<UsageRecord>> {
     let mut statement = conn.prepare_cached(
         "SELECT id, user, actual_user, gpu_id, start_time, end_time, type FROM history
          WHERE end_time >= ?1 AND start_time <= ?2 ORDER BY end_time, id",
@@ -77,7 +77,7 @@ pub(super) fn usage_summary(
     conn: &Connection,
     from: UnixTime,
     to: UnixTime,
-) -> Outcome<Vec<UserUsage>> {
+) -> SqlResult<Vec<UserUsage>> {
     // Grouped by index columns (no sort); the few (account, display name) groups are
     // merged per account below.
     let mut statement = conn.prepare_cached(

@@ -18,16 +18,13 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use super::local_wake::{self, Listener};
-use super::{
-    AllocRequest, DEFAULT_HISTORY_RETENTION_DAYS, InitOutcome, PoolView, QueueBeat, QueueStep,
-    QueueTick, ReassertRequest, Reasserted, ReleaseScope, Store, Wake,
-};
+use super::{DEFAULT_HISTORY_RETENTION_DAYS, PoolView, QueueBeat, Store, Wake};
 use crate::error::{Error, Result};
 use crate::gpu::procinfo;
-use crate::pool::{self, PoolState, Transition};
+use crate::pool::{self, Operation, Outcome, PoolState, Transition};
 use crate::queue::QueueEntry;
 use crate::report::UserUsage;
-use crate::state::{GpuSlot, Pool, ProviderKind, UnixTime, UsageRecord};
+use crate::state::{Pool, UnixTime, UsageRecord};
 
 use files::{access_denied, add_permissions, create_shared, open_failure};
 
@@ -68,7 +65,7 @@ impl From<Error> for Fault {
     }
 }
 
-type Outcome<T> = std::result::Result<T, Fault>;
+type SqlResult<T> = std::result::Result<T, Fault>;
 
 impl Fault {
     fn into_error(self, path: &Path) -> Error {
@@ -124,7 +121,7 @@ impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self> {
         create_shared(path).map_err(|err| open_failure(path, err))?;
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let connect = || -> Outcome<Connection> {
+        let connect = || -> SqlResult<Connection> {
             let conn = Connection::open_with_flags(path, flags)?;
             // SQLite silently falls back to read-only when the file is not writable.
             if conn.is_readonly(rusqlite::MAIN_DB)? {
@@ -167,7 +164,7 @@ impl SqliteStore {
     fn transact<T>(
         &mut self,
         behavior: TransactionBehavior,
-        body: impl FnOnce(&Connection) -> Outcome<T>,
+        body: impl FnOnce(&Connection) -> SqlResult<T>,
     ) -> Result<T> {
         let outcome = (|| {
             let tx = self.conn.transaction_with_behavior(behavior)?;
@@ -183,19 +180,15 @@ impl SqliteStore {
     /// first in a read transaction, which takes no lock: an operation that changes
     /// nothing (a refused request with nothing to hand out, a quiet turn) is done
     /// then. Otherwise it runs again under the write lock (`BEGIN IMMEDIATE`).
-    fn operate<T>(
-        &mut self,
-        requester: Option<&str>,
-        now: UnixTime,
-        operation: impl Fn(&PoolState) -> Transition<T>,
-    ) -> Result<T> {
+    fn operate(&mut self, operation: &Operation) -> Result<Outcome> {
+        let (requester, now) = (operation.requester(), operation.now());
         let host = self.host.clone();
-        let decide = |conn: &Connection| -> Outcome<Transition<T>> {
+        let decide = |conn: &Connection| -> SqlResult<Transition<Outcome>> {
             let mut state = rows::load_state(conn, requester)?;
             state.find_gone(&host, |process| {
                 procinfo::process_alive(process.pid, process.pid_start)
             });
-            Ok(operation(&state))
+            Ok(pool::apply(&state, operation))
         };
         let quiet = self.transact(TransactionBehavior::Deferred, |conn| {
             let transition = decide(conn)?;
@@ -216,24 +209,12 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
-    fn init_pool(
-        &mut self,
-        gpu_count: u32,
-        provider: ProviderKind,
-        force: bool,
-        now: UnixTime,
-    ) -> Result<InitOutcome> {
-        self.operate(None, now, |state| {
-            pool::init(state, gpu_count, provider, force, now)
-        })
+    fn run(&mut self, operation: &Operation) -> Result<Outcome> {
+        self.operate(operation)
     }
 
     fn pool(&mut self) -> Result<Option<Pool>> {
         self.transact(TransactionBehavior::Deferred, schema::read_pool)
-    }
-
-    fn slots(&mut self) -> Result<Vec<GpuSlot>> {
-        Ok(self.pool_view()?.slots)
     }
 
     fn pool_view(&mut self) -> Result<PoolView> {
@@ -257,14 +238,6 @@ impl Store for SqliteStore {
         })
     }
 
-    fn allocate(&mut self, request: &AllocRequest) -> Result<Vec<u32>> {
-        self.operate(
-            Some(&request.reservation.actual_user),
-            request.now,
-            |state| pool::allocate(state, request),
-        )
-    }
-
     fn enqueue(&mut self, entry: &QueueEntry) -> Result<()> {
         self.transact(TransactionBehavior::Immediate, |conn| {
             if schema::read_pool(conn)?.is_none() {
@@ -272,14 +245,6 @@ impl Store for SqliteStore {
             }
             rows::insert_entry(conn, entry)
         })
-    }
-
-    fn queue_step(&mut self, tick: &QueueTick) -> Result<QueueStep> {
-        self.operate(None, tick.now, |state| pool::step(state, tick))
-    }
-
-    fn leave_queue(&mut self, entry_id: &str, now: UnixTime) -> Result<Vec<u32>> {
-        self.operate(None, now, |state| pool::leave(state, entry_id, now))
     }
 
     fn queue(&mut self) -> Result<Vec<QueueEntry>> {
@@ -329,20 +294,6 @@ impl Store for SqliteStore {
         self.listener = None;
     }
 
-    fn release(&mut self, scope: &ReleaseScope, now: UnixTime) -> Result<Vec<u32>> {
-        self.operate(None, now, |state| pool::release(state, scope, now))
-    }
-
-    fn heartbeat(&mut self, reservation_id: &str, gpus: &[u32], now: UnixTime) -> Result<Vec<u32>> {
-        self.operate(None, now, |state| {
-            pool::heartbeat(state, reservation_id, gpus, now)
-        })
-    }
-
-    fn reassert(&mut self, request: &ReassertRequest) -> Result<Reasserted> {
-        self.operate(None, request.now, |state| pool::reassert(state, request))
-    }
-
     fn history(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UsageRecord>> {
         self.transact(TransactionBehavior::Deferred, |conn| {
             history::history(conn, from, to)
@@ -361,7 +312,7 @@ mod tests {
     use super::history::{prune_history, record_history};
     use super::schema::{meta_value, set_meta};
     use super::*;
-    use crate::state::ReservationKind;
+    use crate::state::{GpuSlot, ProviderKind, ReservationKind};
     use crate::store::HISTORY_PRUNE_BATCH;
     use std::fs;
     use std::os::unix::fs::MetadataExt;

@@ -8,7 +8,7 @@ use rusqlite::{Connection, Row, params};
 
 use super::history::{prune_history, record_history};
 use super::schema::{read_pool, write_pool};
-use super::{Fault, Outcome};
+use super::{Fault, SqlResult};
 use crate::error::Error;
 use crate::pool::{Changes, PoolState, SlotWrite};
 use crate::queue::QueueEntry;
@@ -23,7 +23,7 @@ const QUEUE_COLUMNS: &str = "id, user, actual_user, type, requested_count, reque
 
 /// Everything an operation reads: the pool, its slots, the queue, and the last use of
 /// the accounts placement may consult (the requester's and every waiter's).
-pub(super) fn load_state(conn: &Connection, requester: Option<&str>) -> Outcome<PoolState> {
+pub(super) fn load_state(conn: &Connection, requester: Option<&str>) -> SqlResult<PoolState> {
     let Some(pool) = read_pool(conn)? else {
         return Ok(PoolState::default());
     };
@@ -49,7 +49,7 @@ pub(super) fn load_state(conn: &Connection, requester: Option<&str>) -> Outcome<
 pub(super) fn read_slots(
     conn: &Connection,
     gpu_count: u32,
-) -> Outcome<(Vec<GpuSlot>, BTreeMap<u32, String>)> {
+) -> SqlResult<(Vec<GpuSlot>, BTreeMap<u32, String>)> {
     let mut slots = vec![
         GpuSlot::Free {
             last_released: None
@@ -133,7 +133,7 @@ fn slot_from_row(row: &Row) -> Result<GpuSlot, String> {
 
 /// Every queue entry in order; rows that cannot be read are returned by ID, for the
 /// next change to drop.
-pub(super) fn read_entries(conn: &Connection) -> Outcome<(Vec<QueueEntry>, Vec<String>)> {
+pub(super) fn read_entries(conn: &Connection) -> SqlResult<(Vec<QueueEntry>, Vec<String>)> {
     let mut statement =
         conn.prepare_cached(&format!("SELECT {QUEUE_COLUMNS} FROM queue ORDER BY seq"))?;
     let mut rows = statement.query([])?;
@@ -154,7 +154,7 @@ pub(super) fn read_entries(conn: &Connection) -> Outcome<(Vec<QueueEntry>, Vec<S
 }
 
 /// The entries whose IDs are given, in queue order (what `status` needs).
-pub(super) fn read_entries_by_id(conn: &Connection, ids: &[&String]) -> Outcome<Vec<QueueEntry>> {
+pub(super) fn read_entries_by_id(conn: &Connection, ids: &[&String]) -> SqlResult<Vec<QueueEntry>> {
     let mut statement =
         conn.prepare_cached(&format!("SELECT {QUEUE_COLUMNS} FROM queue WHERE id = ?1"))?;
     let mut entries = Vec::new();
@@ -224,7 +224,7 @@ fn entry_from_row(row: &Row) -> Result<QueueEntry, String> {
 }
 
 /// When `account` last used each GPU; rows that cannot be read are passed over.
-fn last_used(conn: &Connection, account: &str) -> Outcome<HashMap<u32, UnixTime>> {
+fn last_used(conn: &Connection, account: &str) -> SqlResult<HashMap<u32, UnixTime>> {
     let mut statement =
         conn.prepare_cached("SELECT gpu_id, last_used FROM user_last_used WHERE actual_user = ?1")?;
     let mut rows = statement.query([account])?;
@@ -237,7 +237,7 @@ fn last_used(conn: &Connection, account: &str) -> Outcome<HashMap<u32, UnixTime>
     Ok(used)
 }
 
-fn process_start(process: Option<&RunOwner>) -> Outcome<Option<i64>> {
+fn process_start(process: Option<&RunOwner>) -> SqlResult<Option<i64>> {
     process
         .map(|process| {
             i64::try_from(process.pid_start).map_err(|_| {
@@ -252,7 +252,7 @@ fn process_start(process: Option<&RunOwner>) -> Outcome<Option<i64>> {
 
 /// Writes what one operation changed; prunes a batch of old history when it recorded
 /// any.
-pub(super) fn apply(conn: &Connection, changes: &Changes, prune_before: UnixTime) -> Outcome<()> {
+pub(super) fn apply(conn: &Connection, changes: &Changes, prune_before: UnixTime) -> SqlResult<()> {
     if let Some(pool) = changes.pool {
         // A new pool: one row per GPU, every one free and never used.
         conn.execute("DELETE FROM gpus", [])?;
@@ -296,7 +296,7 @@ pub(super) fn apply(conn: &Connection, changes: &Changes, prune_before: UnixTime
     Ok(())
 }
 
-fn write_slot(conn: &Connection, gpu: u32, write: &SlotWrite) -> Outcome<()> {
+fn write_slot(conn: &Connection, gpu: u32, write: &SlotWrite) -> SqlResult<()> {
     match write {
         SlotWrite::Free { last_released } => {
             conn.prepare_cached("INSERT OR REPLACE INTO gpus (id, last_released) VALUES (?1, ?2)")?
@@ -331,7 +331,7 @@ fn write_slot(conn: &Connection, gpu: u32, write: &SlotWrite) -> Outcome<()> {
     Ok(())
 }
 
-pub(super) fn insert_entry(conn: &Connection, entry: &QueueEntry) -> Outcome<()> {
+pub(super) fn insert_entry(conn: &Connection, entry: &QueueEntry) -> SqlResult<()> {
     let requested_ids = match &entry.selection {
         Selection::Ids(ids) => Some(ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")),
         Selection::Count(_) => None,

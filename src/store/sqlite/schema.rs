@@ -3,7 +3,7 @@
 
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
 
-use super::{Fault, Outcome};
+use super::{Fault, SqlResult};
 use crate::error::Error;
 use crate::state::{Pool, ProviderKind};
 
@@ -80,7 +80,7 @@ CREATE TABLE IF NOT EXISTS queue (
 
 /// Creates the schema on first use, upgrades an older one, and refuses a store
 /// written by a newer canhazgpu.
-pub(super) fn ensure_schema(conn: &Connection) -> Outcome<()> {
+pub(super) fn ensure_schema(conn: &Connection) -> SqlResult<()> {
     match schema_version(conn)? {
         Some(version) if version >= SCHEMA_VERSION => return check_version(version),
         Some(_) => {}
@@ -106,7 +106,7 @@ pub(super) fn ensure_schema(conn: &Connection) -> Outcome<()> {
     Ok(())
 }
 
-fn schema_version(conn: &Connection) -> Outcome<Option<i64>> {
+fn schema_version(conn: &Connection) -> SqlResult<Option<i64>> {
     let has_meta: bool = conn.query_row(
         "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta')",
         [],
@@ -126,7 +126,7 @@ fn schema_version(conn: &Connection) -> Outcome<Option<i64>> {
     Ok(Some(version))
 }
 
-fn check_version(version: i64) -> Outcome<()> {
+fn check_version(version: i64) -> SqlResult<()> {
     if version > SCHEMA_VERSION {
         return Err(Fault::Domain(Error::Store(format!(
             "the canhazgpu store has schema version {version}, newer than this canhazgpu \
@@ -136,7 +136,7 @@ fn check_version(version: i64) -> Outcome<()> {
     Ok(())
 }
 
-pub(super) fn meta_value(conn: &Connection, key: &str) -> Outcome<Option<String>> {
+pub(super) fn meta_value(conn: &Connection, key: &str) -> SqlResult<Option<String>> {
     Ok(conn
         .query_row("SELECT value FROM meta WHERE key = ?1", [key], |row| {
             row.get(0)
@@ -144,7 +144,7 @@ pub(super) fn meta_value(conn: &Connection, key: &str) -> Outcome<Option<String>
         .optional()?)
 }
 
-pub(super) fn set_meta(conn: &Connection, key: &str, value: &str) -> Outcome<()> {
+pub(super) fn set_meta(conn: &Connection, key: &str, value: &str) -> SqlResult<()> {
     conn.execute(
         "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
         [key, value],
@@ -153,7 +153,7 @@ pub(super) fn set_meta(conn: &Connection, key: &str, value: &str) -> Outcome<()>
 }
 
 /// The pool, validated with the limits `admin` enforces, or `None` before `admin` ran.
-pub(super) fn read_pool(conn: &Connection) -> Outcome<Option<Pool>> {
+pub(super) fn read_pool(conn: &Connection) -> SqlResult<Option<Pool>> {
     let Some(count) = meta_value(conn, "gpu_count")? else {
         return Ok(None);
     };
@@ -176,7 +176,7 @@ pub(super) fn read_pool(conn: &Connection) -> Outcome<Option<Pool>> {
     }))
 }
 
-pub(super) fn write_pool(conn: &Connection, pool: Pool) -> Outcome<()> {
+pub(super) fn write_pool(conn: &Connection, pool: Pool) -> SqlResult<()> {
     set_meta(conn, "gpu_count", &pool.gpu_count.to_string())?;
     set_meta(conn, "provider", pool.provider.as_str())
 }
