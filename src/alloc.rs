@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Holder, Result};
 use crate::state::{GpuSlot, Liveness, Reservation, Selection, UnixTime};
 
 /// A reservation that allocation found dead and frees as part of the same change.
@@ -96,9 +96,10 @@ pub fn plan(slots: &[GpuSlot], input: &PlanInput) -> Result<Plan> {
         Selection::Ids(ids) => {
             for &id in ids {
                 if input.unreserved.contains(&id) {
-                    return Err(Error::GpuTaken(format!(
-                        "GPU {id} is in use without reservation"
-                    )));
+                    return Err(Error::GpuTaken {
+                        gpu: id,
+                        holder: Holder::Unreserved,
+                    });
                 }
                 match &slots[id as usize] {
                     GpuSlot::Corrupt(reason) => {
@@ -107,10 +108,10 @@ pub fn plan(slots: &[GpuSlot], input: &PlanInput) -> Result<Plan> {
                         )));
                     }
                     GpuSlot::Held(r) if !free.iter().any(|(f, _)| *f == id) => {
-                        return Err(Error::GpuTaken(format!(
-                            "GPU {id} is already reserved by user '{}'",
-                            r.user
-                        )));
+                        return Err(Error::GpuTaken {
+                            gpu: id,
+                            holder: Holder::User(r.user.clone()),
+                        });
                     }
                     _ => {}
                 }

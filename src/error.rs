@@ -36,8 +36,8 @@ pub enum Error {
         unreserved: u32,
     },
     /// A specific GPU is held or in use; retrying later may succeed.
-    #[error("{0}")]
-    GpuTaken(String),
+    #[error("{}", gpu_taken_message(*.gpu, .holder))]
+    GpuTaken { gpu: u32, holder: Holder },
     #[error("GPU pool not initialized - run 'canhazgpu admin --gpus <count>' first")]
     NotInitialized,
     /// `admin` without `--force` on a pool of this many GPUs.
@@ -73,6 +73,22 @@ pub enum Error {
     Runtime(String),
 }
 
+/// Who stands in the way of a specific GPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    /// A reservation of this (display) user.
+    User(String),
+    /// A process that holds memory on it without any reservation.
+    Unreserved,
+}
+
+fn gpu_taken_message(gpu: u32, holder: &Holder) -> String {
+    match holder {
+        Holder::User(user) => format!("GPU {gpu} is already reserved by user '{user}'"),
+        Holder::Unreserved => format!("GPU {gpu} is in use without reservation"),
+    }
+}
+
 fn not_enough_message(requested: u32, available: u32, unreserved: u32) -> String {
     let mut msg =
         format!("Not enough GPUs available. Requested: {requested}, Available: {available}");
@@ -88,7 +104,7 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Usage(_) | Error::Config(_) | Error::AlreadyInitialized(_) => exit::USAGE,
-            Error::NotEnough { .. } | Error::GpuTaken(_) | Error::WaitTimeout(_) => {
+            Error::NotEnough { .. } | Error::GpuTaken { .. } | Error::WaitTimeout(_) => {
                 exit::UNAVAILABLE
             }
             // As a shell reports a process ended by a signal.
@@ -108,7 +124,7 @@ impl Error {
 
     /// Whether waiting could make the same request succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::NotEnough { .. } | Error::GpuTaken(_))
+        matches!(self, Error::NotEnough { .. } | Error::GpuTaken { .. })
     }
 
     pub fn store(context: &str, err: impl fmt::Display) -> Self {

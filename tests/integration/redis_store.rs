@@ -156,7 +156,7 @@ fn stale_upstream_run_is_reclaimable() {
         );
         assert!(matches!(
             store.allocate(&early),
-            Err(Error::NotEnough { .. } | Error::GpuTaken(_))
+            Err(Error::NotEnough { .. } | Error::GpuTaken { .. })
         ));
     }
     let late = request(
@@ -453,4 +453,32 @@ fn store_reconnects_after_a_restart() {
     server.start();
     assert_eq!(store.pool().unwrap(), None);
     assert_eq!(store.slots(), Err(Error::NotInitialized));
+}
+
+/// While upstream canhazgpu holds its allocation lock, changes wait for it; they go
+/// through as soon as it is gone, and reads never wait.
+#[test]
+fn upstream_allocation_lock_is_waited_for() {
+    let server = TestRedis::launch();
+    let mut raw = server.raw();
+    let mut store = connect(&server);
+    store.init_pool(2, ProviderKind::Fake, false, T).unwrap();
+    let () = raw
+        .set_ex("canhazgpu:allocation_lock", "locked", 10)
+        .unwrap();
+    assert_eq!(store.slots().unwrap().len(), 2, "reads do not wait");
+    let started = std::time::Instant::now();
+    let unlocker = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        let () = raw.del("canhazgpu:allocation_lock").unwrap();
+    });
+    let claimed = store.allocate(&request(manual("m", "al", T + 60), Selection::Count(1), T));
+    let waited = started.elapsed();
+    unlocker.join().unwrap();
+    assert_eq!(claimed, Ok(vec![0]));
+    assert!(
+        waited >= std::time::Duration::from_millis(350),
+        "allocated while upstream held the lock ({waited:?})"
+    );
+    assert!(store.retries() > 0);
 }

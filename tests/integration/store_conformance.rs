@@ -58,7 +58,7 @@ pub mod cases {
     use std::sync::Barrier;
 
     use canhazgpu::alloc::{PlanInput, plan, validate_selection};
-    use canhazgpu::error::Error;
+    use canhazgpu::error::{Error, Holder};
     use canhazgpu::report::{Window, tally};
     use canhazgpu::state::{
         GpuSlot, Pool, ProviderKind, ReservationKind, RunOwner, Selection, UnixTime, UsageRecord,
@@ -408,17 +408,27 @@ pub mod cases {
         let err = allocate(&mut *store, manual("a", "alice", T + 60), ids(&[0, 1]), T);
         assert_eq!(
             err,
-            Err(Error::GpuTaken(
-                "GPU 1 is already reserved by user 'bob'".into()
-            ))
+            Err(Error::GpuTaken {
+                gpu: 1,
+                holder: Holder::User("bob".into())
+            })
+        );
+        assert_eq!(
+            err.unwrap_err().to_string(),
+            "GPU 1 is already reserved by user 'bob'"
         );
         let mut wanted = request(manual("a", "alice", T + 60), ids(&[2, 0]), T);
         wanted.unreserved = vec![0];
         assert_eq!(
             store.allocate(&wanted),
-            Err(Error::GpuTaken(
-                "GPU 0 is in use without reservation".into()
-            ))
+            Err(Error::GpuTaken {
+                gpu: 0,
+                holder: Holder::Unreserved
+            })
+        );
+        assert_eq!(
+            store.allocate(&wanted).unwrap_err().to_string(),
+            "GPU 0 is in use without reservation"
         );
         assert_eq!(holders(&mut *store), ["", "bob", "", ""]);
         let claimed = allocate(&mut *store, manual("a", "alice", T + 60), ids(&[3, 0]), T);
@@ -449,7 +459,7 @@ pub mod cases {
             ids(&[0]),
             T + 49,
         );
-        assert!(matches!(early, Err(Error::GpuTaken(_))));
+        assert!(matches!(early, Err(Error::GpuTaken { gpu: 0, .. })));
 
         let claimed = allocate(
             &mut *store,
