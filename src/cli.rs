@@ -63,7 +63,7 @@ pub enum CliCommand {
     /// Initialize GPU pool for this machine
     Admin {
         /// Number of GPUs available on this machine
-        #[arg(short, long)]
+        #[arg(short, long, value_parser = whole_number)]
         gpus: u32,
         /// Force reinitialization even if already initialized (ends all reservations)
         #[arg(long)]
@@ -81,10 +81,10 @@ pub enum CliCommand {
     /// Reserve GPUs manually for a specified duration
     Reserve {
         /// Number of GPUs to reserve (default: 1)
-        #[arg(short, long)]
+        #[arg(short, long, value_parser = whole_number)]
         gpus: Option<u32>,
         /// Specific GPU IDs to reserve (comma-separated, e.g. 1,3,5)
-        #[arg(short = 'G', long, value_delimiter = ',', num_args = 1..)]
+        #[arg(short = 'G', long, value_delimiter = ',', num_args = 1.., value_parser = whole_number)]
         gpu_ids: Option<Vec<u32>>,
         /// Duration to reserve GPUs: 30s, 30m, 2h, 1d, 0.5h, 1h30m
         #[arg(short, long, default_value = "8h", allow_hyphen_values = true)]
@@ -104,10 +104,10 @@ pub enum CliCommand {
     /// Reserve GPUs and run a command with CUDA_VISIBLE_DEVICES set
     Run {
         /// Number of GPUs to reserve (default: 1)
-        #[arg(short, long)]
+        #[arg(short, long, value_parser = whole_number)]
         gpus: Option<u32>,
         /// Specific GPU IDs to reserve (comma-separated, e.g. 1,3,5)
-        #[arg(short = 'G', long, value_delimiter = ',', num_args = 1..)]
+        #[arg(short = 'G', long, value_delimiter = ',', num_args = 1.., value_parser = whole_number)]
         gpu_ids: Option<Vec<u32>>,
         /// Maximum time to run the command before stopping it: 30s, 30m, 2h, 1d, 0.5h (default: none)
         #[arg(short, long)]
@@ -130,7 +130,7 @@ pub enum CliCommand {
     /// Release manually reserved GPUs held by the current user
     Release {
         /// Specific GPU IDs to release (comma-separated); includes run reservations
-        #[arg(short = 'G', long, value_delimiter = ',', num_args = 1..)]
+        #[arg(short = 'G', long, value_delimiter = ',', num_args = 1.., value_parser = whole_number)]
         gpu_ids: Option<Vec<u32>>,
         /// Release the given GPUs whoever holds them (root only)
         #[arg(long)]
@@ -159,13 +159,25 @@ pub enum CliCommand {
     },
 }
 
+/// What a bare `--wait` stands for: no command line can contain a NUL, so an explicit
+/// `--wait ''` is an (invalid) duration, not "without limit".
+const WAIT_WITHOUT_LIMIT: &str = "\0";
+
+/// A count or GPU ID: digits only (`+1`, ` 1` and `1e3` are not numbers here).
+fn whole_number(text: &str) -> Result<u32, String> {
+    if text.is_empty() || !text.bytes().all(|byte| byte.is_ascii_digit()) {
+        return Err(format!("'{text}' is not a whole number"));
+    }
+    text.parse().map_err(|_| format!("'{text}' is too large"))
+}
+
 /// Waiting, note and display name: shared by `run` and `reserve`.
 #[derive(Debug, Args)]
 pub struct RequestArgs {
     /// When the GPUs are not available, wait in the queue (first come, first served)
     /// for up to DURATION, or without limit when no DURATION is given
-    #[arg(short, long, value_name = "DURATION", num_args = 0..=1, default_missing_value = "",
-          conflicts_with = "nonblock")]
+    #[arg(short, long, value_name = "DURATION", num_args = 0..=1,
+          default_missing_value = WAIT_WITHOUT_LIMIT, conflicts_with = "nonblock")]
     pub wait: Option<String>,
     /// Fail at once when the GPUs are not available, even if the configuration
     /// (run.wait / reserve.wait) says to wait
@@ -185,7 +197,7 @@ impl From<RequestArgs> for crate::commands::RequestOptions {
         crate::commands::RequestOptions {
             wait: match (args.nonblock, args.wait) {
                 (true, _) => Some(crate::commands::WaitFlag::Nonblock),
-                (false, Some(limit)) if limit.is_empty() => {
+                (false, Some(limit)) if limit == WAIT_WITHOUT_LIMIT => {
                     Some(crate::commands::WaitFlag::Forever)
                 }
                 (false, Some(limit)) => Some(crate::commands::WaitFlag::Limit(limit)),

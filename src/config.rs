@@ -552,6 +552,23 @@ fn one_line(message: &str) -> String {
 }
 
 /// Reads a config file into settings; unknown keys become warnings.
+/// Reads a file that must be a regular file; opened without blocking, so a FIFO or a
+/// device in its place is refused instead of hanging.
+fn read_regular_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text)?;
+    Ok(text)
+}
+
 fn load_file(path: &Path, warnings: &mut Vec<String>) -> Result<BTreeMap<&'static str, Setting>> {
     let shown = path.display();
     let format = Format::of(path).ok_or_else(|| {
@@ -559,7 +576,7 @@ fn load_file(path: &Path, warnings: &mut Vec<String>) -> Result<BTreeMap<&'stati
             "{shown}: unsupported config file format (expected a .yaml, .yml, .json or .toml file)"
         ))
     })?;
-    let text = std::fs::read_to_string(path)
+    let text = read_regular_file(path)
         .map_err(|e| Error::Config(format!("{shown}: cannot read config file: {e}")))?;
     let tree = format
         .parse(&text)

@@ -17,6 +17,7 @@ pub fn parse_duration(input: &str) -> Result<u64> {
     }
     let mut total = 0f64;
     let mut rest = text;
+    let mut units_seen = String::new();
     while !rest.is_empty() {
         let number_len = rest
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -40,6 +41,11 @@ pub fn parse_duration(input: &str) -> Result<u64> {
             "d" => 86400.0,
             _ => return Err(invalid()),
         };
+        // `1d1d` is a typo, not two days.
+        if units_seen.contains(unit) {
+            return Err(invalid());
+        }
+        units_seen.push_str(unit);
         total += value * factor;
         rest = tail;
     }
@@ -99,6 +105,8 @@ mod tests {
             "NaNh",
             "1e9d",
             "99999999999d",
+            "1d1d",
+            "1h30m2h",
         ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
         }

@@ -118,3 +118,49 @@ fn a_bad_smi_timeout_is_a_usage_error() {
         "Error: invalid CANHAZGPU_SMI_TIMEOUT 'abc': expected a positive number of seconds"
     );
 }
+
+/// A FIFO as the config file or as the store, or a directory as the store, is one
+/// clear error at once, never a hang.
+#[test]
+fn fifos_and_directories_are_refused_not_waited_on() {
+    let env = CliEnv::sqlite();
+    let fifo = env.dir.path().join("config.yaml");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let started = std::time::Instant::now();
+    let run = env.run(["--config", fifo.to_str().unwrap(), "status"]);
+    run.assert_code(2);
+    assert!(run.stderr.contains("not a regular file"), "{run:?}");
+
+    let crate::support::cli::Backend::Sqlite(state) = env.backend.clone() else {
+        unreachable!("an SQLite environment")
+    };
+    std::fs::create_dir_all(&state).unwrap();
+    let db = state.join("state.db");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&db)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let run = env.run(["status"]);
+    run.assert_code(1);
+    assert!(
+        run.stderr
+            .contains("is not a regular file, not a database file"),
+        "{run:?}"
+    );
+    std::fs::remove_file(&db).unwrap();
+    std::fs::create_dir(&db).unwrap();
+    let run = env.run(["status"]);
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains("is a directory, not a database file"),
+        "{run:?}"
+    );
+    let admin = env.run(["admin", "--gpus", "2", "--provider", "fake"]);
+    admin.assert_code(1);
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}

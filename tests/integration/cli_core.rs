@@ -370,3 +370,71 @@ fn no_arguments_prints_the_usage() {
     );
     assert!(run.stderr.contains("reserve"), "{run:?}");
 }
+
+/// Inputs that only look like numbers or durations are usage errors (exit 2, one
+/// line), never something else: an empty `--wait` does not mean "without limit".
+#[test]
+fn look_alike_numbers_and_durations_are_usage_errors() {
+    let env = CliEnv::sqlite();
+    env.init_fake(2);
+    env.run(["reserve", "-d", "1h"]).assert_ok();
+    let started = std::time::Instant::now();
+    for args in [
+        &["reserve", "--wait", "", "--gpus", "2"][..],
+        &["reserve", "--gpus", "+1"],
+        &["reserve", "-G", "+1"],
+        &["reserve", "--gpus", " 1"],
+        &["reserve", "-d", "1d1d"],
+        &["run", "--gpus", "+1", "--", "true"],
+        &["admin", "--gpus", "+4", "--provider", "fake", "--force"],
+    ] {
+        let run = env.run(args.iter().copied());
+        run.assert_code(2);
+        assert_eq!(run.stderr.lines().count(), 1, "{args:?}: {run:?}");
+        assert!(run.stderr.starts_with("Error: "), "{args:?}: {run:?}");
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    assert_eq!(env.statuses(), ["IN_USE", "AVAILABLE"]);
+}
+
+/// A pool size beyond what `admin` allows, written into the store by hand, is one
+/// clear error on both backends: no huge allocation, no abort, no stalled server.
+#[test]
+fn an_impossible_pool_size_in_the_store_is_a_clear_error() {
+    let sqlite = CliEnv::sqlite();
+    sqlite.init_fake(2);
+    let crate::support::cli::Backend::Sqlite(state) = &sqlite.backend else {
+        unreachable!("an SQLite environment")
+    };
+    let db = state.join("state.db");
+    let forged = std::process::Command::new("sqlite3")
+        .arg(&db)
+        .arg("UPDATE meta SET value = '4294967295' WHERE key = 'gpu_count'")
+        .status()
+        .unwrap();
+    assert!(forged.success());
+    let run = sqlite.run(["status"]);
+    run.assert_code(1);
+    assert_eq!(
+        run.stderr.trim(),
+        "Error: corrupted GPU pool settings: invalid gpu_count '4294967295'"
+    );
+
+    let server = crate::support::redis::TestRedis::launch();
+    let redis = CliEnv::redis(&server.url());
+    redis.init_fake(2);
+    let mut raw = server.raw();
+    let () = ::redis::Commands::set(&mut raw, "canhazgpu:gpu_count", "4294967295").unwrap();
+    let started = std::time::Instant::now();
+    for args in [&["status"][..], &["reserve"], &["release"]] {
+        let run = redis.run(args.iter().copied());
+        run.assert_code(1);
+        assert_eq!(
+            run.stderr.trim(),
+            "Error: invalid canhazgpu:gpu_count in Redis: '4294967295'"
+        );
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    let pong: String = ::redis::cmd("PING").query(&mut raw).unwrap();
+    assert_eq!(pong, "PONG", "the server is not stalled");
+}

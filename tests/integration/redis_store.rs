@@ -482,3 +482,24 @@ fn upstream_allocation_lock_is_waited_for() {
     );
     assert!(store.retries() > 0);
 }
+
+/// A server that stopped answering (here: `SIGSTOP`) is one clear line after the
+/// reply timeout, not an OS error code; the store recovers when it answers again.
+#[test]
+fn a_hung_server_is_named_with_the_timeout() {
+    let server = TestRedis::launch();
+    let mut store = connect(&server);
+    store.init_pool(2, ProviderKind::Fake, false, T).unwrap();
+    server.freeze(true);
+    let started = std::time::Instant::now();
+    let err = store.pool().unwrap_err();
+    server.freeze(false);
+    assert!(started.elapsed() < std::time::Duration::from_secs(8));
+    let text = err.to_string();
+    assert!(
+        text.starts_with("Redis at redis+unix://") && text.ends_with("did not answer within 5 s"),
+        "{text}"
+    );
+    assert!(!text.contains("os error"), "{text}");
+    assert_eq!(store.pool().unwrap().map(|pool| pool.gpu_count), Some(2));
+}

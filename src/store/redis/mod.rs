@@ -151,6 +151,15 @@ impl RedisStore {
             if err.is_io_error() || err.is_unrecoverable_error() {
                 self.connection = None;
             }
+            if err.is_timeout() {
+                // A hung server (stopped, swapping): say so, not "os error 11".
+                self.connection = None;
+                return Error::Store(format!(
+                    "Redis at {} did not answer within {} s",
+                    self.location,
+                    IO_TIMEOUT.as_secs()
+                ));
+            }
             Error::Store(format!(
                 "Redis at {} failed: {}",
                 self.location,

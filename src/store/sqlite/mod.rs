@@ -119,6 +119,20 @@ impl SqliteStore {
 
     /// Opens the store at `path`, creating it (and its directory) usable by all users.
     pub fn open(path: &Path) -> Result<Self> {
+        // SQLite would block on a FIFO and call a directory "permission denied".
+        if let Ok(meta) = std::fs::metadata(path)
+            && !meta.is_file()
+        {
+            let what = if meta.is_dir() {
+                "a directory"
+            } else {
+                "not a regular file"
+            };
+            return Err(Error::Store(format!(
+                "the canhazgpu store at {} is {what}, not a database file",
+                path.display()
+            )));
+        }
         create_shared(path).map_err(|err| open_failure(path, err))?;
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let connect = || -> SqlResult<Connection> {

@@ -62,6 +62,17 @@ impl TestRedis {
             .expect("connect to test redis-server")
     }
 
+    /// Stops (`SIGSTOP`) or continues (`SIGCONT`) the server process, by its PID.
+    pub fn freeze(&self, frozen: bool) {
+        let server = self.server.as_ref().expect("redis-server is running");
+        let pid = nix::unistd::Pid::from_raw(server.id() as i32);
+        let signal = match frozen {
+            true => nix::sys::signal::Signal::SIGSTOP,
+            false => nix::sys::signal::Signal::SIGCONT,
+        };
+        nix::sys::signal::kill(pid, signal).expect("signal redis-server");
+    }
+
     /// Kills the server; it loses all data (nothing is persisted).
     pub fn stop(&mut self) {
         if let Some(mut server) = self.server.take() {
