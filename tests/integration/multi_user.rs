@@ -261,3 +261,52 @@ fn admin_repairs_a_store_with_wrong_permissions() {
     let status = as_user(None, &state, &["status", "--json"]);
     assert_eq!(status.stdout.matches("IN_USE").count(), 2, "{status:?}");
 }
+
+/// Three users reserving and releasing at once on one embedded store: no invocation
+/// ever fails (SQLite's side files are created and removed by whoever comes first,
+/// with a moment where another user cannot open them yet).
+#[test]
+fn three_users_at_once_never_see_permission_denied() {
+    const LOOPS: usize = 40;
+    let users = ["chg_alice", "chg_bob", "chg_carol"];
+    for user in users {
+        ensure_user(user);
+    }
+    let (_dir, state) = shared_state_dir();
+    as_user(
+        None,
+        &state,
+        &["admin", "--gpus", "4", "--provider", "fake"],
+    )
+    .assert_ok();
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = users
+            .iter()
+            .map(|user| {
+                let state = &state;
+                scope.spawn(move || {
+                    let mut failed = Vec::new();
+                    for _ in 0..LOOPS {
+                        for args in [&["reserve", "-d", "1m", "--short"][..], &["release"]] {
+                            let run = as_user(Some(user), state, args);
+                            if !run.ok() {
+                                failed.push(format!("{user} {args:?}: {}", run.stderr.trim()));
+                            }
+                        }
+                    }
+                    failed
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|worker| worker.join().unwrap())
+            .collect()
+    });
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+}

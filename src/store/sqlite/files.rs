@@ -118,3 +118,23 @@ pub(super) fn create_shared(path: &Path) -> io::Result<()> {
         other => other,
     }
 }
+
+/// Makes the `-wal` and `-shm` files this process created usable by every user.
+/// SQLite gives a new side file the database's mode, but only when it is still empty
+/// just after creating it: when another process grew it first, the file keeps the
+/// creator's umask (say 0644) and nobody else can write until it is gone. Its owner
+/// can always fix that; others retry (`with_access_retries`) until it has.
+pub(super) fn share_side_files(path: &Path) {
+    let me = nix::unistd::geteuid().as_raw();
+    for suffix in ["-wal", "-shm"] {
+        let mut side = path.as_os_str().to_owned();
+        side.push(suffix);
+        let side = Path::new(&side);
+        if let Ok(meta) = fs::metadata(side)
+            && meta.uid() == me
+            && meta.permissions().mode() & 0o666 != 0o666
+        {
+            let _ = add_permissions(side, 0o666);
+        }
+    }
+}

@@ -87,6 +87,62 @@ impl Fault {
     }
 }
 
+impl Fault {
+    /// Whether SQLite could not open or write a file: another user's process may be
+    /// creating one of the side files (`-wal`, `-shm`) this very moment, with its
+    /// final mode not yet set.
+    fn is_access(&self) -> bool {
+        use rusqlite::ErrorCode;
+        match self {
+            Fault::Sqlite(err) => matches!(
+                err.sqlite_error_code(),
+                Some(ErrorCode::PermissionDenied | ErrorCode::ReadOnly | ErrorCode::CannotOpen)
+            ),
+            Fault::Domain(err) => {
+                matches!(err, Error::Store(text) if text.contains("permission denied"))
+            }
+        }
+    }
+}
+
+/// One connection to the database file, set up as every canhazgpu process uses it.
+fn connect(path: &Path) -> SqlResult<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)?;
+    // SQLite silently falls back to read-only when the file is not writable.
+    if conn.is_readonly(rusqlite::MAIN_DB)? {
+        return Err(Fault::Domain(access_denied(path)));
+    }
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    // In WAL mode, NORMAL syncs at checkpoints instead of at every commit: a commit
+    // survives any process crash, and the database stays consistent after a power
+    // loss, which may only undo the last commits. That is the right trade here: a
+    // power loss ends every supervised run anyway, and an fsync per commit (10-15 ms on
+    // ordinary disks) would dominate `run`.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    schema::ensure_schema(&conn)?;
+    files::share_side_files(path);
+    Ok(conn)
+}
+
+/// Runs `attempt` again for about a second while it fails to open or write a file, so
+/// that the moment between another user creating a side file and giving it its mode
+/// is never an error; a store that really is not writable still fails, a second later.
+fn with_access_retries<T>(mut attempt: impl FnMut() -> SqlResult<T>) -> SqlResult<T> {
+    let mut pause = Duration::from_millis(2);
+    let mut waited = Duration::ZERO;
+    loop {
+        match attempt() {
+            Err(fault) if fault.is_access() && waited < Duration::from_secs(1) => {
+                std::thread::sleep(pause);
+                waited += pause;
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl SqliteStore {
     /// Opens an existing store; a missing one means `admin` has not run yet, and
     /// nothing is created (a mistyped `--state-dir` leaves no store behind).
@@ -134,24 +190,7 @@ impl SqliteStore {
             )));
         }
         create_shared(path).map_err(|err| open_failure(path, err))?;
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let connect = || -> SqlResult<Connection> {
-            let conn = Connection::open_with_flags(path, flags)?;
-            // SQLite silently falls back to read-only when the file is not writable.
-            if conn.is_readonly(rusqlite::MAIN_DB)? {
-                return Err(Fault::Domain(access_denied(path)));
-            }
-            conn.busy_timeout(BUSY_TIMEOUT)?;
-            // In WAL mode, NORMAL syncs at checkpoints instead of at every commit: a
-            // commit survives any process crash, and the database stays consistent
-            // after a power loss, which may only undo the last commits. That is the
-            // right trade here: a power loss ends every supervised run anyway, and an
-            // fsync per commit (10-15 ms on ordinary disks) would dominate `run`.
-            conn.pragma_update(None, "synchronous", "NORMAL")?;
-            schema::ensure_schema(&conn)?;
-            Ok(conn)
-        };
-        let conn = connect().map_err(|fault| fault.into_error(path))?;
+        let conn = with_access_retries(|| connect(path)).map_err(|fault| fault.into_error(path))?;
         let wake_scope = local_wake::scope_of(
             &std::fs::canonicalize(path)
                 .unwrap_or_else(|_| path.to_path_buf())
@@ -178,14 +217,28 @@ impl SqliteStore {
     fn transact<T>(
         &mut self,
         behavior: TransactionBehavior,
-        body: impl FnOnce(&Connection) -> SqlResult<T>,
+        body: impl Fn(&Connection) -> SqlResult<T>,
     ) -> Result<T> {
-        let outcome = (|| {
-            let tx = self.conn.transaction_with_behavior(behavior)?;
+        let attempt = |conn: &mut Connection| -> SqlResult<T> {
+            let tx = conn.transaction_with_behavior(behavior)?;
             let value = body(&tx)?;
             tx.commit()?;
             Ok(value)
-        })();
+        };
+        let outcome = match attempt(&mut self.conn) {
+            // A connection that met a side file it could not open stays read-only,
+            // and so does every connection of this process while one of them still
+            // has the file open: close it first, then open anew.
+            Err(fault) if fault.is_access() => with_access_retries(|| {
+                drop(std::mem::replace(
+                    &mut self.conn,
+                    Connection::open_in_memory()?,
+                ));
+                self.conn = connect(&self.path)?;
+                attempt(&mut self.conn)
+            }),
+            other => other,
+        };
         outcome.map_err(|fault: Fault| fault.into_error(&self.path))
     }
 
@@ -217,6 +270,7 @@ impl SqliteStore {
             rows::apply(conn, &transition.changes, prune_before)?;
             Ok(transition)
         })?;
+        files::share_side_files(&self.path);
         local_wake::notify(&self.wake_scope, &transition.changes.wake_entries);
         transition.outcome
     }
