@@ -338,21 +338,35 @@ pub fn resolve_with(
 ) -> Result<Config> {
     let env = |name: &str| env(name).filter(|value| !value.is_empty());
     let mut warnings = Vec::new();
-    let mut settings = match find_config_file(overrides, &env, home, system_dir)? {
+    let file = match find_config_file(overrides, &env, home, system_dir)? {
         Some(path) => load_file(&path, &mut warnings)?,
         None => BTreeMap::new(),
     };
+    let (mut from_env, mut from_flags) = (BTreeMap::new(), BTreeMap::new());
     for key in KEYS {
+        if let Some(setting) = key.flag_setting(overrides)? {
+            from_flags.insert(key.name, setting);
+        }
         let env_var = key.env_var();
-        let setting = match key.flag_setting(overrides)? {
-            Some(setting) => Some(setting),
-            None => env(&env_var).map(|value| key.setting(value, Source::Env(env_var))),
-        };
-        if let Some(setting) = setting {
-            settings.insert(key.name, setting);
+        if let Some(value) = env(&env_var) {
+            from_env.insert(key.name, key.setting(value, Source::Env(env_var)));
         }
     }
+    // Every layer must be valid, also where a higher one overrides it: a typo in a
+    // config file must not lie in wait for the day the flag is dropped.
+    for layer in [&file, &from_env] {
+        typed(layer.clone(), &mut Vec::new())?;
+    }
+    let mut settings = file;
+    settings.append(&mut from_env);
+    settings.append(&mut from_flags);
+    let mut config = typed(settings, &mut warnings)?;
+    config.warnings = warnings;
+    Ok(config)
+}
 
+/// The typed configuration from the raw settings of one or more layers.
+fn typed(settings: BTreeMap<&'static str, Setting>, warnings: &mut Vec<String>) -> Result<Config> {
     let backend = parsed(&settings, "backend", |v| match v {
         "sqlite" => Some(Backend::Sqlite),
         "redis" => Some(Backend::Redis),
@@ -360,7 +374,7 @@ pub fn resolve_with(
     })?;
     let state_dir = parsed(&settings, "state_dir", |v| non_empty(v).map(PathBuf::from))?
         .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
-    let redis = redis_config(&settings, &mut warnings)?;
+    let redis = redis_config(&settings, warnings)?;
     let memory_threshold_mb = parsed(&settings, "memory.threshold", |v| v.parse().ok())?
         .unwrap_or(DEFAULT_MEMORY_THRESHOLD_MB);
     let history_retention_days = parsed(&settings, "history.retention_days", |v| {
@@ -388,7 +402,7 @@ pub fn resolve_with(
         run_wait,
         reserve_wait,
         gpu,
-        warnings,
+        warnings: Vec::new(),
         settings,
     })
 }
@@ -841,6 +855,28 @@ mod tests {
         assert_eq!(
             redis(&config).url.as_deref(),
             Some("redis+unix:///run/redis.sock")
+        );
+    }
+
+    #[test]
+    fn overridden_layers_are_validated_too() {
+        let world = World::new();
+        world.home_file(".canhazgpu.yaml", "redis:\n  port: abc\n");
+        let flags = Overrides {
+            redis_port: Some("6380".into()),
+            ..Overrides::default()
+        };
+        let err = world.resolve(&flags).unwrap_err();
+        assert!(err.to_string().contains("key 'redis.port'"), "{err}");
+        let world = World::new().env("CANHAZGPU_MEMORY_THRESHOLD", "lots");
+        let flags = Overrides {
+            memory_threshold: Some("512".into()),
+            ..Overrides::default()
+        };
+        let err = world.resolve(&flags).unwrap_err();
+        assert!(
+            err.to_string().contains("CANHAZGPU_MEMORY_THRESHOLD"),
+            "{err}"
         );
     }
 
