@@ -503,3 +503,71 @@ fn a_hung_server_is_named_with_the_timeout() {
     assert!(!text.contains("os error"), "{text}");
     assert_eq!(store.pool().unwrap().map(|pool| pool.gpu_count), Some(2));
 }
+
+/// A key of the wrong type hurts only its own record: the GPU shows as unreadable
+/// (root can reset it), a damaged queue key is replaced by the next waiter, a damaged
+/// last-use hash or history zset is skipped; everything else keeps working.
+#[test]
+fn wrongly_typed_keys_affect_only_their_record() {
+    let server = TestRedis::launch();
+    let mut raw = server.raw();
+    let mut store = connect(&server);
+    store.init_pool(4, ProviderKind::Fake, false, T).unwrap();
+    let () = raw.rpush("canhazgpu:gpu:3", &["a", "b"]).unwrap();
+    let () = raw.set("canhazgpu:queue", "not a zset").unwrap();
+    let () = raw.sadd("canhazgpu:user_last_used:al", "x").unwrap();
+    let slots = store.slots().unwrap();
+    assert_eq!(
+        slots[3],
+        GpuSlot::Corrupt(
+            "corrupted GPU state for GPU 3: the key holds a list, not a JSON string".into()
+        )
+    );
+    assert!(matches!(slots[0], GpuSlot::Free { .. }));
+    assert_eq!(store.queue().unwrap(), Vec::new());
+    // Allocation and release work around it; the last use is simply not recorded.
+    let claimed = store
+        .allocate(&request(manual("m", "al", T + 60), Selection::Count(3), T))
+        .unwrap();
+    assert_eq!(claimed, vec![0, 1, 2]);
+    let freed = store
+        .release(
+            &ReleaseScope::OwnManual {
+                actual_user: "al".into(),
+            },
+            T + 5,
+        )
+        .unwrap();
+    assert_eq!(freed, vec![0, 1, 2]);
+    assert_eq!(store.history(T, T + 5).unwrap().len(), 3);
+    // A waiter replaces the damaged queue key.
+    let busy = request(manual("b", "bo", T + 60), Selection::Count(3), T + 6);
+    store.allocate(&busy).unwrap();
+    let waiter = RunOwner {
+        host: "elsewhere".into(),
+        pid: 1,
+        pid_start: 1,
+    };
+    let step = store
+        .join_queue(
+            &request(manual("w", "wa", T + 60), Selection::Count(1), T + 7),
+            &waiter,
+        )
+        .unwrap();
+    assert!(
+        matches!(
+            step,
+            canhazgpu::store::QueueStep::Waiting { position: 1, .. }
+        ),
+        "{step:?}"
+    );
+    // Root resets the unreadable GPU.
+    let reset = store
+        .release(&ReleaseScope::AnyIds { ids: vec![3] }, T + 8)
+        .unwrap();
+    assert_eq!(reset, vec![3]);
+    assert!(matches!(
+        store.slots().unwrap()[3],
+        GpuSlot::Held(_) | GpuSlot::Free { .. }
+    ));
+}

@@ -767,3 +767,31 @@ fn users_share_a_store_created_by_root() {
         vec![Some(alice.name.clone()), Some(bob.name.clone()), None, None]
     );
 }
+
+/// A bad queue row or last-use row hurts nobody: the queue row is dropped by the next
+/// change, the last-use row is passed over; reservations go on.
+#[test]
+fn bad_queue_and_last_use_rows_are_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = new_store(dir.path(), 2);
+    let db = dir.path().join("state.db");
+    let raw = rusqlite::Connection::open(&db).unwrap();
+    raw.execute_batch(
+        "INSERT INTO queue (id, user, actual_user, type, requested_count, requested_ids,
+             waiter_host, waiter_pid, waiter_pid_start, enqueue_time, last_heartbeat)
+         VALUES ('bad', 'x', 'x', 'manual', 1, 'not json', 'h', 1, 1, 1, 1);
+         INSERT INTO user_last_used (actual_user, gpu_id, last_used) VALUES ('al', -5, 1);",
+    )
+    .unwrap();
+    assert_eq!(store.queue().unwrap(), Vec::new());
+    let claimed = store.allocate(&request(
+        manual("m", "al", 1_700_000_060),
+        Selection::Count(1),
+        1_700_000_000,
+    ));
+    assert_eq!(claimed, Ok(vec![0]));
+    let left: i64 = raw
+        .query_row("SELECT count(*) FROM queue", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(left, 0, "the unreadable queue row was dropped");
+}

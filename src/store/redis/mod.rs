@@ -208,26 +208,39 @@ impl Store for RedisStore {
     /// decision that depends on the queue watches it.
     fn enqueue(&mut self, entry: &QueueEntry) -> Result<()> {
         let (count_key, queue_key) = (self.keys.gpu_count(), self.keys.queue());
-        let (count, tail): (Option<String>, Vec<(String, f64)>) = self.call(|connection| {
+        let (count, kind): (Option<String>, String) = self.call(|connection| {
             redis::pipe()
                 .get(&count_key)
-                .cmd("ZRANGE")
+                .cmd("TYPE")
                 .arg(&queue_key)
-                .arg(-1)
-                .arg(-1)
-                .arg("WITHSCORES")
                 .query(connection)
         })?;
         if count.is_none() {
             return Err(Error::NotInitialized);
         }
+        let tail: Vec<(String, f64)> = match kind.as_str() {
+            "zset" => self.call(|connection| {
+                redis::cmd("ZRANGE")
+                    .arg(&queue_key)
+                    .arg(-1)
+                    .arg(-1)
+                    .arg("WITHSCORES")
+                    .query(connection)
+            })?,
+            _ => Vec::new(),
+        };
         // Upstream's score: Unix nanoseconds, after every entry.
         let tail = tail.first().map_or(0.0, |(_, score)| *score);
         let score = (unix_nanos() as f64).max(tail + 1000.0);
         let entry_key = self.keys.entry(&entry.id);
+        let mut append = redis::pipe();
+        append.atomic();
+        if kind != "zset" && kind != "none" {
+            // Not a queue: replaced (see `transaction::load`).
+            append.del(&queue_key).ignore();
+        }
         self.call(|connection| {
-            redis::pipe()
-                .atomic()
+            append
                 .set(&entry_key, codec::encode_entry(entry))
                 .ignore()
                 .cmd("ZADD")

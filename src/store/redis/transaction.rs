@@ -10,7 +10,7 @@ use super::{RedisStore, codec};
 use crate::error::{Error, Result};
 use crate::gpu::procinfo;
 use crate::pool::{self, Changes, Operation, Outcome, PoolState, SlotWrite};
-use crate::state::{Pool, ProviderKind, UnixTime};
+use crate::state::{GpuSlot, Pool, ProviderKind, UnixTime};
 use crate::store::{HISTORY_PRUNE_BATCH, PoolView, Store};
 
 /// How long an operation keeps trying when other clients keep changing what it read
@@ -51,6 +51,10 @@ impl RedisStore {
             .cmd("MGET")
             .arg(&count_key)
             .arg(&provider_key)
+            .cmd("EXISTS")
+            .arg(&count_key)
+            .cmd("EXISTS")
+            .arg(&provider_key)
             .cmd("ZRANGE")
             .arg(&queue_key)
             .arg(0)
@@ -58,9 +62,31 @@ impl RedisStore {
             .arg("WITHSCORES")
             .cmd("EXISTS")
             .arg(&lock_key);
-        type First = ((Option<String>, Option<String>), Vec<(String, f64)>, bool);
-        let ((count, provider), queued, locked): First =
-            self.call(|connection| first.query(connection))?;
+        // A key of the wrong type must not fail the whole read: replies are looked at
+        // one by one.
+        first.ignore_errors();
+        let replies: Vec<redis::Value> = self.call(|connection| first.query(connection))?;
+        let [values, count_exists, provider_exists, queued, locked] = &replies[..] else {
+            return Err(Error::Store(format!(
+                "Redis at {}: unexpected reply to a read",
+                self.location
+            )));
+        };
+        let (count, provider): (Option<String>, Option<String>) = decode(values)?;
+        for (value, exists, key) in [
+            (&count, count_exists, self.keys.gpu_count()),
+            (&provider, provider_exists, self.keys.provider()),
+        ] {
+            if value.is_none() && decode::<bool>(exists)? {
+                return Err(Error::Store(format!(
+                    "invalid {key} in Redis: the key holds no string (fix it with redis-cli)"
+                )));
+            }
+        }
+        // A queue key of another type is no queue: nobody waits, and it is replaced
+        // by the next entry to join (`Store::enqueue`).
+        let queued: Vec<(String, f64)> = decode(queued).unwrap_or_default();
+        let locked: bool = decode(locked)?;
         let pool = self.decode_pool(count, provider)?;
         let gpu_count = pool.map_or(0, |pool| pool.gpu_count);
 
@@ -97,13 +123,7 @@ impl RedisStore {
             pool,
             ..PoolState::default()
         };
-        for (id, raw) in (0..).zip(&gpus) {
-            let (slot, partial) = codec::decode_slot(id, raw.as_deref());
-            if let Some(entry) = partial {
-                state.partials.insert(id, entry);
-            }
-            state.slots.push(slot);
-        }
+        (state.slots, state.partials) = self.decode_gpus(&gpu_keys, &gpus)?;
         let mut raw_entries = HashMap::new();
         for (id, raw) in entry_ids.iter().zip(entries) {
             match raw.as_deref().and_then(|raw| codec::decode_entry(id, raw)) {
@@ -121,9 +141,11 @@ impl RedisStore {
             for account in &accounts {
                 reads.cmd("HGETALL").arg(self.keys.last_used(account));
             }
-            let used: Vec<Vec<(String, String)>> =
-                self.call(|connection| reads.query(connection))?;
+            reads.ignore_errors();
+            let used: Vec<redis::Value> = self.call(|connection| reads.query(connection))?;
             for (account, pairs) in accounts.into_iter().zip(used) {
+                // Not a hash: no last use is known for the account.
+                let pairs: Vec<(String, String)> = decode(&pairs).unwrap_or_default();
                 let used = pairs
                     .iter()
                     .filter_map(|(gpu, at)| Some((gpu.parse().ok()?, at.parse().ok()?)))
@@ -136,6 +158,53 @@ impl RedisStore {
             raw_entries,
             locked,
         })
+    }
+
+    /// The slots from the GPU keys' values (`MGET` gives nothing for a key of another
+    /// type: those are told apart from missing keys and shown as unreadable).
+    fn decode_gpus(
+        &mut self,
+        keys: &[String],
+        values: &[Option<String>],
+    ) -> Result<(Vec<GpuSlot>, BTreeMap<u32, String>)> {
+        let mut slots = Vec::with_capacity(values.len());
+        let mut partials = BTreeMap::new();
+        for (id, raw) in (0..).zip(values) {
+            let (slot, partial) = codec::decode_slot(id, raw.as_deref());
+            if let Some(entry) = partial {
+                partials.insert(id, entry);
+            }
+            slots.push(slot);
+        }
+        let missing: Vec<(usize, &String)> = keys
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| values[*index].is_none())
+            .collect();
+        if missing.is_empty() {
+            return Ok((slots, partials));
+        }
+        let existing: usize = self.call(|connection| {
+            redis::cmd("EXISTS")
+                .arg(missing.iter().map(|(_, key)| *key).collect::<Vec<_>>())
+                .query(connection)
+        })?;
+        if existing == 0 {
+            return Ok((slots, partials));
+        }
+        let mut types = redis::pipe();
+        for (_, key) in &missing {
+            types.cmd("TYPE").arg(*key);
+        }
+        let kinds: Vec<String> = self.call(|connection| types.query(connection))?;
+        for ((index, _), kind) in missing.iter().zip(kinds) {
+            if kind != "none" {
+                slots[*index] = GpuSlot::Corrupt(format!(
+                    "corrupted GPU state for GPU {index}: the key holds a {kind}, not a JSON string"
+                ));
+            }
+        }
+        Ok((slots, partials))
     }
 
     /// The pool from `canhazgpu:gpu_count` and `canhazgpu:provider`, validated with
@@ -295,7 +364,10 @@ impl RedisStore {
         for id in &changes.wake_entries {
             tx.publish(keys.wake_entry(id), 1).ignore();
         }
-        let done: Option<()> = self.call(|connection| tx.query(connection))?;
+        // A key of the wrong type (a history or last-use key someone overwrote) fails
+        // its own command only: that record is skipped, the rest is written.
+        tx.ignore_errors();
+        let done: Option<Vec<redis::Value>> = self.call(|connection| tx.query(connection))?;
         Ok(done.is_some())
     }
 
@@ -333,13 +405,7 @@ impl RedisStore {
         let gpus: Vec<Option<String>> =
             self.call(|connection| redis::cmd("MGET").arg(&gpu_keys).query(connection))?;
         let mut state = PoolState::default();
-        for (id, raw) in (0..).zip(&gpus) {
-            let (slot, partial) = codec::decode_slot(id, raw.as_deref());
-            if let Some(entry) = partial {
-                state.partials.insert(id, entry);
-            }
-            state.slots.push(slot);
-        }
+        (state.slots, state.partials) = self.decode_gpus(&gpu_keys, &gpus)?;
         let mut ids: Vec<&String> = state.partials.values().collect();
         ids.sort();
         ids.dedup();
@@ -359,6 +425,12 @@ impl RedisStore {
             collecting: state.queue,
         })
     }
+}
+
+/// One reply of a pipeline that ignores errors, converted.
+fn decode<T: redis::FromRedisValue>(value: &redis::Value) -> Result<T> {
+    redis::FromRedisValue::from_redis_value(value.clone())
+        .map_err(|err| Error::Store(format!("unexpected reply from Redis: {err}")))
 }
 
 pub(super) fn unix_nanos() -> u128 {
