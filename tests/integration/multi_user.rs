@@ -49,6 +49,19 @@ fn as_user_with(user: Option<&str>, vars: &[&str], state_dir: &Path, args: &[&st
     cmd.output().expect("run canhazgpu").into()
 }
 
+/// A shared state directory with a pool of `gpus` fake GPUs, made by root.
+fn shared_pool(gpus: u32) -> (tempfile::TempDir, PathBuf) {
+    let (dir, state) = shared_state_dir();
+    let count = gpus.to_string();
+    as_user(
+        None,
+        &state,
+        &["admin", "--gpus", &count, "--provider", "fake"],
+    )
+    .assert_ok();
+    (dir, state)
+}
+
 /// A temporary directory every user can traverse, and the state directory in it
 /// (not created: `admin` does that).
 fn shared_state_dir() -> (tempfile::TempDir, PathBuf) {
@@ -66,14 +79,7 @@ fn mode(path: &Path) -> u32 {
 fn two_users_share_the_embedded_store() {
     ensure_user("chg_alice");
     ensure_user("chg_bob");
-    let (_dir, state) = shared_state_dir();
-
-    as_user(
-        None,
-        &state,
-        &["admin", "--gpus", "4", "--provider", "fake"],
-    )
-    .assert_ok();
+    let (_dir, state) = shared_pool(4);
     assert_eq!(
         mode(&state) & 0o777,
         0o777,
@@ -135,13 +141,7 @@ fn two_users_share_the_embedded_store() {
 #[test]
 fn unreadable_store_is_one_clear_line() {
     ensure_user("chg_bob");
-    let (_dir, state) = shared_state_dir();
-    as_user(
-        None,
-        &state,
-        &["admin", "--gpus", "2", "--provider", "fake"],
-    )
-    .assert_ok();
+    let (_dir, state) = shared_pool(2);
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
     let run = as_user(Some("chg_bob"), &state, &["status"]);
     run.assert_code(1);
@@ -185,13 +185,7 @@ fn admin_shares_an_existing_directory_and_readers_create_nothing() {
 #[test]
 fn admin_is_for_root_only() {
     ensure_user("chg_bob");
-    let (_dir, state) = shared_state_dir();
-    as_user(
-        None,
-        &state,
-        &["admin", "--gpus", "4", "--provider", "fake"],
-    )
-    .assert_ok();
+    let (_dir, state) = shared_pool(4);
     as_user(None, &state, &["reserve", "--gpus", "2"]).assert_ok();
     let server = crate::support::redis::TestRedis::launch();
     let redis_url = server.url();
@@ -221,13 +215,7 @@ fn admin_is_for_root_only() {
 #[test]
 fn admin_repairs_a_store_with_wrong_permissions() {
     ensure_user("chg_bob");
-    let (_dir, state) = shared_state_dir();
-    as_user(
-        None,
-        &state,
-        &["admin", "--gpus", "2", "--provider", "fake"],
-    )
-    .assert_ok();
+    let (_dir, state) = shared_pool(2);
     as_user(None, &state, &["reserve"]).assert_ok();
     let db = state.join("state.db");
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -272,13 +260,7 @@ fn three_users_at_once_never_see_permission_denied() {
     for user in users {
         ensure_user(user);
     }
-    let (_dir, state) = shared_state_dir();
-    as_user(
-        None,
-        &state,
-        &["admin", "--gpus", "4", "--provider", "fake"],
-    )
-    .assert_ok();
+    let (_dir, state) = shared_pool(4);
     let failures: Vec<String> = std::thread::scope(|scope| {
         let workers: Vec<_> = users
             .iter()

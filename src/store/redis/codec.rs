@@ -139,6 +139,24 @@ fn decode_state(raw: &str) -> Result<(GpuSlot, Option<String>), String> {
     Ok((GpuSlot::Held(reservation), partial.map(str::to_string)))
 }
 
+/// A run owner as stored in GPU states and queue entries.
+#[derive(Serialize)]
+struct StoredOwner<'a> {
+    host: &'a str,
+    pid: u32,
+    pid_start_time: u64,
+}
+
+impl<'a> StoredOwner<'a> {
+    fn of(owner: Option<&'a RunOwner>) -> Option<Self> {
+        owner.map(|owner| StoredOwner {
+            host: &owner.host,
+            pid: owner.pid,
+            pid_start_time: owner.pid_start,
+        })
+    }
+}
+
 /// A held GPU's state: upstream's fields plus the reservation ID, the run owner and,
 /// for a partial reservation, `partial_queue_id` (upstream's name).
 #[derive(Serialize)]
@@ -156,12 +174,9 @@ struct StoredReservation<'a> {
     note: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reservation_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    host: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pid_start_time: Option<u64>,
+    /// The run owner, as `host`, `pid` and `pid_start_time`.
+    #[serde(flatten)]
+    owner: Option<StoredOwner<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     partial_queue_id: Option<&'a str>,
 }
@@ -177,9 +192,7 @@ pub(super) fn encode_held(reservation: &Reservation, collected_for: Option<&str>
         expiry_time: reservation.expiry_time,
         note: reservation.note.as_deref().filter(|note| !note.is_empty()),
         reservation_id: Some(reservation.id.as_str()).filter(|id| !id.is_empty()),
-        host: owner.map(|owner| owner.host.as_str()),
-        pid: owner.map(|owner| owner.pid),
-        pid_start_time: owner.map(|owner| owner.pid_start),
+        owner: StoredOwner::of(owner),
         partial_queue_id: collected_for,
     };
     serde_json::to_string(&stored).unwrap_or_default()
@@ -271,12 +284,9 @@ struct StoredEntry<'a> {
     note: Option<&'a str>,
     enqueue_time: UnixTime,
     last_heartbeat: UnixTime,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    host: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pid_start_time: Option<u64>,
+    /// The run owner, as `host`, `pid` and `pid_start_time`.
+    #[serde(flatten)]
+    owner: Option<StoredOwner<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     waiter_host: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -303,9 +313,7 @@ pub(super) fn encode_entry(entry: &QueueEntry) -> String {
         note: entry.note.as_deref().filter(|note| !note.is_empty()),
         enqueue_time: entry.enqueue_time,
         last_heartbeat: entry.last_heartbeat,
-        host: owner.map(|owner| owner.host.as_str()),
-        pid: owner.map(|owner| owner.pid),
-        pid_start_time: owner.map(|owner| owner.pid_start),
+        owner: StoredOwner::of(owner),
         waiter_host: waiter.map(|waiter| waiter.host.as_str()),
         waiter_pid: waiter.map(|waiter| waiter.pid),
         waiter_pid_start_time: waiter.map(|waiter| waiter.pid_start),
