@@ -20,9 +20,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::gpu::procinfo;
 use crate::report::{self, DEFAULT_DAYS};
 
@@ -57,10 +58,7 @@ pub async fn serve(
         shutdown.await;
         let _ = stopping.send(true);
     });
-    let mut server_stopped = stopped.clone();
-    let server = axum::serve(listener, router(backend)).with_graceful_shutdown(async move {
-        let _ = server_stopped.wait_for(|stop| *stop).await;
-    });
+    let server = accept_loop(listener, router(backend), stopped.clone());
     // Requests in flight get a grace period; a client that never finishes sending
     // its request cannot keep the server from stopping.
     let mut grace_stopped = stopped;
@@ -69,9 +67,65 @@ pub async fn serve(
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
     tokio::select! {
-        result = server => result.map_err(|e| Error::Runtime(format!("web server failed: {e}"))),
+        () = server => Ok(()),
         () = grace => Ok(()),
     }
+}
+
+/// Completes once shutdown was asked for (holding no borrow of the flag).
+async fn stopping(stopped: &mut watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
+}
+
+/// A client gets this long to send a request's headers, also while its connection
+/// is idle between requests; then the connection is closed.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections open at once; further ones are closed at once until one ends.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// Serves connections until `stopped`, then lets each finish its request in flight.
+/// Unlike `axum::serve`, a client that never finishes its request, or keeps an idle
+/// connection, is cut off after `HEADER_READ_TIMEOUT`, and at most
+/// `MAX_CONNECTIONS` are open at once, so half-open connections cannot pile up.
+async fn accept_loop(listener: TcpListener, router: Router, stopped: watch::Receiver<bool>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut connections = tokio::task::JoinSet::new();
+    let mut stop = stopped.clone();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // Out of file descriptors, say: wait for connections to end.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            () = stopping(&mut stop) => break,
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let mut stop = stopped.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = stopping(&mut stop) => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+        while connections.try_join_next().is_some() {}
+    }
+    while connections.join_next().await.is_some() {}
 }
 
 /// How long requests in flight may take to finish once shutdown was asked for.

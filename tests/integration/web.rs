@@ -242,3 +242,48 @@ fn a_host_that_cannot_be_used_is_a_usage_error() {
         "{run:?}"
     );
 }
+
+/// Clients that never finish their request: `/healthz` stays fast meanwhile, and
+/// the server closes every such connection after its header-read timeout.
+#[test]
+fn half_open_connections_are_closed_and_do_not_block_others() {
+    use std::io::{Read, Write};
+    const CLIENTS: usize = 1000;
+    let env = CliEnv::sqlite();
+    env.init_fake(2);
+    let server = WebServer::start(&env, 1);
+    let mut stalled: Vec<std::net::TcpStream> = (0..CLIENTS)
+        .map(|_| {
+            let mut stream = std::net::TcpStream::connect(&server.addr).unwrap();
+            stream
+                .write_all(b"GET /api/status HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+            stream
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let health = server.get("/healthz");
+    assert_eq!(health.status, 200, "{health:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    // All closed by the server within its 10 s timeout (and some slack).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    for stream in &mut stalled {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        stream
+            .set_read_timeout(Some(left.max(std::time::Duration::from_millis(1))))
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let closed = loop {
+            match stream.read(&mut buf) {
+                Ok(0) => break true,
+                // hyper may answer 408 before closing.
+                Ok(_) => continue,
+                Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => break true,
+                Err(_) => break false,
+            }
+        };
+        assert!(closed, "a half-open connection was still open after 20 s");
+    }
+    assert!(started.elapsed() >= std::time::Duration::from_secs(9));
+    assert_eq!(server.get("/healthz").status, 200);
+}
