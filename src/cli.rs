@@ -148,13 +148,14 @@ pub enum CliCommand {
     /// Start a web server for GPU status monitoring
     Web {
         /// Port to run the web server on
-        #[arg(long, default_value_t = 8080)]
+        #[arg(long, default_value_t = 8080, value_parser = port_number)]
         port: u16,
         /// Host to bind the web server to
         #[arg(long, default_value = "0.0.0.0")]
         host: String,
         /// Seconds one GPU snapshot is shared between requests
-        #[arg(long, default_value_t = crate::web::DEFAULT_SNAPSHOT_SECONDS, value_name = "SECONDS")]
+        #[arg(long, default_value_t = crate::web::DEFAULT_SNAPSHOT_SECONDS, value_name = "SECONDS",
+              value_parser = whole_seconds)]
         cache_seconds: u64,
     },
 }
@@ -169,6 +170,15 @@ fn whole_number(text: &str) -> Result<u32, String> {
         return Err(format!("'{text}' is not a whole number"));
     }
     text.parse().map_err(|_| format!("'{text}' is too large"))
+}
+
+/// A port: digits only, at most 65535.
+fn port_number(text: &str) -> Result<u16, String> {
+    u16::try_from(whole_number(text)?).map_err(|_| format!("'{text}' is not a port (0-65535)"))
+}
+
+fn whole_seconds(text: &str) -> Result<u64, String> {
+    whole_number(text).map(u64::from)
 }
 
 /// Waiting, note and display name: shared by `run` and `reserve`.

@@ -375,10 +375,11 @@ fn typed(settings: BTreeMap<&'static str, Setting>, warnings: &mut Vec<String>) 
     let state_dir = parsed(&settings, "state_dir", |v| non_empty(v).map(PathBuf::from))?
         .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
     let redis = redis_config(&settings, warnings)?;
-    let memory_threshold_mb = parsed(&settings, "memory.threshold", |v| v.parse().ok())?
+    let memory_threshold_mb = parsed(&settings, "memory.threshold", |v| digits(v)?.parse().ok())?
         .unwrap_or(DEFAULT_MEMORY_THRESHOLD_MB);
     let history_retention_days = parsed(&settings, "history.retention_days", |v| {
-        v.parse::<u32>()
+        digits(v)?
+            .parse::<u32>()
             .ok()
             .filter(|days| (1..=crate::report::MAX_DAYS).contains(days))
     })?
@@ -423,6 +424,11 @@ fn parsed<T>(
         .transpose()
 }
 
+/// A whole number as written by a person: digits only (`+1`, ` 1`, `1e3` are not).
+fn digits(value: &str) -> Option<&str> {
+    (!value.is_empty() && value.bytes().all(|byte| byte.is_ascii_digit())).then_some(value)
+}
+
 fn non_empty(value: &str) -> Option<String> {
     (!value.is_empty()).then(|| value.to_owned())
 }
@@ -436,11 +442,9 @@ fn redis_config(
         non_empty(v).filter(|v| !v.contains(char::is_whitespace))
     })?;
     let port = parsed(settings, "redis.port", |v| {
-        v.parse::<u16>().ok().filter(|port| *port != 0)
+        digits(v)?.parse::<u16>().ok().filter(|port| *port != 0)
     })?;
-    let db = parsed(settings, "redis.db", |v| {
-        v.parse::<i64>().ok().filter(|db| *db >= 0)
-    })?;
+    let db = parsed(settings, "redis.db", |v| digits(v)?.parse::<i64>().ok())?;
     let url = parsed(settings, "redis.url", |v| {
         let known_scheme = REDIS_URL_SCHEMES.iter().any(|scheme| v.starts_with(scheme));
         // The client's own parser: a bad port or db number is a usage error here,
