@@ -246,7 +246,13 @@ try:
         doubles = len(granted) - len(set(granted))
         if doubles:
             problems.append(f"storm ({backend}): {doubles} GPUs granted twice: {sorted(granted)}")
-        storm[backend] = (150, killed, len(set(granted)), doubles, failed_badly)
+        # Every reservation that was granted is still there: none lost.
+        code, out, _ = run(["status", "--json"], backend=BACKENDS[backend])
+        held = {row["gpu_id"] for row in json.loads(out) if row["status"] == "IN_USE"}
+        lost = set(granted) - held
+        if code != 0 or lost:
+            problems.append(f"storm ({backend}): granted but no longer held: {sorted(lost)}")
+        storm[backend] = (150, killed, len(set(granted)), doubles, len(lost), failed_badly)
 finally:
     redis.send_signal(signal.SIGTERM)
     redis.wait(timeout=10)
@@ -254,9 +260,9 @@ finally:
 
 for category, (tried, panics, hangs, other) in counts.items():
     print(f"{category}: {tried} tried, {panics} panics, {hangs} hangs, {other} other failures")
-for backend, (ops, killed, granted, doubles, panics) in storm.items():
+for backend, (ops, killed, granted, doubles, lost, panics) in storm.items():
     print(f"storm ({backend}): {ops} operations, {killed} killed with SIGKILL, {granted} GPUs "
-          f"granted, {doubles} granted twice, {panics} panics")
+          f"granted, {doubles} granted twice, {lost} lost, {panics} panics")
 for problem in problems[:40]:
     print("PROBLEM", problem)
 print(f"{sum(c[0] for c in counts.values())} inputs, {len(problems)} problems")

@@ -571,3 +571,20 @@ fn wrongly_typed_keys_affect_only_their_record() {
         GpuSlot::Held(_) | GpuSlot::Free { .. }
     ));
 }
+
+/// A provider key of the wrong type is named as such, not taken for a missing
+/// provider (which would mean NVIDIA and a misleading "nvidia-smi not found").
+#[test]
+fn a_provider_key_of_the_wrong_type_is_named() {
+    let server = TestRedis::launch();
+    let mut raw = server.raw();
+    let mut store = connect(&server);
+    store.init_pool(2, ProviderKind::Fake, false, T).unwrap();
+    let () = raw.del("canhazgpu:provider").unwrap();
+    let () = raw.sadd("canhazgpu:provider", "fake").unwrap();
+    let err = store.slots().unwrap_err().to_string();
+    assert!(
+        err.contains("canhazgpu:provider") && err.contains("holds no string"),
+        "{err}"
+    );
+}

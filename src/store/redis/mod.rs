@@ -191,12 +191,27 @@ impl Store for RedisStore {
     }
 
     fn pool(&mut self) -> Result<Option<Pool>> {
+        // One command in the usual case: on a hung server each command of a pipeline
+        // waits out the reply timeout.
+        let (count_key, provider_key) = (self.keys.gpu_count(), self.keys.provider());
         let (count, provider): (Option<String>, Option<String>) = self.call(|connection| {
             redis::cmd("MGET")
-                .arg(Keys::UPSTREAM.gpu_count())
-                .arg(Keys::UPSTREAM.provider())
+                .arg(&count_key)
+                .arg(&provider_key)
                 .query(connection)
         })?;
+        if count.is_none() || provider.is_none() {
+            let (count_exists, provider_exists): (bool, bool) = self.call(|connection| {
+                redis::pipe()
+                    .exists(&count_key)
+                    .exists(&provider_key)
+                    .query(connection)
+            })?;
+            self.check_strings(&[
+                (&count, count_exists, count_key),
+                (&provider, provider_exists, provider_key),
+            ])?;
+        }
         self.decode_pool(count, provider)
     }
 

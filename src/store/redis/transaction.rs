@@ -73,16 +73,10 @@ impl RedisStore {
             )));
         };
         let (count, provider): (Option<String>, Option<String>) = decode(values)?;
-        for (value, exists, key) in [
-            (&count, count_exists, self.keys.gpu_count()),
-            (&provider, provider_exists, self.keys.provider()),
-        ] {
-            if value.is_none() && decode::<bool>(exists)? {
-                return Err(Error::Store(format!(
-                    "invalid {key} in Redis: the key holds no string (fix it with redis-cli)"
-                )));
-            }
-        }
+        self.check_strings(&[
+            (&count, decode(count_exists)?, self.keys.gpu_count()),
+            (&provider, decode(provider_exists)?, self.keys.provider()),
+        ])?;
         // A queue key of another type is no queue: nobody waits, and it is replaced
         // by the next entry to join (`Store::enqueue`).
         let queued: Vec<(String, f64)> = decode(queued).unwrap_or_default();
@@ -158,6 +152,19 @@ impl RedisStore {
             raw_entries,
             locked,
         })
+    }
+
+    /// `MGET` gives nothing for a key of another type: such a pool key is an error
+    /// that names it, not a missing value.
+    pub(super) fn check_strings(&self, keys: &[(&Option<String>, bool, String)]) -> Result<()> {
+        for (value, exists, key) in keys {
+            if value.is_none() && *exists {
+                return Err(Error::Store(format!(
+                    "invalid {key} in Redis: the key holds no string (fix it with redis-cli)"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The slots from the GPU keys' values (`MGET` gives nothing for a key of another
