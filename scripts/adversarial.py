@@ -265,5 +265,6 @@ for backend, (ops, killed, granted, doubles, lost, panics) in storm.items():
           f"granted, {doubles} granted twice, {lost} lost, {panics} panics")
 for problem in problems[:40]:
     print("PROBLEM", problem)
-print(f"{sum(c[0] for c in counts.values())} inputs, {len(problems)} problems")
+tried = sum(c[0] for c in counts.values()) + sum(ops for ops, *_ in storm.values())
+print(f"adversarial: {tried - len(problems)} passed, {len(problems)} failed")
 sys.exit(1 if problems else 0)
