@@ -61,6 +61,12 @@ impl PoolState {
         accounts.into_iter().collect()
     }
 
+    /// The queue entries that hold partial reservations, each once, in ID order.
+    pub fn collector_ids(&self) -> Vec<String> {
+        let ids: BTreeSet<&String> = self.partials.values().collect();
+        ids.into_iter().cloned().collect()
+    }
+
     /// Fills each entry's `collected` from `partials`.
     pub fn link_partials(&mut self) {
         for entry in &mut self.queue {
@@ -140,12 +146,13 @@ pub struct Changes {
     pub gpus: Vec<(u32, SlotWrite)>,
     /// GPUs beyond a pool that shrank: their records go.
     pub removed_gpus: Vec<u32>,
-    pub entries_added: Vec<QueueEntry>,
-    /// Entries whose heartbeat or collected GPUs changed.
+    /// Entries whose heartbeat or collected GPUs changed. (No operation adds an
+    /// entry: joining appends it with `Store::enqueue`.)
     pub entries_updated: Vec<QueueEntry>,
     pub entries_removed: Vec<String>,
     pub history: Vec<HistoryEntry>,
-    /// (account, GPU, time): the account used the GPU at that time (keep the later).
+    /// (account, GPU, time): the latest time the operation saw the account use the
+    /// GPU, once per pair (a store keeps the later of this and what it has).
     pub last_used: Vec<(String, u32, UnixTime)>,
     /// Queue entries whose waiter should take a turn: they were given GPUs, became
     /// the head of the queue while GPUs were freed, or were removed.
@@ -157,7 +164,6 @@ impl Changes {
         self.pool.is_none()
             && self.gpus.is_empty()
             && self.removed_gpus.is_empty()
-            && self.entries_added.is_empty()
             && self.entries_updated.is_empty()
             && self.entries_removed.is_empty()
             && self.history.is_empty()
@@ -180,7 +186,8 @@ pub struct Transition<T> {
 pub struct Work {
     pub state: PoolState,
     history: Vec<HistoryEntry>,
-    last_used: Vec<(String, u32, UnixTime)>,
+    /// The latest use of each (account, GPU) this operation recorded.
+    last_used: BTreeMap<(String, u32), UnixTime>,
     granted: BTreeSet<String>,
     /// The entry whose own turn this is: it needs no wake-up.
     caller: Option<String>,
@@ -195,7 +202,7 @@ impl Work {
         Work {
             state: state.clone(),
             history: Vec::new(),
-            last_used: Vec::new(),
+            last_used: BTreeMap::new(),
             granted: BTreeSet::new(),
             caller: None,
             dead_ids: dead,
@@ -240,7 +247,11 @@ impl Work {
             .entry(gpu)
             .or_insert(at);
         *used = (*used).max(at);
-        self.last_used.push((account.to_string(), gpu, at));
+        let recorded = self
+            .last_used
+            .entry((account.to_string(), gpu))
+            .or_insert(at);
+        *recorded = (*recorded).max(at);
     }
 
     /// Puts `reservation` on `gpu`; `collected_for` marks a partial reservation.
@@ -345,7 +356,11 @@ impl Work {
         let after = &self.state;
         let mut changes = Changes {
             history: self.history,
-            last_used: self.last_used,
+            last_used: self
+                .last_used
+                .into_iter()
+                .map(|((account, gpu), at)| (account, gpu, at))
+                .collect(),
             ..Changes::default()
         };
         if after.pool != before.pool {
@@ -390,10 +405,11 @@ impl Work {
             .map(|entry| (entry.id.as_str(), entry))
             .collect();
         for entry in &after.queue {
-            match old_entries.get(entry.id.as_str()) {
-                None => changes.entries_added.push(entry.clone()),
-                Some(old) if *old != entry => changes.entries_updated.push(entry.clone()),
-                Some(_) => {}
+            if old_entries
+                .get(entry.id.as_str())
+                .is_some_and(|old| *old != entry)
+            {
+                changes.entries_updated.push(entry.clone());
             }
         }
         let kept: BTreeSet<&str> = after.queue.iter().map(|entry| entry.id.as_str()).collect();

@@ -50,7 +50,6 @@ fn apply(state: &PoolState, changes: &Changes) -> PoolState {
             *entry = updated.clone();
         }
     }
-    next.queue.extend(changes.entries_added.iter().cloned());
     for (account, gpu, at) in &changes.last_used {
         let used = next
             .last_used

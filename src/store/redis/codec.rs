@@ -324,14 +324,29 @@ pub(super) fn encode_entry(entry: &QueueEntry) -> String {
 /// An existing entry's JSON with its heartbeat and collected GPUs brought up to date,
 /// every other field (upstream's too) kept as it was.
 pub(super) fn patch_entry(raw: &str, entry: &QueueEntry) -> String {
-    match object(raw) {
-        Ok(mut doc) => {
-            doc.insert("last_heartbeat".into(), entry.last_heartbeat.into());
-            doc.insert("allocated_gpus".into(), entry.collected.clone().into());
-            Value::Object(doc).to_string()
-        }
-        Err(_) => encode_entry(entry),
+    patched(
+        raw,
+        [
+            ("last_heartbeat", entry.last_heartbeat.into()),
+            ("allocated_gpus", entry.collected.clone().into()),
+        ],
+    )
+    .unwrap_or_else(|| encode_entry(entry))
+}
+
+/// An entry's JSON with `last_heartbeat` set, every other field as it was (an
+/// unreadable one as it was: the next change drops it).
+pub(super) fn patch_heartbeat(raw: &str, now: UnixTime) -> String {
+    patched(raw, [("last_heartbeat", now.into())]).unwrap_or_else(|| raw.to_string())
+}
+
+/// The JSON object `raw` with `fields` set; `None` when it is no object.
+fn patched<const N: usize>(raw: &str, fields: [(&str, Value); N]) -> Option<String> {
+    let mut doc = object(raw).ok()?;
+    for (field, value) in fields {
+        doc.insert(field.into(), value);
     }
+    Some(Value::Object(doc).to_string())
 }
 
 /// A history member: upstream's record plus the account and the reservation ID, which

@@ -20,7 +20,7 @@ use redis::{Client, Connection, RedisResult};
 use super::{DEFAULT_HISTORY_RETENTION_DAYS, PoolView, QueueBeat, RedisConfig, Store, Wake};
 use crate::error::{Error, Result};
 use crate::gpu::procinfo;
-use crate::pool::{Operation, Outcome, PoolState};
+use crate::pool::{Operation, Outcome};
 use crate::queue::QueueEntry;
 use crate::report::UserUsage;
 use crate::state::{Pool, UnixTime, UsageRecord};
@@ -178,13 +178,6 @@ impl Drop for RedisStore {
     }
 }
 
-fn not_initialized<T>(state: &PoolState, value: impl FnOnce(&PoolState) -> T) -> Result<T> {
-    if state.pool.is_none() {
-        return Err(Error::NotInitialized);
-    }
-    Ok(value(state))
-}
-
 impl Store for RedisStore {
     fn run(&mut self, operation: &Operation) -> Result<Outcome> {
         self.operate(operation)
@@ -268,7 +261,7 @@ impl Store for RedisStore {
     }
 
     fn queue(&mut self) -> Result<Vec<QueueEntry>> {
-        self.read(|state| not_initialized(&state, |state| state.queue.clone()))
+        self.read_queue()
     }
 
     /// Refreshes the entry's JSON in place (`SET … XX`, so a removed entry stays
@@ -294,7 +287,7 @@ impl Store for RedisStore {
         let mut beat = redis::pipe();
         beat.cmd("SET")
             .arg(&entry_key)
-            .arg(patch_heartbeat(&raw, now))
+            .arg(codec::patch_heartbeat(&raw, now))
             .arg("XX")
             .ignore();
         let head_id = head.into_iter().next();
@@ -327,16 +320,5 @@ impl Store for RedisStore {
 
     fn usage_summary(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UserUsage>> {
         self.summarize_history(from, to)
-    }
-}
-
-/// The entry's JSON with `last_heartbeat` set, every other field as it was.
-fn patch_heartbeat(raw: &str, now: UnixTime) -> String {
-    match serde_json::from_str::<serde_json::Value>(raw) {
-        Ok(serde_json::Value::Object(mut doc)) => {
-            doc.insert("last_heartbeat".into(), now.into());
-            serde_json::Value::Object(doc).to_string()
-        }
-        _ => raw.to_string(),
     }
 }

@@ -18,7 +18,7 @@ use crate::store::{HISTORY_PRUNE_BATCH, PoolView, Store};
 const TRANSACTION_PATIENCE: Duration = Duration::from_secs(15);
 
 /// What a transaction read besides the state: what it needs to write its changes.
-pub(super) struct Loaded {
+struct Loaded {
     state: PoolState,
     /// The JSON of each readable entry, so an update keeps upstream's fields.
     raw_entries: HashMap<String, String>,
@@ -29,7 +29,7 @@ pub(super) struct Loaded {
 impl RedisStore {
     /// Reads the pool, its slots and its queue (and the last use of the accounts
     /// placement may consult), watching every key a decision depends on when `watch`.
-    pub(super) fn load(&mut self, requester: Option<&str>, watch: bool) -> Result<Loaded> {
+    fn load(&mut self, requester: Option<&str>, watch: bool) -> Result<Loaded> {
         let keys = &self.keys;
         let (count_key, provider_key, queue_key, lock_key) = (
             keys.gpu_count(),
@@ -87,31 +87,27 @@ impl RedisStore {
         let gpu_keys: Vec<String> = (0..gpu_count).map(|id| self.keys.gpu(id)).collect();
         let entry_ids: Vec<&String> = queued.iter().map(|(id, _)| id).collect();
         let entry_keys: Vec<String> = entry_ids.iter().map(|id| self.keys.entry(id)).collect();
+        // `MGET` with no keys is an error: only the lists that have keys are read.
         let mut second = redis::pipe();
         if watch && !gpu_keys.is_empty() {
             second.cmd("WATCH").arg(&gpu_keys).ignore();
         }
-        second.cmd("MGET").arg(&gpu_keys);
-        second.cmd("MGET").arg(&entry_keys);
-        let (gpus, entries): (Vec<Option<String>>, Vec<Option<String>>) =
-            if gpu_keys.is_empty() && entry_keys.is_empty() {
-                (Vec::new(), Vec::new())
-            } else if entry_keys.is_empty() {
-                let mut only_gpus = redis::pipe();
-                if watch {
-                    only_gpus.cmd("WATCH").arg(&gpu_keys).ignore();
-                }
-                only_gpus.cmd("MGET").arg(&gpu_keys);
-                let (gpus,): (Vec<Option<String>>,) =
-                    self.call(|connection| only_gpus.query(connection))?;
-                (gpus, Vec::new())
-            } else if gpu_keys.is_empty() {
-                let entries: Vec<Option<String>> =
-                    self.call(|connection| redis::cmd("MGET").arg(&entry_keys).query(connection))?;
-                (Vec::new(), entries)
-            } else {
-                self.call(|connection| second.query(connection))?
-            };
+        for keys in [&gpu_keys, &entry_keys] {
+            if !keys.is_empty() {
+                second.cmd("MGET").arg(keys);
+            }
+        }
+        let mut replies: Vec<Vec<Option<String>>> = if gpu_keys.is_empty() && entry_keys.is_empty()
+        {
+            Vec::new()
+        } else {
+            self.call(|connection| second.query(connection))?
+        };
+        let entries = match entry_keys.is_empty() {
+            true => Vec::new(),
+            false => replies.pop().unwrap_or_default(),
+        };
+        let gpus = replies.pop().unwrap_or_default();
 
         let mut state = PoolState {
             pool,
@@ -129,7 +125,11 @@ impl RedisStore {
             }
         }
         state.link_partials();
-        let accounts = PoolState::accounts_needed(&state.queue, requester);
+        // Only a decision consults last uses; a plain read (`watch` off) needs none.
+        let accounts = match watch {
+            true => PoolState::accounts_needed(&state.queue, requester),
+            false => Vec::new(),
+        };
         if !accounts.is_empty() && pool.is_some() {
             let mut reads = redis::pipe();
             for account in &accounts {
@@ -345,12 +345,7 @@ impl RedisStore {
             };
             tx.set(keys.entry(&entry.id), json).ignore();
         }
-        let mut last_used: BTreeMap<(&str, u32), UnixTime> = BTreeMap::new();
         for (account, gpu, at) in &changes.last_used {
-            let latest = last_used.entry((account.as_str(), *gpu)).or_insert(*at);
-            *latest = (*latest).max(*at);
-        }
-        for ((account, gpu), at) in last_used {
             tx.hset(keys.last_used(account), gpu, at).ignore();
         }
         for entry in &changes.history {
@@ -399,9 +394,13 @@ impl RedisStore {
         })
     }
 
-    pub(super) fn read<T>(&mut self, read: impl FnOnce(PoolState) -> Result<T>) -> Result<T> {
-        let loaded = self.load(None, false)?;
-        read(loaded.state)
+    /// The whole queue, watching nothing.
+    pub(super) fn read_queue(&mut self) -> Result<Vec<crate::queue::QueueEntry>> {
+        let state = self.load(None, false)?.state;
+        if state.pool.is_none() {
+            return Err(Error::NotInitialized);
+        }
+        Ok(state.queue)
     }
 
     /// The slots and the entries collecting on them: the queue's length does not
@@ -413,9 +412,7 @@ impl RedisStore {
             self.call(|connection| redis::cmd("MGET").arg(&gpu_keys).query(connection))?;
         let mut state = PoolState::default();
         (state.slots, state.partials) = self.decode_gpus(&gpu_keys, &gpus)?;
-        let mut ids: Vec<&String> = state.partials.values().collect();
-        ids.sort();
-        ids.dedup();
+        let ids = state.collector_ids();
         if !ids.is_empty() {
             let entry_keys: Vec<String> = ids.iter().map(|id| self.keys.entry(id)).collect();
             let entries: Vec<Option<String>> =

@@ -45,11 +45,13 @@ pub struct SqliteStore {
     history_retention: i64,
 }
 
-/// What can go wrong inside a store operation: SQLite itself, or a domain refusal
-/// (pool not initialised, not enough GPUs). Turned into an `Error` naming the path.
+/// What can go wrong inside a store operation: SQLite itself, a connection SQLite
+/// quietly opened read-only, or a domain refusal (pool not initialised, not enough
+/// GPUs). Turned into an `Error` naming the path.
 #[derive(Debug)]
 enum Fault {
     Sqlite(rusqlite::Error),
+    ReadOnly,
     Domain(Error),
 }
 
@@ -72,6 +74,7 @@ impl Fault {
         use rusqlite::ErrorCode;
         match self {
             Fault::Domain(err) => err,
+            Fault::ReadOnly => access_denied(path),
             Fault::Sqlite(err) => match err.sqlite_error_code() {
                 Some(ErrorCode::PermissionDenied | ErrorCode::ReadOnly | ErrorCode::CannotOpen) => {
                     access_denied(path)
@@ -85,9 +88,7 @@ impl Fault {
             },
         }
     }
-}
 
-impl Fault {
     /// Whether SQLite could not open or write a file: another user's process may be
     /// creating one of the side files (`-wal`, `-shm`) this very moment, with its
     /// final mode not yet set.
@@ -98,9 +99,8 @@ impl Fault {
                 err.sqlite_error_code(),
                 Some(ErrorCode::PermissionDenied | ErrorCode::ReadOnly | ErrorCode::CannotOpen)
             ),
-            Fault::Domain(err) => {
-                matches!(err, Error::Store(text) if text.contains("permission denied"))
-            }
+            Fault::ReadOnly => true,
+            Fault::Domain(_) => false,
         }
     }
 }
@@ -111,7 +111,7 @@ fn connect(path: &Path) -> SqlResult<Connection> {
     let conn = Connection::open_with_flags(path, flags)?;
     // SQLite silently falls back to read-only when the file is not writable.
     if conn.is_readonly(rusqlite::MAIN_DB)? {
-        return Err(Fault::Domain(access_denied(path)));
+        return Err(Fault::ReadOnly);
     }
     conn.busy_timeout(BUSY_TIMEOUT)?;
     // In WAL mode, NORMAL syncs at checkpoints instead of at every commit: a commit
@@ -289,18 +289,15 @@ impl Store for SqliteStore {
         self.transact(TransactionBehavior::Deferred, |conn| {
             let pool = schema::read_pool(conn)?.ok_or(Fault::Domain(Error::NotInitialized))?;
             let (slots, partials) = rows::read_slots(conn, pool.gpu_count)?;
-            let mut ids: Vec<&String> = partials.values().collect();
-            ids.sort();
-            ids.dedup();
-            let mut collecting = rows::read_entries_by_id(conn, &ids)?;
             let mut state = PoolState {
-                partials: partials.clone(),
-                queue: std::mem::take(&mut collecting),
+                slots,
+                partials,
                 ..PoolState::default()
             };
+            state.queue = rows::read_entries_by_id(conn, &state.collector_ids())?;
             state.link_partials();
             Ok(PoolView {
-                slots,
+                slots: state.slots,
                 collecting: state.queue,
             })
         })
@@ -317,10 +314,14 @@ impl Store for SqliteStore {
 
     fn queue(&mut self) -> Result<Vec<QueueEntry>> {
         self.transact(TransactionBehavior::Deferred, |conn| {
-            let state = rows::load_state(conn, None)?;
-            if state.pool.is_none() {
-                return Err(Fault::Domain(Error::NotInitialized));
-            }
+            let pool = schema::read_pool(conn)?.ok_or(Fault::Domain(Error::NotInitialized))?;
+            let (_, partials) = rows::read_slots(conn, pool.gpu_count)?;
+            let mut state = PoolState {
+                partials,
+                queue: rows::read_entries(conn)?.0,
+                ..PoolState::default()
+            };
+            state.link_partials();
             Ok(state.queue)
         })
     }
@@ -344,7 +345,7 @@ impl Store for SqliteStore {
                 .query_row([], |row| row.get(0))
                 .optional()?;
             let head = match head {
-                Some(id) => rows::read_entries_by_id(conn, &[&id])?.pop(),
+                Some(id) => rows::read_entries_by_id(conn, &[id])?.pop(),
                 None => None,
             };
             Ok(QueueBeat { position, head })

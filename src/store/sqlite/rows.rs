@@ -154,7 +154,7 @@ pub(super) fn read_entries(conn: &Connection) -> SqlResult<(Vec<QueueEntry>, Vec
 }
 
 /// The entries whose IDs are given, in queue order (what `status` needs).
-pub(super) fn read_entries_by_id(conn: &Connection, ids: &[&String]) -> SqlResult<Vec<QueueEntry>> {
+pub(super) fn read_entries_by_id(conn: &Connection, ids: &[String]) -> SqlResult<Vec<QueueEntry>> {
     let mut statement =
         conn.prepare_cached(&format!("SELECT {QUEUE_COLUMNS} FROM queue WHERE id = ?1"))?;
     let mut entries = Vec::new();
@@ -272,9 +272,6 @@ pub(super) fn apply(conn: &Connection, changes: &Changes, prune_before: UnixTime
     for id in &changes.entries_removed {
         conn.prepare_cached("DELETE FROM queue WHERE id = ?1")?
             .execute([id])?;
-    }
-    for entry in &changes.entries_added {
-        insert_entry(conn, entry)?;
     }
     for entry in &changes.entries_updated {
         conn.prepare_cached("UPDATE queue SET last_heartbeat = ?1 WHERE id = ?2")?
