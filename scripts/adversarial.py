@@ -26,7 +26,8 @@ BINARY = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else "target/release/c
 LIMIT = 15  # seconds any one invocation may take
 work = tempfile.mkdtemp(prefix="chg-adversarial-")
 env_base = {k: v for k, v in os.environ.items() if not k.startswith("CANHAZGPU_")}
-env_base.update(HOME=os.path.join(work, "home"), CANHAZGPU_NVML="0", RUST_BACKTRACE="0")
+env_base.update(HOME=os.path.join(work, "home"), CANHAZGPU_NVML="0", RUST_BACKTRACE="0",
+                CANHAZGPU_HOST_NAME="adv")
 os.makedirs(env_base["HOME"])
 problems = []
 counts = {}
@@ -182,14 +183,18 @@ try:
         "UPDATE meta SET value = '99' WHERE key = 'schema_version'",
     ]
     redis_damage = [
-        ["SET", "canhazgpu:gpu_count", "4294967295"], ["SET", "canhazgpu:gpu_count", "many"],
-        ["RPUSH", "canhazgpu:gpu_count", "a"], ["SET", "canhazgpu:provider", "tpu"],
-        ["SADD", "canhazgpu:provider", "x"], ["RPUSH", "canhazgpu:gpu:3", "a", "b"],
-        ["HSET", "canhazgpu:gpu:1", "a", "b"], ["SET", "canhazgpu:gpu:0", "{not json"],
-        ["SET", "canhazgpu:gpu:2", '{"user": 5}'], ["SET", "canhazgpu:queue", "x"],
-        ["ZADD", "canhazgpu:queue", "1", "ghost"], ["SET", "canhazgpu:queue:entry:ghost", "[]"],
-        ["SADD", "canhazgpu:user_last_used:root", "x"],
-        ["SET", "canhazgpu:usage_history_sorted", "x"],
+        ["SET", "canhazgpu:{adv}:gpu_count", "4294967295"], ["SET", "canhazgpu:{adv}:gpu_count", "many"],
+        ["RPUSH", "canhazgpu:{adv}:gpu_count", "a"], ["SET", "canhazgpu:{adv}:provider", "tpu"],
+        ["SADD", "canhazgpu:{adv}:provider", "x"], ["RPUSH", "canhazgpu:{adv}:gpu:3", "a", "b"],
+        ["HSET", "canhazgpu:{adv}:gpu:1", "a", "b"], ["SET", "canhazgpu:{adv}:gpu:0", "{not json"],
+        ["SET", "canhazgpu:{adv}:gpu:2", '{"user": 5}'], ["SET", "canhazgpu:{adv}:queue", "x"],
+        ["ZADD", "canhazgpu:{adv}:queue", "1", "ghost"], ["SET", "canhazgpu:{adv}:queue:entry:ghost", "[]"],
+        ["SADD", "canhazgpu:{adv}:user_last_used:root", "x"],
+        ["SET", "canhazgpu:{adv}:usage_history_sorted", "x"],
+        # The fleet's registry and this host's published snapshot.
+        ["SET", "canhazgpu:hosts", "x"], ["HSET", "canhazgpu:hosts", "adv", "{bad"],
+        ["HSET", "canhazgpu:hosts:reported", "adv", "soon"],
+        ["SET", "canhazgpu:{adv}:snapshot", "{not json"], ["HSET", "canhazgpu:{adv}:snapshot", "a", "b"],
     ]
     actions = [["status"], ["status", "--json"], ["reserve", "-d", "1m"], ["release"],
                ["report"], ["queue"], ["reserve", "-G", "3"], ["release", "-G", "3", "--force"]]

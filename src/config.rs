@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::gpu::GpuSettings;
-use crate::store::{RedisConfig, StoreConfig};
+use crate::store::{RedisConfig, RedisLayout, StoreConfig};
 
 /// Default location of the embedded store's directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/canhazgpu";
@@ -91,6 +91,11 @@ pub struct Config {
     pub reserve_wait: Option<WaitPolicy>,
     /// `smi_timeout` and `nvml`.
     pub gpu: GpuSettings,
+    /// `host_name`: this host's name in a fleet (default: the machine's hostname).
+    pub host_name: String,
+    /// `remote_hosts`: hosts shown by `status --all` in this order; those that are not
+    /// in the shared Redis are read over SSH.
+    pub remote_hosts: Vec<String>,
     /// Non-fatal findings (unknown keys, flags a Redis URL overrides) to print on stderr.
     pub warnings: Vec<String>,
     /// The raw value of every registered key some layer gave, by key name. Commands
@@ -108,6 +113,8 @@ pub struct Key {
     flag: Option<Flag>,
     /// The value may hold a password: never shown (`Debug`, messages).
     secret: bool,
+    /// A config file may give a list, kept comma-joined like its environment variable.
+    list: bool,
 }
 
 struct Flag {
@@ -122,6 +129,7 @@ impl Key {
             expected,
             flag: None,
             secret: false,
+            list: false,
         }
     }
 
@@ -144,6 +152,10 @@ impl Key {
             secret: true,
             ..self
         }
+    }
+
+    const fn list(self) -> Self {
+        Key { list: true, ..self }
     }
 
     fn setting(&self, value: String, source: Source) -> Setting {
@@ -210,6 +222,16 @@ pub static KEYS: &[Key] = &[
     ),
     Key::new("smi_timeout", "a positive number of seconds"),
     Key::new("nvml", "0 or 1 (false or true)"),
+    Key::new(
+        "host_name",
+        "a host name of letters, digits, '.', '_' and '-'",
+    ),
+    Key::new("redis.layout", "'fleet' or 'upstream'"),
+    Key::new(
+        "remote_hosts",
+        "a list of SSH host names (letters, digits, '.', '_', '-', '@')",
+    )
+    .list(),
 ];
 
 /// What to do when the GPUs are not available yet.
@@ -387,6 +409,15 @@ fn typed(settings: BTreeMap<&'static str, Setting>, warnings: &mut Vec<String>) 
     let run_wait = parsed(&settings, "run.wait", wait_policy)?;
     let reserve_wait = parsed(&settings, "reserve.wait", wait_policy)?;
     let gpu = gpu_settings(&settings)?;
+    let host_name = parsed(&settings, "host_name", |v| {
+        valid_host_name(v).then(|| v.to_owned())
+    })?
+    .unwrap_or_else(crate::gpu::procinfo::hostname);
+    let remote_hosts = parsed(&settings, "remote_hosts", |v| {
+        let hosts: Vec<String> = v.split(',').map(|h| h.trim().to_owned()).collect();
+        hosts.iter().all(|h| valid_ssh_host(h)).then_some(hosts)
+    })?
+    .unwrap_or_default();
 
     let redis_given = REDIS_KEYS.iter().any(|key| settings.contains_key(key));
     let store = match backend {
@@ -403,6 +434,8 @@ fn typed(settings: BTreeMap<&'static str, Setting>, warnings: &mut Vec<String>) 
         run_wait,
         reserve_wait,
         gpu,
+        host_name,
+        remote_hosts,
         warnings: Vec::new(),
         settings,
     })
@@ -429,6 +462,24 @@ fn digits(value: &str) -> Option<&str> {
     (!value.is_empty() && value.bytes().all(|byte| byte.is_ascii_digit())).then_some(value)
 }
 
+/// A fleet member's name: it goes into Redis key names (between `{` `}`) and URLs.
+pub fn valid_host_name(name: &str) -> bool {
+    name.len() <= 253
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// An SSH destination from `remote_hosts`: never an option (`-o...`), never a path.
+fn valid_ssh_host(name: &str) -> bool {
+    name.len() <= 253
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'))
+}
+
 fn non_empty(value: &str) -> Option<String> {
     (!value.is_empty()).then(|| value.to_owned())
 }
@@ -453,6 +504,11 @@ fn redis_config(
         (known_scheme && parses).then(|| v.to_owned())
     })?;
     let password = parsed(settings, "redis.password", non_empty)?;
+    let layout = parsed(settings, "redis.layout", |v| match v {
+        "fleet" => Some(RedisLayout::Fleet),
+        "upstream" => Some(RedisLayout::Upstream),
+        _ => None,
+    })?;
 
     // The URL wins over host/port/db; say so rather than silently drop a flag.
     if let Some(url_setting) = settings.get("redis.url") {
@@ -471,6 +527,7 @@ fn redis_config(
         port: port.unwrap_or(DEFAULT_REDIS_PORT),
         db: db.unwrap_or(DEFAULT_REDIS_DB),
         password,
+        layout: layout.unwrap_or(RedisLayout::Fleet),
     })
 }
 
@@ -629,6 +686,10 @@ fn load_file(path: &Path, warnings: &mut Vec<String>) -> Result<BTreeMap<&'stati
             Value::Bool(b) => b.to_string(),
             Value::Number(n) => n.to_string(),
             Value::String(s) => s,
+            Value::Array(items) if key.list => match list_items(items) {
+                Some(joined) => joined,
+                None => return Err(invalid(&source, key.expected, "a list of non-strings")),
+            },
             other @ (Value::Array(_) | Value::Object(_)) => {
                 return Err(invalid(&source, key.expected, describe(&other)));
             }
@@ -644,6 +705,19 @@ fn load_file(path: &Path, warnings: &mut Vec<String>) -> Result<BTreeMap<&'stati
         }
     }
     Ok(settings)
+}
+
+/// A list of strings as one comma-separated value; `None` if an item is not a
+/// string or holds a comma.
+fn list_items(items: Vec<Value>) -> Option<String> {
+    let texts: Option<Vec<String>> = items
+        .into_iter()
+        .map(|item| match item {
+            Value::String(text) if !text.contains(',') => Some(text),
+            _ => None,
+        })
+        .collect();
+    Some(texts?.join(","))
 }
 
 fn describe(value: &Value) -> &'static str {
@@ -779,6 +853,8 @@ mod tests {
                     smi_timeout: std::time::Duration::from_secs(10),
                     nvml: true,
                 },
+                host_name: crate::gpu::procinfo::hostname(),
+                remote_hosts: vec![],
                 warnings: vec![],
                 settings: BTreeMap::new(),
             }
@@ -825,7 +901,61 @@ mod tests {
                 "CANHAZGPU_RESERVE_WAIT",
                 "CANHAZGPU_SMI_TIMEOUT",
                 "CANHAZGPU_NVML",
+                "CANHAZGPU_HOST_NAME",
+                "CANHAZGPU_REDIS_LAYOUT",
+                "CANHAZGPU_REMOTE_HOSTS",
             ]
+        );
+    }
+
+    #[test]
+    fn fleet_settings() {
+        let world = World::new()
+            .env("CANHAZGPU_HOST_NAME", "gpu-7.lab")
+            .env("CANHAZGPU_REDIS_LAYOUT", "upstream")
+            .env("CANHAZGPU_BACKEND", "redis");
+        let config = world.config();
+        assert_eq!(config.host_name, "gpu-7.lab");
+        assert_eq!(redis(&config).layout, RedisLayout::Upstream);
+
+        world.home_file(
+            ".canhazgpu.yaml",
+            "remote_hosts:\n  - gpu-a\n  - alice@gpu-b\n",
+        );
+        assert_eq!(world.config().remote_hosts, ["gpu-a", "alice@gpu-b"]);
+        let world = world.env("CANHAZGPU_REMOTE_HOSTS", "x, y");
+        assert_eq!(world.config().remote_hosts, ["x", "y"]);
+
+        for (name, value, message) in [
+            (
+                "CANHAZGPU_HOST_NAME",
+                "a{b}",
+                "CANHAZGPU_HOST_NAME: expected a host name of letters, digits, '.', '_' and \
+                 '-', got \"a{b}\"",
+            ),
+            (
+                "CANHAZGPU_REMOTE_HOSTS",
+                "ok,-oProxyCommand=x",
+                "CANHAZGPU_REMOTE_HOSTS: expected a list of SSH host names (letters, digits, \
+                 '.', '_', '-', '@'), got \"ok,-oProxyCommand=x\"",
+            ),
+            (
+                "CANHAZGPU_REDIS_LAYOUT",
+                "cluster",
+                "CANHAZGPU_REDIS_LAYOUT: expected 'fleet' or 'upstream', got \"cluster\"",
+            ),
+        ] {
+            let world = World::new().env(name, value);
+            assert_eq!(world.error(&Overrides::default()), message);
+        }
+        let world = World::new();
+        world.home_file(".canhazgpu.yaml", "remote_hosts: [a, [b]]\n");
+        assert!(
+            world
+                .error(&Overrides::default())
+                .ends_with("key 'remote_hosts': expected a list of SSH host names (letters, digits, '.', '_', '-', '@'), got a list of non-strings"),
+            "{}",
+            world.error(&Overrides::default())
         );
     }
 
@@ -993,7 +1123,7 @@ mod tests {
     }
 
     /// A valid value per layer (file, env, flag) for every registered key.
-    const LAYER_VALUES: [(&str, [&str; 3]); 13] = [
+    const LAYER_VALUES: [(&str, [&str; 3]); 16] = [
         ("backend", ["sqlite", "redis", "sqlite"]),
         ("state_dir", ["/f", "/e", "/c"]),
         ("redis.host", ["f", "e", "c"]),
@@ -1007,6 +1137,9 @@ mod tests {
         ("reserve.wait", ["true", "false", "3m"]),
         ("smi_timeout", ["1", "2", "3"]),
         ("nvml", ["0", "1", "0"]),
+        ("host_name", ["f", "e", "c"]),
+        ("redis.layout", ["fleet", "upstream", "fleet"]),
+        ("remote_hosts", ["f", "e", "c"]),
     ];
 
     /// Flags giving `key` the value, or `None` for keys only files and the
@@ -1023,7 +1156,12 @@ mod tests {
             "redis.url" => flags.redis_url = value,
             "redis.password" => flags.redis_password = value,
             "memory.threshold" => flags.memory_threshold = value,
-            "history.retention_days" | "smi_timeout" | "nvml" => return None,
+            "history.retention_days"
+            | "smi_timeout"
+            | "nvml"
+            | "host_name"
+            | "redis.layout"
+            | "remote_hosts" => return None,
             // `--wait`/`--nonblock` belong to the commands (see commands::RequestOptions).
             "run.wait" | "reserve.wait" => return None,
             other => panic!("no flag for {other}"),
@@ -1072,6 +1210,7 @@ mod tests {
                 port: 6380,
                 db: 2,
                 password: Some("s3cret".into()),
+                layout: RedisLayout::Fleet,
             })
         );
         assert_eq!(config.memory_threshold_mb, 512);
@@ -1439,7 +1578,7 @@ mod tests {
         let world = World::new();
         let path = world.home_file(
             ".canhazgpu.yaml",
-            "redis:\n  hots: h\n  port: 6390\nremote_hosts:\n  - gpu1\n  - gpu2\n",
+            "redis:\n  hots: h\n  port: 6390\nremote_host:\n  - gpu1\n  - gpu2\n",
         );
         let config = world.config();
         assert_eq!(
@@ -1450,7 +1589,7 @@ mod tests {
                     path.display()
                 ),
                 format!(
-                    "warning: {}: unknown key 'remote_hosts' ignored",
+                    "warning: {}: unknown key 'remote_host' ignored",
                     path.display()
                 ),
             ]
@@ -1524,6 +1663,7 @@ mod tests {
                 port: 6379,
                 db: 0,
                 password: None,
+                layout: RedisLayout::Fleet,
             })
         );
     }

@@ -40,6 +40,9 @@ pub enum Error {
     GpuTaken { gpu: u32, holder: Holder },
     #[error("GPU pool not initialized - run 'canhazgpu admin --gpus <count>' first")]
     NotInitialized,
+    /// No pool, with what the store knows about why (another host, another layout).
+    #[error("{0}")]
+    NoPool(String),
     /// `admin` without `--force` on a pool of this many GPUs.
     #[error("GPU pool already initialized with {0} GPUs. Use --force to reinitialize")]
     AlreadyInitialized(u32),
@@ -109,7 +112,7 @@ impl Error {
             }
             // As a shell reports a process ended by a signal.
             Error::Interrupted { signal, .. } => crate::signals::exit_status(*signal),
-            Error::NotInitialized => exit::NOT_INITIALIZED,
+            Error::NotInitialized | Error::NoPool(_) => exit::NOT_INITIALIZED,
             Error::CommandNotFound(_) => exit::NOT_FOUND,
             Error::CommandNotExecutable(_) => exit::NOT_EXECUTABLE,
             Error::Store(_) | Error::Gpu(_) | Error::Runtime(_) => exit::FAILURE,

@@ -65,10 +65,15 @@ pub type UsageSnapshot = Result<Vec<GpuUsage>, String>;
 
 /// Reads the provider once; a failure is kept so the reservations still show.
 /// Where a GPU does not report its used memory (`[N/A]`), its processes' memory
-/// stands in, so a busy GPU is still seen as busy.
+/// stands in, so a busy GPU is still seen as busy. Each process's user and AI
+/// model are looked up here, while this host can still see the process.
 pub fn snapshot(provider: &dyn GpuProvider) -> UsageSnapshot {
     let mut usage = provider.usage().map_err(|e| e.to_string())?;
     for gpu in &mut usage {
+        for process in &mut gpu.processes {
+            process.user = Some(procinfo::process_user(process.pid));
+            process.model = model::detect_for_pid(process.pid);
+        }
         if gpu.memory_used_mb.is_none() && !gpu.processes.is_empty() {
             gpu.memory_used_mb = Some(
                 gpu.processes
@@ -225,10 +230,7 @@ fn build_one(
         row.gpu_model = u.name.clone();
         row.memory_used_mb = u.memory_used_mb;
         if row.model.is_none() {
-            row.model = u
-                .processes
-                .iter()
-                .find_map(|p| model::detect_for_pid(p.pid));
+            row.model = u.processes.iter().find_map(|p| p.model.clone());
         }
     }
     row
@@ -276,9 +278,9 @@ fn reserved_row(
 fn unreserved_row(id: u32, usage: &GpuUsage) -> GpuStatus {
     let mut users: Vec<String> = Vec::new();
     for p in &usage.processes {
-        let user = procinfo::process_user(p.pid);
-        if !users.contains(&user) {
-            users.push(user);
+        let user = p.user.as_deref().unwrap_or(procinfo::UNKNOWN);
+        if !users.iter().any(|known| known == user) {
+            users.push(user.to_owned());
         }
     }
     if users.is_empty() {
@@ -332,8 +334,10 @@ mod tests {
                     pid,
                     name: "/usr/bin/python3".into(),
                     used_memory_mb: Some(mb),
+                    ..GpuProcess::default()
                 })
                 .collect(),
+            ..GpuUsage::default()
         }
     }
 

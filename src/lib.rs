@@ -6,6 +6,7 @@ pub mod commands;
 pub mod config;
 pub mod duration;
 pub mod error;
+pub mod fleet;
 pub mod gpu;
 pub mod gpu_status;
 pub mod output;

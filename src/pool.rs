@@ -143,6 +143,8 @@ pub enum SlotWrite {
 pub struct Changes {
     /// The pool record, when it is created or re-initialised.
     pub pool: Option<Pool>,
+    /// The pool record goes: the host left the fleet (`retire`).
+    pub pool_removed: bool,
     pub gpus: Vec<(u32, SlotWrite)>,
     /// GPUs beyond a pool that shrank: their records go.
     pub removed_gpus: Vec<u32>,
@@ -162,6 +164,7 @@ pub struct Changes {
 impl Changes {
     pub fn is_empty(&self) -> bool {
         self.pool.is_none()
+            && !self.pool_removed
             && self.gpus.is_empty()
             && self.removed_gpus.is_empty()
             && self.entries_updated.is_empty()
@@ -365,6 +368,7 @@ impl Work {
         };
         if after.pool != before.pool {
             changes.pool = after.pool;
+            changes.pool_removed = after.pool.is_none();
         }
         let never_used = GpuSlot::Free {
             last_released: None,
@@ -587,6 +591,56 @@ pub fn init(
             previous_count: previous.map(|pool| pool.gpu_count),
             cleared,
         })
+    })();
+    work.finish(state, outcome)
+}
+
+/// Takes the pool out of service (`admin --remove-host`). Refused while reservations
+/// or waiters are on it, unless `force`, which ends them (with history). Answers how
+/// many reservations it ended.
+pub fn retire(state: &PoolState, force: bool, now: UnixTime) -> Transition<u32> {
+    let mut work = Work::new(state, &[]);
+    let outcome = (|| {
+        state.require_pool()?;
+        let holders: BTreeSet<String> = state
+            .slots
+            .iter()
+            .filter_map(|slot| match slot {
+                GpuSlot::Held(r) if r.liveness(now, &work.dead_ids).is_active() => {
+                    Some(r.user_label())
+                }
+                _ => None,
+            })
+            .collect();
+        let waiters = state
+            .queue
+            .iter()
+            .filter(|entry| entry.is_alive(now, &work.dead_ids))
+            .count();
+        if !force && (!holders.is_empty() || waiters > 0) {
+            let holders: Vec<String> = holders.into_iter().collect();
+            return Err(Error::Usage(format!(
+                "the host still has reservations ({}) or waiters ({waiters}) - \
+                 use --force to end them",
+                match holders.is_empty() {
+                    true => "none".to_string(),
+                    false => holders.join(", "),
+                }
+            )));
+        }
+        let mut ended = 0;
+        for gpu in 0..work.state.slots.len() as u32 {
+            if let GpuSlot::Held(reservation) = &work.state.slots[gpu as usize] {
+                let ended_at = release_time(reservation, now);
+                work.end(gpu, ended_at, now);
+                ended += 1;
+            }
+        }
+        work.state.pool = None;
+        work.state.slots.clear();
+        work.state.partials.clear();
+        work.state.queue.clear();
+        Ok(ended)
     })();
     work.finish(state, outcome)
 }
@@ -815,6 +869,10 @@ pub enum Operation<'a> {
         now: UnixTime,
     },
     Reassert(&'a ReassertRequest),
+    Retire {
+        force: bool,
+        now: UnixTime,
+    },
 }
 
 /// What an operation answers.
@@ -825,6 +883,8 @@ pub enum Outcome {
     Gpus(Vec<u32>),
     Step(QueueStep),
     Reasserted(Reasserted),
+    /// Reservations a retirement ended.
+    Retired(u32),
 }
 
 impl Operation<'_> {
@@ -834,7 +894,8 @@ impl Operation<'_> {
             Operation::Init { now, .. }
             | Operation::Leave { now, .. }
             | Operation::Release { now, .. }
-            | Operation::Heartbeat { now, .. } => *now,
+            | Operation::Heartbeat { now, .. }
+            | Operation::Retire { now, .. } => *now,
             Operation::Allocate(request) => request.now,
             Operation::Step(tick) => tick.now,
             Operation::Reassert(request) => request.now,
@@ -879,6 +940,7 @@ pub fn apply(state: &PoolState, operation: &Operation) -> Transition<Outcome> {
             now,
         } => heartbeat(state, reservation_id, gpus, now).map(Outcome::Gpus),
         Operation::Reassert(request) => reassert(state, request).map(Outcome::Reasserted),
+        Operation::Retire { force, now } => retire(state, force, now).map(Outcome::Retired),
     }
 }
 

@@ -35,7 +35,7 @@ pub struct Observation {
 impl Session {
     /// Opens the store and requires an initialised pool.
     pub fn open(config: &Config) -> Result<Self> {
-        let mut store = store::open(&config.store, config.history_retention_days)?;
+        let mut store = store::open(config)?;
         let pool = store.pool()?.ok_or(Error::NotInitialized)?;
         Ok(Session {
             config: config.clone(),
@@ -43,7 +43,7 @@ impl Session {
             pool,
             provider: gpu::provider_for(pool.provider, pool.gpu_count, &config.gpu),
             user: procinfo::current_user()?,
-            host: procinfo::hostname(),
+            host: config.host_name.clone(),
         })
     }
 

@@ -36,7 +36,7 @@ pub fn execute(args: &AdminArgs, config: &Config) -> Result<()> {
     }
     // Re-initialising keeps the provider the pool was made with unless told otherwise.
     let stored = match (args.force, args.provider) {
-        (true, None) => match store::open(&config.store, config.history_retention_days) {
+        (true, None) => match store::open(config) {
             Ok(mut store) => store.pool()?.map(|pool| pool.provider),
             Err(Error::NotInitialized) => None,
             Err(err) => return Err(err),
@@ -69,7 +69,7 @@ pub fn execute(args: &AdminArgs, config: &Config) -> Result<()> {
             )));
         }
     }
-    let (mut store, repaired) = store::create(&config.store, config.history_retention_days)?;
+    let (mut store, repaired) = store::create(config)?;
     if let Some(path) = &repaired {
         eprintln!(
             "Repaired the permissions of the canhazgpu store at {}: every user can use it again",

@@ -4,7 +4,6 @@ use jiff::tz::TimeZone;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::gpu::procinfo;
 use crate::output;
 use crate::report;
 use crate::session;
@@ -19,11 +18,11 @@ pub struct ReportArgs {
 
 pub fn execute(args: &ReportArgs, config: &Config) -> Result<()> {
     let days = report::parse_days(&args.days)?;
-    let mut store = store::open(&config.store, config.history_retention_days)?;
+    let mut store = store::open(config)?;
     store.pool()?.ok_or(Error::NotInitialized)?;
     let report = session::usage_report(
         store.as_mut(),
-        &procinfo::hostname(),
+        &config.host_name,
         days,
         session::now(),
         &TimeZone::system(),

@@ -121,7 +121,7 @@ fn parse_metrics(entries: &[Value]) -> Vec<GpuUsage> {
             index: gpu_index(entry, position),
             name: None,
             memory_used_mb: entry.pointer("/mem_usage/used_vram").and_then(quantity_mib),
-            processes: Vec::new(),
+            ..GpuUsage::default()
         })
         .collect();
     usage.sort_by_key(|gpu| gpu.index);
@@ -173,6 +173,7 @@ fn parse_process(info: &Value) -> Option<GpuProcess> {
         used_memory_mb: info
             .pointer("/memory_usage/vram_mem")
             .and_then(quantity_mib),
+        ..GpuProcess::default()
     })
 }
 
@@ -235,6 +236,7 @@ mod tests {
                 pid: 91_234,
                 name: "python3".into(),
                 used_memory_mb: Some(153_600),
+                ..GpuProcess::default()
             }]
         );
         assert!(usage.iter().all(|gpu| gpu.name.is_none()));

@@ -24,6 +24,7 @@ impl GpuProvider for FakeProvider {
                 index,
                 name: Some("Fake GPU".into()),
                 memory_used_mb: Some(0),
+                utilization_percent: Some(0),
                 processes: Vec::new(),
             })
             .collect())

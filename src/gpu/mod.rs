@@ -12,26 +12,37 @@ pub mod nvml;
 pub mod procinfo;
 pub mod tool;
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::{Error, Result};
 use crate::state::ProviderKind;
 
 /// One process using a GPU.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuProcess {
     pub pid: u32,
     /// Process name as the provider reports it (may be a path).
     pub name: String,
     pub used_memory_mb: Option<u64>,
+    /// Its Unix user and detected AI model, looked up in `/proc` by the host that
+    /// saw it (`gpu_status::snapshot`), so other hosts can show them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<model::ModelInfo>,
 }
 
 /// The observed usage of one GPU.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuUsage {
     pub index: u32,
     /// Marketing name without the vendor prefix, e.g. `H100 80GB HBM3`.
     pub name: Option<String>,
     /// Used memory in MiB; `None` where the device does not report it.
     pub memory_used_mb: Option<u64>,
+    /// GPU utilization in percent, where the provider reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utilization_percent: Option<u32>,
     pub processes: Vec<GpuProcess>,
 }
 

@@ -20,7 +20,7 @@
 use super::procinfo;
 
 /// A detected model: `provider` is the part of `model` before the first `/`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ModelInfo {
     pub provider: String,
     pub model: String,

@@ -178,7 +178,7 @@ fn combine(gpus: Vec<GpuRow>, apps: Vec<AppRow>) -> Vec<GpuUsage> {
             index: gpu.index,
             name: Some(gpu.name),
             memory_used_mb: gpu.memory_used_mb,
-            processes: Vec::new(),
+            ..GpuUsage::default()
         })
         .collect();
     for app in apps {
@@ -187,6 +187,7 @@ fn combine(gpus: Vec<GpuRow>, apps: Vec<AppRow>) -> Vec<GpuUsage> {
                 pid: app.pid,
                 name: process_name(app.pid, app.name),
                 used_memory_mb: app.used_memory_mb,
+                ..GpuProcess::default()
             });
         }
     }
@@ -255,7 +256,9 @@ mod tests {
                     pid: 542,
                     name: "python3".into(),
                     used_memory_mb: Some(2566),
+                    ..GpuProcess::default()
                 }],
+                ..GpuUsage::default()
             }]
         );
     }

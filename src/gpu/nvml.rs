@@ -43,6 +43,7 @@ impl NvmlProvider {
                 .ok()
                 .map(|name| strip_vendor(&name).to_owned()),
             memory_used_mb,
+            utilization_percent: device.utilization_rates().ok().map(|rates| rates.gpu),
             processes: processes
                 .into_iter()
                 .map(|process| GpuProcess {
@@ -54,6 +55,7 @@ impl NvmlProvider {
                         UsedGpuMemory::Used(bytes) => Some(bytes / MIB),
                         UsedGpuMemory::Unavailable => None,
                     },
+                    ..GpuProcess::default()
                 })
                 .collect(),
         })

@@ -12,7 +12,9 @@ pub mod sqlite;
 
 use std::path::PathBuf;
 
-use crate::error::Result;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::fleet::{HostRecord, HostSnapshot};
 use crate::queue::QueueEntry;
 use crate::report::UserUsage;
 use crate::state::{GpuSlot, Pool, ProviderKind, RunOwner, UnixTime, UsageRecord};
@@ -32,6 +34,18 @@ pub struct RedisConfig {
     pub port: u16,
     pub db: i64,
     pub password: Option<String>,
+    pub layout: RedisLayout,
+}
+
+/// How pools are laid out in Redis (`redis.layout`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedisLayout {
+    /// One pool per host, its keys under the hash tag `canhazgpu:{HOST}:`, and a
+    /// registry of the hosts (`canhazgpu:hosts`).
+    Fleet,
+    /// Upstream canhazgpu's single pool (`canhazgpu:gpu_count`, ...), shared with an
+    /// upstream installation on the same host.
+    Upstream,
 }
 
 /// Never shows the password, not even inside the URL.
@@ -43,6 +57,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("port", &self.port)
             .field("db", &self.db)
             .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .field("layout", &self.layout)
             .finish()
     }
 }
@@ -208,6 +223,46 @@ pub trait Store: Send {
         }
     }
 
+    /// Takes the selected host's pool out of the fleet (`admin --remove-host`), as
+    /// `pool::retire` decides: its history stays for `report`. Answers how many
+    /// reservations `force` ended.
+    fn retire(&mut self, force: bool, now: UnixTime) -> Result<u32> {
+        match self.run(&Operation::Retire { force, now })? {
+            Outcome::Retired(ended) => Ok(ended),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The hosts whose pools this store holds, by name: the fleet's registry, or
+    /// just this host (the embedded store, Redis's upstream layout).
+    fn hosts(&mut self) -> Result<Vec<HostRecord>>;
+
+    /// The host whose pool the operations act on: this host unless `select_host`.
+    fn selected_host(&self) -> &str;
+
+    /// Makes the operations act on host `name`'s pool. Only the fleet layout holds
+    /// other hosts' pools; a name it does not know fails at the first read, with
+    /// `missing_pool`.
+    fn select_host(&mut self, name: &str) -> Result<()>;
+
+    /// Publishes the selected host's GPU snapshot for the rest of the fleet and,
+    /// with `interval_secs`, how often it will from now on. Does nothing where no
+    /// other host reads it.
+    fn publish_snapshot(
+        &mut self,
+        snapshot: &HostSnapshot,
+        interval_secs: Option<u64>,
+    ) -> Result<()>;
+
+    /// The selected host's latest published snapshot.
+    fn host_snapshot(&mut self) -> Result<Option<HostSnapshot>>;
+
+    /// Why the selected host has no pool: `NotInitialized`, or more where the store
+    /// can tell (an unknown host, an upstream pool in the other layout).
+    fn missing_pool(&mut self) -> Error {
+        Error::NotInitialized
+    }
+
     /// Finished reservations overlapping `[from, to]` (end ≥ from, start ≤ to).
     fn history(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UsageRecord>>;
 
@@ -238,16 +293,20 @@ pub const DEFAULT_HISTORY_RETENTION_DAYS: u32 = 90;
 /// pruning is continuous and never one long pause.
 pub const HISTORY_PRUNE_BATCH: u32 = 100;
 
-/// Opens the configured store, keeping `retention_days` of history (every writer
-/// prunes, so every opener must use the same setting).
-pub fn open(config: &StoreConfig, retention_days: u32) -> Result<Box<dyn Store>> {
-    let retention = i64::from(retention_days) * 86_400;
-    match config {
+/// Opens the configured store on this host's pool, keeping the configured days of
+/// history (every writer prunes, so every opener must use the same setting).
+pub fn open(config: &Config) -> Result<Box<dyn Store>> {
+    let retention = i64::from(config.history_retention_days) * 86_400;
+    match &config.store {
         StoreConfig::Sqlite { path } => Ok(Box::new(
-            sqlite::SqliteStore::open_existing(path)?.with_history_retention(retention),
+            sqlite::SqliteStore::open_existing(path)?
+                .with_history_retention(retention)
+                .with_host(&config.host_name),
         )),
         StoreConfig::Redis(redis) => Ok(Box::new(
-            redis::RedisStore::connect(redis)?.with_history_retention(retention),
+            redis::RedisStore::connect(redis)?
+                .with_history_retention(retention)
+                .with_host(&config.host_name),
         )),
     }
 }
@@ -255,16 +314,15 @@ pub fn open(config: &StoreConfig, retention_days: u32) -> Result<Box<dyn Store>>
 /// Opens the configured store, creating the embedded one (shared by every user of
 /// the machine) where it does not exist yet, or making an existing one usable by
 /// every user again: for `admin`. Returns the path of a store it repaired.
-pub fn create(
-    config: &StoreConfig,
-    retention_days: u32,
-) -> Result<(Box<dyn Store>, Option<PathBuf>)> {
-    match config {
+pub fn create(config: &Config) -> Result<(Box<dyn Store>, Option<PathBuf>)> {
+    match &config.store {
         StoreConfig::Sqlite { path } => {
             let (store, repaired) = sqlite::SqliteStore::create(path)?;
-            let store = store.with_history_retention(i64::from(retention_days) * 86_400);
+            let store = store
+                .with_history_retention(i64::from(config.history_retention_days) * 86_400)
+                .with_host(&config.host_name);
             Ok((Box::new(store), repaired.then(|| path.clone())))
         }
-        StoreConfig::Redis(_) => Ok((open(config, retention_days)?, None)),
+        StoreConfig::Redis(_) => Ok((open(config)?, None)),
     }
 }

@@ -124,10 +124,7 @@ impl KeeperState {
 
     fn store(&mut self) -> Result<&mut Box<dyn Store>> {
         if self.store.is_none() {
-            self.store = Some(store::open(
-                &self.config.store,
-                self.config.history_retention_days,
-            )?);
+            self.store = Some(store::open(&self.config)?);
         }
         Ok(self.store.as_mut().expect("just opened"))
     }

@@ -308,7 +308,7 @@ pub fn current_user() -> String {
 #[test]
 fn corrupt_gpu_state_is_an_error_row_and_the_others_still_show() {
     let server = crate::support::redis::TestRedis::launch();
-    let env = CliEnv::redis(&server.url());
+    let env = CliEnv::redis_upstream(&server.url());
     env.init_fake(3);
     env.run(["reserve", "--gpu-ids", "2"]).assert_ok();
     let _: () = ::redis::cmd("SET")
@@ -421,7 +421,7 @@ fn an_impossible_pool_size_in_the_store_is_a_clear_error() {
     );
 
     let server = crate::support::redis::TestRedis::launch();
-    let redis = CliEnv::redis(&server.url());
+    let redis = CliEnv::redis_upstream(&server.url());
     redis.init_fake(2);
     let mut raw = server.raw();
     let () = ::redis::Commands::set(&mut raw, "canhazgpu:gpu_count", "4294967295").unwrap();

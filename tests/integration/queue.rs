@@ -41,6 +41,10 @@ impl Setup {
         Self::on(BackendKind::Redis, gpus)
     }
 
+    fn redis_upstream(gpus: u32) -> Self {
+        Self::on(BackendKind::RedisUpstream, gpus)
+    }
+
     fn run(&self, args: &[&str]) -> Run {
         self.env.run(args)
     }
@@ -500,7 +504,7 @@ fn redis_waiters_respect_real_gpu_usage() {
 /// first); unreadable entries are dropped instead of breaking the queue.
 #[test]
 fn redis_upstream_entries_wait_and_unreadable_ones_are_dropped() {
-    let setup = Setup::redis(1);
+    let setup = Setup::redis_upstream(1);
     let redis = setup._redis.as_ref().unwrap();
     let mut raw = redis.raw();
     let upstream = serde_json::json!({

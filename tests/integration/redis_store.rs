@@ -6,7 +6,7 @@ use canhazgpu::error::Error;
 use canhazgpu::state::{GpuSlot, Pool, ProviderKind, Reservation, ReservationKind, RunOwner};
 use canhazgpu::state::{Selection, UnixTime, UsageRecord};
 use canhazgpu::store::redis::RedisStore;
-use canhazgpu::store::{NewReservation, RedisConfig, ReleaseScope, Store};
+use canhazgpu::store::{NewReservation, RedisConfig, RedisLayout, ReleaseScope, Store};
 use serde_json::{Value, json};
 
 use crate::store_conformance::cases::{manual, request};
@@ -374,6 +374,7 @@ fn connection_errors_are_one_line_without_password() {
         port: 6379,
         db: 0,
         password: None,
+        layout: RedisLayout::Fleet,
     };
     let tcp_config = RedisConfig {
         url: None,
@@ -381,6 +382,7 @@ fn connection_errors_are_one_line_without_password() {
         port: 1,
         db: 2,
         password: Some("s3cret".into()),
+        layout: RedisLayout::Fleet,
     };
     let user_url_config = RedisConfig {
         url: Some("redis://alice:s3cret@127.0.0.1:1/0".into()),

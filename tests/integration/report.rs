@@ -298,7 +298,7 @@ fn retention_case(mut env: CliEnv) {
 #[test]
 fn upstream_history_on_redis_is_reported() {
     let server = crate::support::redis::TestRedis::launch();
-    let env = CliEnv::redis(&server.url());
+    let env = CliEnv::redis_upstream(&server.url());
     env.init_fake(4);
     let t = now();
     // Upstream (Go) writes display names only, and RFC 3339 times with fractions and

@@ -118,6 +118,7 @@ mod tests {
             port: 6379,
             db: 4,
             password: Some("s3cret".into()),
+            layout: crate::store::RedisLayout::Fleet,
         };
         assert_eq!(display_location(&config), "redis://[::1]:6379/4");
     }

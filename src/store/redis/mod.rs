@@ -9,6 +9,7 @@
 
 mod codec;
 mod connection;
+mod fleet;
 mod history;
 mod transaction;
 mod watch;
@@ -17,8 +18,11 @@ use std::time::Duration;
 
 use redis::{Client, Connection, RedisResult};
 
-use super::{DEFAULT_HISTORY_RETENTION_DAYS, PoolView, QueueBeat, RedisConfig, Store, Wake};
+use super::{
+    DEFAULT_HISTORY_RETENTION_DAYS, PoolView, QueueBeat, RedisConfig, RedisLayout, Store, Wake,
+};
 use crate::error::{Error, Result};
+use crate::fleet::{HostRecord, HostSnapshot};
 use crate::gpu::procinfo;
 use crate::pool::{Operation, Outcome};
 use crate::queue::QueueEntry;
@@ -33,15 +37,42 @@ use watch::Watch;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The names of the keys, as upstream canhazgpu lays them out.
+/// The fleet's registry: host name → its settings as JSON (`{"interval_secs": N}`).
+const HOSTS_KEY: &str = "canhazgpu:hosts";
+/// Host name → when its latest GPU snapshot was taken (Unix seconds).
+const REPORTED_KEY: &str = "canhazgpu:hosts:reported";
+
+/// The names of one pool's keys: upstream canhazgpu's, or in the fleet layout the
+/// same names under the host's hash tag (`canhazgpu:{gpu1}:gpu:0`), so that one
+/// host's transaction touches one Redis Cluster slot.
 struct Keys {
-    prefix: &'static str,
+    prefix: String,
 }
 
 impl Keys {
-    const UPSTREAM: Keys = Keys {
-        prefix: "canhazgpu:",
-    };
+    fn upstream() -> Keys {
+        Keys {
+            prefix: "canhazgpu:".into(),
+        }
+    }
+
+    fn fleet(host: &str) -> Keys {
+        Keys {
+            prefix: format!("canhazgpu:{{{host}}}:"),
+        }
+    }
+
+    fn of(layout: RedisLayout, host: &str) -> Keys {
+        match layout {
+            RedisLayout::Fleet => Keys::fleet(host),
+            RedisLayout::Upstream => Keys::upstream(),
+        }
+    }
+
+    /// The host's published GPU snapshot (fleet layout only).
+    fn snapshot(&self) -> String {
+        format!("{}snapshot", self.prefix)
+    }
 
     fn gpu_count(&self) -> String {
         format!("{}gpu_count", self.prefix)
@@ -82,8 +113,11 @@ pub struct RedisStore {
     /// Where the store lives, without any password, for messages.
     location: String,
     keys: Keys,
+    layout: RedisLayout,
     /// This machine, whose processes a transaction checks (`PoolState::find_gone`).
     host: String,
+    /// The host whose pool `keys` name.
+    selected: String,
     /// Wake-ups for a waiter's own entry (`watch_entry`).
     entry_watch: Option<Watch>,
     /// Seconds of history kept; writes that record history prune older records.
@@ -106,8 +140,10 @@ impl RedisStore {
             client,
             connection: None,
             location,
-            keys: Keys::UPSTREAM,
+            keys: Keys::of(config.layout, &procinfo::hostname()),
+            layout: config.layout,
             host: procinfo::hostname(),
+            selected: procinfo::hostname(),
             entry_watch: None,
             history_retention: i64::from(DEFAULT_HISTORY_RETENTION_DAYS) * 86_400,
             retries: 0,
@@ -120,6 +156,22 @@ impl RedisStore {
     pub fn with_history_retention(mut self, seconds: i64) -> Self {
         self.history_retention = seconds;
         self
+    }
+
+    /// Names this host (`host_name`): its pool, and the processes it can check.
+    pub fn with_host(mut self, name: &str) -> Self {
+        self.host = name.to_owned();
+        self.selected = name.to_owned();
+        self.keys = Keys::of(self.layout, name);
+        self
+    }
+
+    /// A `NotInitialized` refusal, explained where the store can tell more.
+    fn explained<T>(&mut self, result: Result<T>) -> Result<T> {
+        match result {
+            Err(Error::NotInitialized) => Err(self.missing_pool()),
+            other => other,
+        }
     }
 
     /// How many transactions ran again because of a concurrent change.
@@ -180,7 +232,8 @@ impl Drop for RedisStore {
 
 impl Store for RedisStore {
     fn run(&mut self, operation: &Operation) -> Result<Outcome> {
-        self.operate(operation)
+        let outcome = self.operate(operation);
+        self.explained(outcome)
     }
 
     fn pool(&mut self) -> Result<Option<Pool>> {
@@ -209,7 +262,54 @@ impl Store for RedisStore {
     }
 
     fn pool_view(&mut self) -> Result<PoolView> {
-        self.read_view()
+        let view = self.read_view();
+        self.explained(view)
+    }
+
+    fn retire(&mut self, force: bool, now: UnixTime) -> Result<u32> {
+        let ended = match self.run(&Operation::Retire { force, now })? {
+            Outcome::Retired(ended) => ended,
+            other => return Err(super::unexpected(other)),
+        };
+        self.remove_leftovers()?;
+        Ok(ended)
+    }
+
+    fn hosts(&mut self) -> Result<Vec<HostRecord>> {
+        fleet::hosts(self)
+    }
+
+    fn selected_host(&self) -> &str {
+        &self.selected
+    }
+
+    fn select_host(&mut self, name: &str) -> Result<()> {
+        if self.layout == RedisLayout::Upstream && name != self.host {
+            return Err(Error::Usage(format!(
+                "Redis's upstream layout holds only this host's pool ({}): other hosts \
+                 need redis.layout: fleet",
+                self.host
+            )));
+        }
+        self.selected = name.to_owned();
+        self.keys = Keys::of(self.layout, name);
+        Ok(())
+    }
+
+    fn publish_snapshot(
+        &mut self,
+        snapshot: &HostSnapshot,
+        interval_secs: Option<u64>,
+    ) -> Result<()> {
+        fleet::publish(self, snapshot, interval_secs)
+    }
+
+    fn host_snapshot(&mut self) -> Result<Option<HostSnapshot>> {
+        fleet::snapshot(self)
+    }
+
+    fn missing_pool(&mut self) -> Error {
+        fleet::missing_pool(self).unwrap_or_else(|err| err)
     }
 
     /// Appends without `WATCH`: an append conflicts with no other append, and every
@@ -224,7 +324,7 @@ impl Store for RedisStore {
                 .query(connection)
         })?;
         if count.is_none() {
-            return Err(Error::NotInitialized);
+            return Err(self.missing_pool());
         }
         let tail: Vec<(String, f64)> = match kind.as_str() {
             "zset" => self.call(|connection| {
@@ -261,7 +361,8 @@ impl Store for RedisStore {
     }
 
     fn queue(&mut self) -> Result<Vec<QueueEntry>> {
-        self.read_queue()
+        let queue = self.read_queue();
+        self.explained(queue)
     }
 
     /// Refreshes the entry's JSON in place (`SET … XX`, so a removed entry stays

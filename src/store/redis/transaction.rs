@@ -6,12 +6,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use super::{RedisStore, codec};
+use super::{RedisStore, codec, fleet};
 use crate::error::{Error, Result};
 use crate::gpu::procinfo;
 use crate::pool::{self, Changes, Operation, Outcome, PoolState, SlotWrite};
 use crate::state::{GpuSlot, Pool, ProviderKind, UnixTime};
-use crate::store::{HISTORY_PRUNE_BATCH, PoolView, Store};
+use crate::store::{HISTORY_PRUNE_BATCH, PoolView, RedisLayout, Store};
 
 /// How long an operation keeps trying when other clients keep changing what it read
 /// (or upstream holds its allocation lock, which expires after 10 s).
@@ -311,6 +311,14 @@ impl RedisStore {
         if let Some(pool) = changes.pool {
             tx.set(keys.gpu_count(), pool.gpu_count).ignore();
             tx.set(keys.provider(), pool.provider.as_str()).ignore();
+            if self.layout == RedisLayout::Fleet {
+                fleet::register(&mut tx, &self.selected);
+            }
+        }
+        if changes.pool_removed {
+            tx.del(keys.gpu_count()).ignore();
+            tx.del(keys.provider()).ignore();
+            fleet::unregister(&mut tx, &self.selected, keys);
         }
         for &gpu in &changes.removed_gpus {
             tx.del(keys.gpu(gpu)).ignore();

@@ -20,6 +20,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, pa
 use super::local_wake::{self, Listener};
 use super::{DEFAULT_HISTORY_RETENTION_DAYS, PoolView, QueueBeat, Store, Wake};
 use crate::error::{Error, Result};
+use crate::fleet::{DEFAULT_INTERVAL_SECS, HostRecord, HostSnapshot};
 use crate::gpu::procinfo;
 use crate::pool::{self, Operation, Outcome, PoolState, Transition};
 use crate::queue::QueueEntry;
@@ -212,6 +213,12 @@ impl SqliteStore {
         self
     }
 
+    /// Names this host (`host_name`): its pool, and the processes it can check.
+    pub fn with_host(mut self, name: &str) -> Self {
+        self.host = name.to_owned();
+        self
+    }
+
     /// Runs `body` in one transaction; `Immediate` takes the write lock up front so a
     /// read-decide-write sequence cannot interleave with another process's.
     fn transact<T>(
@@ -283,6 +290,41 @@ impl Store for SqliteStore {
 
     fn pool(&mut self) -> Result<Option<Pool>> {
         self.transact(TransactionBehavior::Deferred, schema::read_pool)
+    }
+
+    fn hosts(&mut self) -> Result<Vec<HostRecord>> {
+        Ok(match self.pool()? {
+            Some(_) => vec![HostRecord {
+                name: self.host.clone(),
+                reported_at: None,
+                interval_secs: DEFAULT_INTERVAL_SECS,
+            }],
+            None => Vec::new(),
+        })
+    }
+
+    fn selected_host(&self) -> &str {
+        &self.host
+    }
+
+    fn select_host(&mut self, name: &str) -> Result<()> {
+        match name == self.host {
+            true => Ok(()),
+            false => Err(Error::Usage(format!(
+                "the embedded store holds only this host's pool ({}): other hosts need \
+                 a shared Redis (backend: redis)",
+                self.host
+            ))),
+        }
+    }
+
+    /// Nobody else reads this store.
+    fn publish_snapshot(&mut self, _: &HostSnapshot, _: Option<u64>) -> Result<()> {
+        Ok(())
+    }
+
+    fn host_snapshot(&mut self) -> Result<Option<HostSnapshot>> {
+        Ok(None)
     }
 
     fn pool_view(&mut self) -> Result<PoolView> {

@@ -262,6 +262,12 @@ pub(super) fn apply(conn: &Connection, changes: &Changes, prune_before: UnixTime
         }
         write_pool(conn, pool)?;
     }
+    if changes.pool_removed {
+        conn.execute(
+            "DELETE FROM meta WHERE key IN ('gpu_count', 'provider')",
+            [],
+        )?;
+    }
     for gpu in &changes.removed_gpus {
         conn.prepare_cached("DELETE FROM gpus WHERE id = ?1")?
             .execute([gpu])?;

@@ -70,10 +70,18 @@ impl CliEnv {
         Self::with_backend(dir, Backend::Sqlite(state))
     }
 
-    /// An environment pointing at a Redis server.
+    /// An environment pointing at a Redis server (the default fleet layout).
     pub fn redis(url: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         Self::with_backend(dir, Backend::Redis(url.to_string()))
+    }
+
+    /// An environment pointing at a Redis server in upstream canhazgpu's layout.
+    pub fn redis_upstream(url: &str) -> Self {
+        let mut env = Self::redis(url);
+        env.vars
+            .push(("CANHAZGPU_REDIS_LAYOUT".into(), "upstream".into()));
+        env
     }
 
     fn with_backend(dir: TempDir, backend: Backend) -> Self {
@@ -176,8 +184,7 @@ impl CliEnv {
             Path::new("/nonexistent"),
         )
         .expect("resolve the test configuration");
-        canhazgpu::store::open(&config.store, config.history_retention_days)
-            .expect("open the store")
+        canhazgpu::store::open(&config).expect("open the store")
     }
 }
 

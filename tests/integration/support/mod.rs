@@ -10,18 +10,20 @@ pub mod web;
 
 use std::any::Any;
 
-use canhazgpu::store::Store;
+use canhazgpu::store::{RedisLayout, Store};
 
-/// The two stores every backend-agnostic test runs against.
+/// The stores every backend-agnostic test runs against: the embedded one, Redis in
+/// its default fleet layout, and Redis in upstream canhazgpu's layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackendKind {
     Sqlite,
     Redis,
+    RedisUpstream,
 }
 
 /// The backend matrix: `backend_matrix! { name => |backend| body, ... }` expands to
-/// `mod sqlite` and `mod redis`, each with one `#[test] fn name()` that runs `body`
-/// with its `BackendKind`.
+/// `mod sqlite`, `mod redis` and `mod redis_upstream`, each with one `#[test] fn
+/// name()` that runs `body` with its `BackendKind`.
 macro_rules! backend_matrix {
     ($($test:ident => $body:expr),* $(,)?) => {
         mod sqlite {
@@ -44,6 +46,16 @@ macro_rules! backend_matrix {
                 }
             )*
         }
+        mod redis_upstream {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[test]
+                fn $test() {
+                    ($body)($crate::support::BackendKind::RedisUpstream)
+                }
+            )*
+        }
     };
 }
 pub(crate) use backend_matrix;
@@ -56,6 +68,10 @@ pub fn cli_env(backend: BackendKind) -> (cli::CliEnv, Option<redis::TestRedis>) 
         BackendKind::Redis => {
             let server = redis::TestRedis::launch();
             (cli::CliEnv::redis(&server.url()), Some(server))
+        }
+        BackendKind::RedisUpstream => {
+            let server = redis::TestRedis::launch();
+            (cli::CliEnv::redis_upstream(&server.url()), Some(server))
         }
     }
 }
@@ -73,7 +89,8 @@ pub struct StoreFixture {
 pub fn store_fixture(backend: BackendKind) -> StoreFixture {
     match backend {
         BackendKind::Sqlite => sqlite::sqlite_store_fixture(),
-        BackendKind::Redis => redis::redis_store_fixture(),
+        BackendKind::Redis => redis::redis_store_fixture(RedisLayout::Fleet),
+        BackendKind::RedisUpstream => redis::redis_store_fixture(RedisLayout::Upstream),
     }
 }
 

@@ -7,8 +7,8 @@ use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use canhazgpu::store::RedisConfig;
 use canhazgpu::store::redis::RedisStore;
+use canhazgpu::store::{RedisConfig, RedisLayout};
 use tempfile::TempDir;
 
 use super::StoreFixture;
@@ -45,13 +45,19 @@ impl TestRedis {
         format!("redis+unix://{}", self.socket().display())
     }
 
+    /// Upstream canhazgpu's layout, whose keys the tests write directly.
     pub fn config(&self) -> RedisConfig {
+        self.config_in(RedisLayout::Upstream)
+    }
+
+    pub fn config_in(&self, layout: RedisLayout) -> RedisConfig {
         RedisConfig {
             url: Some(self.url()),
             host: "localhost".into(),
             port: 6379,
             db: 0,
             password: None,
+            layout,
         }
     }
 
@@ -147,9 +153,9 @@ impl Drop for TestRedis {
 }
 
 /// The Redis backend for the store conformance suite.
-pub fn redis_store_fixture() -> StoreFixture {
+pub fn redis_store_fixture(layout: RedisLayout) -> StoreFixture {
     let server = TestRedis::launch();
-    let config = server.config();
+    let config = server.config_in(layout);
     StoreFixture {
         guard: Box::new(server),
         open: Box::new(move || {
