@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::commands::{Command, admin, queue, release, report, reserve, run, status, web};
+use crate::commands::{
+    Command, admin, agent, find, queue, release, report, reserve, run, status, web,
+};
 use crate::config::Overrides;
 use crate::state::ProviderKind;
 
@@ -63,20 +65,51 @@ pub enum CliCommand {
     /// Initialize GPU pool for this machine
     Admin {
         /// Number of GPUs available on this machine
-        #[arg(short, long, value_parser = whole_number)]
-        gpus: u32,
+        #[arg(short, long, value_parser = whole_number, required_unless_present = "remove_host")]
+        gpus: Option<u32>,
         /// Force reinitialization even if already initialized (ends all reservations)
         #[arg(long)]
         force: bool,
         /// GPU provider (auto-detected when omitted)
         #[arg(short, long, value_enum)]
         provider: Option<ProviderArg>,
+        /// Take a decommissioned host out of the fleet (refused while it has
+        /// reservations, unless --force, which ends them)
+        #[arg(long, value_name = "NAME", value_parser = host_name, conflicts_with_all = ["gpus", "provider"])]
+        remove_host: Option<String>,
     },
     /// Show current GPU allocation status
     Status {
         /// Output status as JSON array instead of table format
         #[arg(short, long)]
         json: bool,
+        /// Show every host of the fleet
+        #[arg(long)]
+        all: bool,
+        /// Show one other host of the fleet (or of remote_hosts)
+        #[arg(short, long, value_name = "HOST", value_parser = host_name)]
+        remote: Option<String>,
+        /// One line per host: total, GPU models, available, in use
+        #[arg(short, long)]
+        summary: bool,
+    },
+    /// Find the hosts of the fleet where GPUs are available now, most available first
+    Find {
+        /// How many GPUs are needed
+        #[arg(short, long, value_parser = whole_number)]
+        gpus: u32,
+        /// Output the hosts as JSON
+        #[arg(short, long)]
+        json: bool,
+        /// Print only the best host's name, for `ssh $(canhazgpu find --gpus 4 --short)`
+        #[arg(short, long)]
+        short: bool,
+    },
+    /// Keep this host's GPU snapshot and heartbeat fresh for the rest of the fleet
+    Agent {
+        /// Time between snapshots (the host is stale after three missed ones)
+        #[arg(long, default_value = "10s", value_name = "DURATION")]
+        interval: String,
     },
     /// Reserve GPUs manually for a specified duration
     Reserve {
@@ -94,12 +127,16 @@ pub enum CliCommand {
         /// Print only the reserved IDs (`1,3`), for `$(canhazgpu reserve --short)`
         #[arg(short, long)]
         short: bool,
+        #[command(flatten)]
+        target: HostArg,
     },
     /// Show the requests waiting for GPUs, in the order they will be served
     Queue {
         /// Output the queue as JSON
         #[arg(short, long)]
         json: bool,
+        #[command(flatten)]
+        target: HostArg,
     },
     /// Reserve GPUs and run a command with CUDA_VISIBLE_DEVICES set
     Run {
@@ -135,6 +172,8 @@ pub enum CliCommand {
         /// Release the given GPUs whoever holds them (root only)
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        target: HostArg,
     },
     /// Generate GPU usage reports
     Report {
@@ -144,6 +183,12 @@ pub enum CliCommand {
         /// Output the report as JSON
         #[arg(short, long)]
         json: bool,
+        /// Add up the whole fleet, with a table per host
+        #[arg(long, conflicts_with = "host")]
+        all: bool,
+        /// Report on another host of the fleet
+        #[arg(long, value_name = "NAME", value_parser = host_name)]
+        host: Option<String>,
     },
     /// Start a web server for GPU status monitoring
     Web {
@@ -175,6 +220,24 @@ fn whole_number(text: &str) -> Result<u32, String> {
 /// A port: digits only, at most 65535.
 fn port_number(text: &str) -> Result<u16, String> {
     u16::try_from(whole_number(text)?).map_err(|_| format!("'{text}' is not a port (0-65535)"))
+}
+
+/// A fleet member's name (`host_name`'s rules).
+fn host_name(text: &str) -> Result<String, String> {
+    match crate::config::valid_host_name(text) {
+        true => Ok(text.to_string()),
+        false => Err(format!(
+            "'{text}' is not a host name (letters, digits, '.', '_' and '-')"
+        )),
+    }
+}
+
+/// `--host NAME`: another host's pool in the fleet.
+#[derive(Debug, Args)]
+pub struct HostArg {
+    /// Act on another host's pool in the shared Redis (default: this host)
+    #[arg(long = "host", value_name = "NAME", value_parser = host_name)]
+    pub host: Option<String>,
 }
 
 fn whole_seconds(text: &str) -> Result<u64, String> {
@@ -258,26 +321,49 @@ impl Cli {
                 gpus,
                 force,
                 provider,
-            } => Command::Admin(admin::AdminArgs {
-                gpus,
-                force,
-                provider: provider.map(Into::into),
+                remove_host,
+            } => Command::Admin(match remove_host {
+                Some(name) => admin::AdminArgs::RemoveHost { name, force },
+                None => admin::AdminArgs::Init {
+                    gpus: gpus.unwrap_or_default(),
+                    force,
+                    provider: provider.map(Into::into),
+                },
             }),
-            CliCommand::Status { json } => Command::Status(status::StatusArgs { json }),
+            CliCommand::Status {
+                json,
+                all,
+                remote,
+                summary,
+            } => Command::Status(status::StatusArgs {
+                json,
+                all,
+                remote,
+                summary,
+            }),
+            CliCommand::Find { gpus, json, short } => {
+                Command::Find(find::FindArgs { gpus, json, short })
+            }
+            CliCommand::Agent { interval } => Command::Agent(agent::AgentArgs { interval }),
             CliCommand::Reserve {
                 gpus,
                 gpu_ids,
                 duration,
                 request,
                 short,
+                target,
             } => Command::Reserve(reserve::ReserveArgs {
                 gpus,
                 gpu_ids,
                 duration,
                 request: request.into(),
                 short,
+                host: target.host,
             }),
-            CliCommand::Queue { json } => Command::Queue(queue::QueueArgs { json }),
+            CliCommand::Queue { json, target } => Command::Queue(queue::QueueArgs {
+                json,
+                host: target.host,
+            }),
             CliCommand::Run {
                 gpus,
                 gpu_ids,
@@ -297,10 +383,29 @@ impl Cli {
                 unseparated,
                 request: request.into(),
             }),
-            CliCommand::Release { gpu_ids, force } => {
-                Command::Release(release::ReleaseArgs { gpu_ids, force })
-            }
-            CliCommand::Report { days, json } => Command::Report(report::ReportArgs { days, json }),
+            CliCommand::Release {
+                gpu_ids,
+                force,
+                target,
+            } => Command::Release(release::ReleaseArgs {
+                gpu_ids,
+                force,
+                host: target.host,
+            }),
+            CliCommand::Report {
+                days,
+                json,
+                all,
+                host,
+            } => Command::Report(report::ReportArgs {
+                days,
+                json,
+                scope: match (all, host) {
+                    (true, _) => report::Scope::Fleet,
+                    (false, Some(name)) => report::Scope::Host(name),
+                    (false, None) => report::Scope::Local,
+                },
+            }),
             CliCommand::Web {
                 port,
                 host,

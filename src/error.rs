@@ -43,6 +43,9 @@ pub enum Error {
     /// No pool, with what the store knows about why (another host, another layout).
     #[error("{0}")]
     NoPool(String),
+    /// No host of the fleet can serve a request now (`find`).
+    #[error("{0}")]
+    NoHost(String),
     /// `admin` without `--force` on a pool of this many GPUs.
     #[error("GPU pool already initialized with {0} GPUs. Use --force to reinitialize")]
     AlreadyInitialized(u32),
@@ -107,9 +110,10 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Usage(_) | Error::Config(_) | Error::AlreadyInitialized(_) => exit::USAGE,
-            Error::NotEnough { .. } | Error::GpuTaken { .. } | Error::WaitTimeout(_) => {
-                exit::UNAVAILABLE
-            }
+            Error::NotEnough { .. }
+            | Error::GpuTaken { .. }
+            | Error::WaitTimeout(_)
+            | Error::NoHost(_) => exit::UNAVAILABLE,
             // As a shell reports a process ended by a signal.
             Error::Interrupted { signal, .. } => crate::signals::exit_status(*signal),
             Error::NotInitialized | Error::NoPool(_) => exit::NOT_INITIALIZED,

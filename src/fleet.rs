@@ -2,12 +2,18 @@
 //! that the others can show and use its GPUs (its GPU snapshot and when it last
 //! reported).
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
+use crate::config::Config;
 use crate::duration::format_duration;
-use crate::gpu::GpuUsage;
-use crate::gpu_status::UsageSnapshot;
-use crate::state::UnixTime;
+use crate::error::Result;
+use crate::gpu::{self, GpuUsage};
+use crate::gpu_status::{GpuStatus, StatusKind, UsageSnapshot};
+use crate::session;
+use crate::state::{ProviderKind, UnixTime};
+use crate::store::{self, Store};
 
 /// How often `agent` publishes unless told otherwise (`--interval`).
 pub const DEFAULT_INTERVAL_SECS: u64 = 10;
@@ -85,6 +91,251 @@ impl std::fmt::Display for Staleness {
             Staleness::Since(age) => write!(f, "host not reporting for {}", format_duration(*age)),
         }
     }
+}
+
+/// One host as `status --all`, `find` and the dashboard show it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostStatus {
+    pub name: String,
+    pub is_local: bool,
+    /// As the registry knows it; `None` for a host read over SSH.
+    pub record: Option<HostRecord>,
+    /// Its GPUs, or why they cannot be shown.
+    pub view: Result<HostView, String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostView {
+    /// The pool's provider (unknown for a host read over SSH).
+    pub provider: Option<ProviderKind>,
+    pub rows: Vec<GpuStatus>,
+    /// Set when the host is not reporting: nothing is allocated on it from here.
+    pub stale: Option<Staleness>,
+}
+
+/// `status --summary`'s figures for one host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    pub total: u32,
+    pub available: u32,
+    /// Reserved plus in use without reservation.
+    pub in_use: u32,
+    /// `8 NVIDIA H100 80GB HBM3`, several sorted and comma-joined, or `-`.
+    pub gpu_models: String,
+}
+
+impl HostView {
+    pub fn summary(&self) -> Summary {
+        let count = |kind: StatusKind| self.rows.iter().filter(|r| r.status == kind).count() as u32;
+        let mut models: BTreeMap<String, u32> = BTreeMap::new();
+        for row in &self.rows {
+            if let Some(model) = &row.gpu_model {
+                *models.entry(model_label(self.provider, model)).or_default() += 1;
+            }
+        }
+        let gpu_models = match models.is_empty() {
+            true => "-".to_string(),
+            false => models
+                .iter()
+                .map(|(model, n)| format!("{n} {model}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
+        Summary {
+            total: self.rows.len() as u32,
+            // A stale host's free GPUs are not offered: nobody can check them.
+            available: match self.stale {
+                Some(_) => 0,
+                None => count(StatusKind::Available),
+            },
+            in_use: count(StatusKind::InUse) + count(StatusKind::Unreserved),
+            gpu_models,
+        }
+    }
+}
+
+/// `NVIDIA H100 80GB HBM3` from the provider and the name without its vendor.
+fn model_label(provider: Option<ProviderKind>, name: &str) -> String {
+    let vendor = match provider {
+        Some(ProviderKind::Nvidia) => "NVIDIA",
+        Some(ProviderKind::Amd) => "AMD",
+        Some(ProviderKind::Fake) | None => return name.to_string(),
+    };
+    match name.starts_with(vendor) {
+        true => name.to_string(),
+        false => format!("{vendor} {name}"),
+    }
+}
+
+/// Which hosts `status --all` shows, in order: this host, then `remote_hosts` in
+/// their order, then the rest of the registry by name.
+pub fn host_order(local: &str, configured: &[String], registered: &[HostRecord]) -> Vec<String> {
+    let mut order: Vec<String> = Vec::new();
+    let known = |name: &str| registered.iter().any(|host| host.name == name);
+    if known(local) {
+        order.push(local.to_string());
+    }
+    for name in configured {
+        if !order.contains(name) && name != local {
+            order.push(name.clone());
+        }
+    }
+    let mut rest: Vec<&HostRecord> = registered
+        .iter()
+        .filter(|host| !order.contains(&host.name))
+        .collect();
+    rest.sort_by(|a, b| a.name.cmp(&b.name));
+    order.extend(rest.into_iter().map(|host| host.name.clone()));
+    order
+}
+
+/// Reads the given hosts (all of them with `None`) from the store, and those only
+/// listed in `remote_hosts` over SSH.
+pub fn read(config: &Config, only: Option<&str>) -> Result<Vec<HostStatus>> {
+    let mut store = match store::open(config) {
+        Ok(store) => store,
+        Err(err) if !config.remote_hosts.is_empty() && only.is_none() => {
+            eprintln!("Warning: store not available locally ({err}), showing remote hosts only");
+            return Ok(over_ssh(&config.remote_hosts, config));
+        }
+        Err(err) => return Err(err),
+    };
+    let registered = store.hosts()?;
+    let names = match only {
+        Some(name) => {
+            let known = registered.iter().any(|host| host.name == name)
+                || config.remote_hosts.iter().any(|host| host == name);
+            if !known {
+                store.select_host(name)?;
+                return Err(store.missing_pool());
+            }
+            vec![name.to_string()]
+        }
+        None => host_order(&config.host_name, &config.remote_hosts, &registered),
+    };
+    if names.is_empty() {
+        return Err(store.missing_pool());
+    }
+    let (in_store, by_ssh): (Vec<String>, Vec<String>) = names
+        .into_iter()
+        .partition(|name| registered.iter().any(|host| host.name == *name));
+    // SSH answers take seconds: ask them all while the store is read.
+    let ssh = std::thread::scope(|scope| {
+        let remote = scope.spawn(|| over_ssh(&by_ssh, config));
+        let mut hosts = Vec::new();
+        for name in &in_store {
+            let record = registered.iter().find(|host| host.name == *name).cloned();
+            let view = read_host(store.as_mut(), config, name, record.as_ref());
+            hosts.push(HostStatus {
+                name: name.clone(),
+                is_local: *name == config.host_name,
+                record,
+                view: view.map_err(|err| err.to_string()),
+            });
+        }
+        (hosts, remote.join().unwrap_or_default())
+    });
+    let (mut hosts, remote) = ssh;
+    hosts.extend(remote);
+    let position = |name: &str| {
+        host_order(&config.host_name, &config.remote_hosts, &registered)
+            .iter()
+            .position(|n| n == name)
+    };
+    hosts.sort_by_key(|host| position(&host.name));
+    Ok(hosts)
+}
+
+/// One host's view from the store: this host's GPUs are queried, another's come from
+/// its snapshot.
+fn read_host(
+    store: &mut dyn Store,
+    config: &Config,
+    name: &str,
+    record: Option<&HostRecord>,
+) -> Result<HostView> {
+    store.select_host(name)?;
+    let pool = match store.pool()? {
+        Some(pool) => pool,
+        None => return Err(store.missing_pool()),
+    };
+    let remote = record.filter(|_| name != config.host_name);
+    let provider = gpu::provider_for(pool.provider, pool.gpu_count, &config.gpu);
+    let obs = session::observe(store, &config.host_name, remote, provider.as_ref())?;
+    Ok(HostView {
+        provider: Some(pool.provider),
+        rows: session::status_rows(&obs, config.memory_threshold_mb, remote.is_some()),
+        stale: obs.stale,
+    })
+}
+
+/// The hosts in `names` as their own `canhazgpu status --json` shows them, over SSH.
+/// Only names from the configuration get here, after `--`, so none is an option.
+fn over_ssh(names: &[String], config: &Config) -> Vec<HostStatus> {
+    std::thread::scope(|scope| {
+        let asks: Vec<_> = names
+            .iter()
+            .map(|name| scope.spawn(move || ssh_status(name)))
+            .collect();
+        names
+            .iter()
+            .zip(asks)
+            .map(|(name, ask)| HostStatus {
+                name: name.clone(),
+                is_local: *name == config.host_name,
+                record: None,
+                view: ask
+                    .join()
+                    .unwrap_or_else(|_| Err("the SSH query failed".into())),
+            })
+            .collect()
+    })
+}
+
+/// How long one host may take to answer over SSH, connection included.
+const SSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn ssh_status(name: &str) -> Result<HostView, String> {
+    let ssh = gpu::tool::Tool {
+        name: "ssh",
+        program: "ssh".into(),
+        timeout: SSH_TIMEOUT,
+    };
+    let args = [
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ConnectTimeout=10",
+        "--",
+        name,
+        "canhazgpu",
+        "status",
+        "--json",
+    ];
+    let output = ssh.run(&args).map_err(|err| err.to_string())?;
+    if !output.success {
+        return Err(ssh.exit_error(&output).to_string());
+    }
+    let rows: Vec<GpuStatus> = serde_json::from_str(&output.stdout)
+        .map_err(|err| format!("unexpected answer from canhazgpu on {name}: {err}"))?;
+    Ok(HostView {
+        provider: None,
+        rows,
+        stale: None,
+    })
+}
+
+/// The hosts with at least `gpus` GPUs available now, most available first (`find`).
+pub fn candidates(hosts: &[HostStatus], gpus: u32) -> Vec<(&HostStatus, Summary)> {
+    let mut found: Vec<(&HostStatus, Summary)> = hosts
+        .iter()
+        .filter_map(|host| {
+            let summary = host.view.as_ref().ok()?.summary();
+            (summary.available >= gpus).then_some((host, summary))
+        })
+        .collect();
+    found.sort_by(|(a, x), (b, y)| y.available.cmp(&x.available).then(a.name.cmp(&b.name)));
+    found
 }
 
 #[cfg(test)]

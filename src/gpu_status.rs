@@ -3,14 +3,14 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::duration::format_duration;
 use crate::gpu::model::{self, ModelInfo};
 use crate::gpu::{GpuProvider, GpuUsage, procinfo};
 use crate::state::{GpuSlot, Liveness, Reservation, ReservationKind, UnixTime};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum StatusKind {
     Available,
@@ -30,8 +30,9 @@ impl StatusKind {
     }
 }
 
-/// One row of `status`; serialises to the reference's `status --json` shape.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// One row of `status`; serialises to the reference's `status --json` shape (and
+/// reads it back, from another host's `status --json` over SSH).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GpuStatus {
     pub gpu_id: u32,
     pub status: StatusKind,
@@ -39,8 +40,9 @@ pub struct GpuStatus {
     pub user: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duration: Option<String>,
-    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
-    pub kind: Option<&'static str>,
+    /// `RUN` or `MANUAL`.
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
     pub details: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub validation: Option<String>,
@@ -256,10 +258,13 @@ fn reserved_row(
     let mut row = empty_row(id, StatusKind::InUse, details);
     row.user = Some(r.user_label());
     row.duration = Some(format_duration(now - r.start_time));
-    row.kind = Some(match r.kind {
-        ReservationKind::Run => "RUN",
-        ReservationKind::Manual => "MANUAL",
-    });
+    row.kind = Some(
+        match r.kind {
+            ReservationKind::Run => "RUN",
+            ReservationKind::Manual => "MANUAL",
+        }
+        .to_string(),
+    );
     row.note = r.note.clone();
     row.validation = Some(match usage {
         Some(u) if !u.processes.is_empty() => format!(

@@ -618,14 +618,17 @@ pub fn retire(state: &PoolState, force: bool, now: UnixTime) -> Transition<u32> 
             .filter(|entry| entry.is_alive(now, &work.dead_ids))
             .count();
         if !force && (!holders.is_empty() || waiters > 0) {
-            let holders: Vec<String> = holders.into_iter().collect();
+            let mut present = Vec::new();
+            if !holders.is_empty() {
+                let holders: Vec<String> = holders.into_iter().collect();
+                present.push(format!("reservations of {}", holders.join(", ")));
+            }
+            if waiters > 0 {
+                present.push(format!("{waiters} waiting request(s)"));
+            }
             return Err(Error::Usage(format!(
-                "the host still has reservations ({}) or waiters ({waiters}) - \
-                 use --force to end them",
-                match holders.is_empty() {
-                    true => "none".to_string(),
-                    false => holders.join(", "),
-                }
+                "the host still has {} - use --force to end them (recorded in the history)",
+                present.join(" and ")
             )));
         }
         let mut ended = 0;

@@ -182,6 +182,40 @@ pub struct Report {
     pub start_date: String,
     pub end_date: String,
     pub days: u32,
+    /// `report --all`: each host's share of the fleet's hours.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<Vec<HostRow>>,
+}
+
+/// One host of `report --all`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct HostRow {
+    pub name: String,
+    pub gpus: u32,
+    pub gpu_hours: f64,
+    /// GPU hours as a share of what the host's GPUs could give in the period.
+    pub capacity_percent: f64,
+}
+
+impl HostRow {
+    pub fn new(name: &str, gpus: u32, usages: &[UserUsage], window: Window) -> Self {
+        let seconds: i64 = usages.iter().map(|usage| usage.seconds.max(0)).sum();
+        let capacity = i64::from(gpus) * (window.to - window.from);
+        HostRow {
+            name: name.to_string(),
+            gpus,
+            gpu_hours: round_to(seconds as f64 / 3600.0, 2),
+            capacity_percent: match capacity {
+                0 => 0.0,
+                _ => round_to(seconds as f64 * 100.0 / capacity as f64, 1),
+            },
+        }
+    }
+}
+
+fn round_to(value: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (value * scale).round() / scale
 }
 
 /// One user's row. Hours have two decimals and percentages one, apportioned so that
@@ -250,6 +284,7 @@ pub fn build(
         start_date: date(window.from, tz),
         end_date: date(window.to, tz),
         days,
+        hosts: None,
     }
 }
 
@@ -291,11 +326,28 @@ pub fn render_text(report: &Report) -> String {
         "\n=== GPU Reservation Report ===\nPeriod: {} to {} ({} {unit})\n\n",
         report.start_date, report.end_date, report.days
     );
+    let rule = "-".repeat(RULE_WIDTH);
     if report.users.is_empty() {
         out.push_str("No GPU reservations in this period.\n");
-        return out;
+    } else {
+        render_users(report, &rule, &mut out);
     }
-    let rule = "-".repeat(RULE_WIDTH);
+    if let Some(hosts) = &report.hosts {
+        out.push_str(&format!(
+            "\n{:<20} {:>6} {:>15} {:>15}\n{rule}\n",
+            "Host", "GPUs", "GPU Hours", "Capacity Used"
+        ));
+        for host in hosts {
+            out.push_str(&format!(
+                "{:<20} {:>6} {:>15.2} {:>14.1}%\n",
+                host.name, host.gpus, host.gpu_hours, host.capacity_percent
+            ));
+        }
+    }
+    out
+}
+
+fn render_users(report: &Report, rule: &str, out: &mut String) {
     out.push_str(&format!(
         "{:<20} {:>15} {:>15} {:>10} {:>10}\n{rule}\n",
         "User", "GPU Hours", "Percentage", "Run", "Manual"
@@ -312,7 +364,7 @@ pub fn render_text(report: &Report) -> String {
             user.manual_count,
         ));
     }
-    out.push_str(&rule);
+    out.push_str(rule);
     out.push('\n');
     out.push_str(&row(
         "TOTAL",
@@ -325,7 +377,6 @@ pub fn render_text(report: &Report) -> String {
         "\nTotal reservations: {}\nUnique users: {}\n",
         report.total_reservations, report.unique_users
     ));
-    out
 }
 
 #[cfg(test)]

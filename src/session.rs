@@ -5,6 +5,7 @@ use std::io::Read;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::fleet::{HostRecord, HostSnapshot, Staleness};
 use crate::gpu::{self, GpuProvider, procinfo};
 use crate::gpu_status::{self, GpuStatus, UsageSnapshot};
 use crate::queue::{self, QueueEntry};
@@ -18,7 +19,11 @@ pub struct Session {
     pub provider: Box<dyn GpuProvider>,
     /// The real Unix user running this command.
     pub user: String,
+    /// This host (`host_name`), whose processes can be checked directly.
     pub host: String,
+    /// The other host whose pool the session acts on (`--host`), as the registry
+    /// knows it; `None` for this host's own pool.
+    pub remote: Option<HostRecord>,
 }
 
 /// The stored slots and queue and the observed usage, read together.
@@ -30,13 +35,32 @@ pub struct Observation {
     /// Reservations and queue entries whose process on this host is gone.
     pub dead_ids: Vec<String>,
     pub now: UnixTime,
+    /// Another host's pool whose host is not reporting: `usage` is an error then.
+    pub stale: Option<Staleness>,
 }
 
 impl Session {
     /// Opens the store and requires an initialised pool.
     pub fn open(config: &Config) -> Result<Self> {
+        Self::open_on(config, None)
+    }
+
+    /// Like `open`, on host `host`'s pool when given (`--host`): its GPU usage is
+    /// what that host last published.
+    pub fn open_on(config: &Config, host: Option<&str>) -> Result<Self> {
         let mut store = store::open(config)?;
-        let pool = store.pool()?.ok_or(Error::NotInitialized)?;
+        let remote = match host.filter(|host| *host != config.host_name) {
+            None => None,
+            Some(name) => {
+                store.select_host(name)?;
+                let record = store.hosts()?.into_iter().find(|h| h.name == name);
+                Some(record.ok_or_else(|| store.missing_pool())?)
+            }
+        };
+        let pool = match store.pool()? {
+            Some(pool) => pool,
+            None => return Err(store.missing_pool()),
+        };
         Ok(Session {
             config: config.clone(),
             store,
@@ -44,19 +68,27 @@ impl Session {
             provider: gpu::provider_for(pool.provider, pool.gpu_count, &config.gpu),
             user: procinfo::current_user()?,
             host: config.host_name.clone(),
+            remote,
         })
     }
 
+    /// The host whose pool this session acts on.
+    pub fn pool_host(&self) -> &str {
+        self.remote
+            .as_ref()
+            .map_or(&self.host, |remote| &remote.name)
+    }
+
+    /// The stored state and the GPUs' usage: queried here (and published for the
+    /// rest of the fleet), or for another host, its latest snapshot unless it is
+    /// stale.
     pub fn observe(&mut self) -> Result<Observation> {
-        let (slots, queue, dead_ids) = self.read_state()?;
-        let usage = gpu_status::snapshot(self.provider.as_ref());
-        Ok(Observation {
-            slots,
-            queue,
-            usage,
-            dead_ids,
-            now: now(),
-        })
+        observe(
+            self.store.as_mut(),
+            &self.host,
+            self.remote.as_ref(),
+            self.provider.as_ref(),
+        )
     }
 
     /// The slots and the queue entries collecting on them, with the IDs of
@@ -81,15 +113,11 @@ impl Session {
 
     pub fn status(&mut self) -> Result<Vec<GpuStatus>> {
         let obs = self.observe()?;
-        let mut rows = gpu_status::build(
-            &obs.slots,
-            &obs.usage,
+        Ok(status_rows(
+            &obs,
             self.config.memory_threshold_mb,
-            &obs.dead_ids,
-            obs.now,
-        );
-        queue::mark_collected(&mut rows, &obs.queue, &obs.dead_ids, obs.now);
-        Ok(rows)
+            self.remote.is_some(),
+        ))
     }
 
     /// The live queue, as `queue --json` and `/api/queue` show it.
@@ -117,9 +145,13 @@ impl Session {
     ) -> Result<AllocRequest> {
         crate::alloc::validate_selection(&selection, self.pool.gpu_count)?;
         let obs = self.observe()?;
-        let usage = obs
-            .usage
-            .map_err(|e| Error::Gpu(format!("failed to validate GPU usage: {e}")))?;
+        let usage = obs.usage.map_err(|e| match &self.remote {
+            None => Error::Gpu(format!("failed to validate GPU usage: {e}")),
+            Some(remote) => Error::Gpu(format!(
+                "cannot allocate on {}: {e} (is 'canhazgpu agent' running there?)",
+                remote.name
+            )),
+        })?;
         let unreserved = gpu_status::unreserved_gpus(
             &obs.slots,
             &usage,
@@ -135,6 +167,69 @@ impl Session {
             now: obs.now,
         })
     }
+}
+
+/// The stored state of the selected host's pool and its GPUs' usage: queried here
+/// with `provider` (and published for the rest of the fleet), or for another host,
+/// its latest snapshot unless it is stale.
+pub fn observe(
+    store: &mut dyn Store,
+    host: &str,
+    remote: Option<&HostRecord>,
+    provider: &dyn GpuProvider,
+) -> Result<Observation> {
+    let (slots, queue, dead_ids) = read_state(store, host)?;
+    let now = now();
+    let (usage, stale) = match remote {
+        None => {
+            let usage = gpu_status::snapshot(provider);
+            // A hint for other hosts: failing to publish must not fail the command.
+            let _ = store.publish_snapshot(&HostSnapshot::new(&usage, now), None);
+            (usage, None)
+        }
+        Some(remote) => remote_usage(store, remote, now)?,
+    };
+    Ok(Observation {
+        slots,
+        queue,
+        usage,
+        dead_ids,
+        now,
+        stale,
+    })
+}
+
+/// Another host's published usage, or why there is none to trust.
+fn remote_usage(
+    store: &mut dyn Store,
+    remote: &HostRecord,
+    now: UnixTime,
+) -> Result<(UsageSnapshot, Option<Staleness>)> {
+    let snapshot = store.host_snapshot()?;
+    let record = HostRecord {
+        reported_at: snapshot.as_ref().map(|s| s.taken_at),
+        ..remote.clone()
+    };
+    Ok(match (record.staleness(now), snapshot) {
+        (None, Some(snapshot)) => (snapshot.usage(), None),
+        (stale, _) => {
+            let stale = stale.unwrap_or(Staleness::Never);
+            (Err(stale.to_string()), Some(stale))
+        }
+    })
+}
+
+/// The rows of `status` for an observation; on another host's pool, a missing or
+/// stale snapshot is every GPU's validation.
+pub fn status_rows(obs: &Observation, threshold_mb: u64, remote: bool) -> Vec<GpuStatus> {
+    let mut rows = gpu_status::build(&obs.slots, &obs.usage, threshold_mb, &obs.dead_ids, obs.now);
+    queue::mark_collected(&mut rows, &obs.queue, &obs.dead_ids, obs.now);
+    if let (true, Err(why)) = (remote, &obs.usage) {
+        for row in &mut rows {
+            row.validation = Some(why.clone());
+        }
+    }
+    rows
 }
 
 /// `Session::read_state` for a bare store (`report` needs no pool or provider).
@@ -183,6 +278,18 @@ pub fn usage_report(
     tz: &jiff::tz::TimeZone,
 ) -> Result<crate::report::Report> {
     let window = crate::report::Window::last_days(days, now);
+    let usages = usage_in(store, host, window, now)?;
+    Ok(crate::report::build(usages, window, days, tz))
+}
+
+/// The selected pool's usage per account in `window`: finished reservations from
+/// the history plus the ones the store still holds.
+pub fn usage_in(
+    store: &mut dyn Store,
+    host: &str,
+    window: crate::report::Window,
+    now: UnixTime,
+) -> Result<Vec<crate::report::UserUsage>> {
     // History first, then the held GPUs: a reservation ending in between is left
     // out rather than counted twice.
     let mut usages = store.usage_summary(window.from, window.to)?;
@@ -191,7 +298,38 @@ pub fn usage_report(
         &crate::report::in_progress(&slots, &dead_ids, now),
         window,
     ));
-    Ok(crate::report::build(usages, window, days, tz))
+    Ok(usages)
+}
+
+/// `report --all`: every host of the fleet added up, with each host's share.
+pub fn fleet_report(
+    store: &mut dyn Store,
+    host: &str,
+    days: u32,
+    now: UnixTime,
+    tz: &jiff::tz::TimeZone,
+) -> Result<crate::report::Report> {
+    let window = crate::report::Window::last_days(days, now);
+    let mut all = Vec::new();
+    let mut hosts = Vec::new();
+    for record in store.hosts()? {
+        store.select_host(&record.name)?;
+        // A host removed meanwhile has nothing to add.
+        let Some(pool) = store.pool()? else {
+            continue;
+        };
+        let usages = usage_in(store, host, window, now)?;
+        hosts.push(crate::report::HostRow::new(
+            &record.name,
+            pool.gpu_count,
+            &usages,
+            window,
+        ));
+        all.extend(usages);
+    }
+    let mut report = crate::report::build(all, window, days, tz);
+    report.hosts = Some(hosts);
+    Ok(report)
 }
 
 /// IDs of queue entries whose waiting process on `host` is gone.

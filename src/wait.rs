@@ -43,7 +43,7 @@ impl Doorbell {
 
     /// Sleeps until rung or until `timeout` passed; says whether it was rung (and
     /// silences it).
-    fn sleep(&self, timeout: Duration) -> bool {
+    pub fn sleep(&self, timeout: Duration) -> bool {
         let (rung, bell) = &*self.0;
         let Ok(guard) = rung.lock() else {
             std::thread::sleep(timeout);

@@ -1,4 +1,5 @@
-//! `canhazgpu admin`: initialise or resize the GPU pool.
+//! `canhazgpu admin`: initialise or resize this host's GPU pool, or take a
+//! decommissioned host out of the fleet.
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -9,10 +10,23 @@ use crate::state::ProviderKind;
 use crate::store;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AdminArgs {
-    pub gpus: u32,
-    pub force: bool,
-    pub provider: Option<ProviderKind>,
+pub enum AdminArgs {
+    Init {
+        gpus: u32,
+        force: bool,
+        provider: Option<ProviderKind>,
+    },
+    RemoveHost {
+        name: String,
+        force: bool,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct InitArgs {
+    gpus: u32,
+    force: bool,
+    provider: Option<ProviderKind>,
 }
 
 /// Far above any single machine; keeps a typo from creating a huge (fake) pool.
@@ -26,6 +40,48 @@ pub fn execute(args: &AdminArgs, config: &Config) -> Result<()> {
                 .into(),
         ));
     }
+    match args {
+        AdminArgs::Init {
+            gpus,
+            force,
+            provider,
+        } => init(
+            &InitArgs {
+                gpus: *gpus,
+                force: *force,
+                provider: *provider,
+            },
+            config,
+        ),
+        AdminArgs::RemoveHost { name, force } => remove_host(name, *force, config),
+    }
+}
+
+/// Ends the host's reservations (with `force`) and removes its pool and registry
+/// entry; its history stays for `report`.
+fn remove_host(name: &str, force: bool, config: &Config) -> Result<()> {
+    if !matches!(
+        &config.store,
+        crate::store::StoreConfig::Redis(redis) if redis.layout == crate::store::RedisLayout::Fleet
+    ) {
+        return Err(Error::Usage(
+            "--remove-host needs a fleet in a shared Redis (backend: redis, redis.layout: fleet)"
+                .into(),
+        ));
+    }
+    let mut store = store::open(config)?;
+    store.select_host(name)?;
+    if store.pool()?.is_none() {
+        return Err(store.missing_pool());
+    }
+    let ended = store.retire(force, now())?;
+    if ended > 0 {
+        eprintln!("Ended {ended} reservation(s) on {name} (recorded in the history)");
+    }
+    output::print(&format!("Removed host {name} from the fleet"))
+}
+
+fn init(args: &InitArgs, config: &Config) -> Result<()> {
     if args.gpus == 0 {
         return Err(Error::Usage("--gpus must be at least 1".into()));
     }

@@ -1,6 +1,8 @@
 //! One file per command. `execute` dispatches a parsed, clap-free `Command`.
 
 pub mod admin;
+pub mod agent;
+pub mod find;
 pub mod queue;
 pub mod release;
 pub mod report;
@@ -22,6 +24,8 @@ use crate::state::Selection;
 pub enum Command {
     Admin(admin::AdminArgs),
     Status(status::StatusArgs),
+    Find(find::FindArgs),
+    Agent(agent::AgentArgs),
     Reserve(reserve::ReserveArgs),
     Queue(queue::QueueArgs),
     Release(release::ReleaseArgs),
@@ -35,6 +39,8 @@ pub fn execute(command: Command, config: &Config) -> Result<u8> {
     match command {
         Command::Admin(args) => admin::execute(&args, config).map(|()| 0),
         Command::Status(args) => status::execute(&args, config).map(|()| 0),
+        Command::Find(args) => find::execute(&args, config).map(|()| 0),
+        Command::Agent(args) => agent::execute(&args, config).map(|()| 0),
         Command::Reserve(args) => reserve::execute(&args, config).map(|()| 0),
         Command::Queue(args) => queue::execute(&args, config).map(|()| 0),
         Command::Release(args) => release::execute(&args, config).map(|()| 0),

@@ -9,10 +9,12 @@ use crate::session::Session;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueueArgs {
     pub json: bool,
+    /// Another host's queue (`--host`).
+    pub host: Option<String>,
 }
 
 pub fn execute(args: &QueueArgs, config: &Config) -> Result<()> {
-    let report = Session::open(config)?.queue_report()?;
+    let report = Session::open_on(config, args.host.as_deref())?.queue_report()?;
     if args.json {
         output::print_json(&report)
     } else {

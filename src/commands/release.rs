@@ -13,10 +13,12 @@ pub struct ReleaseArgs {
     pub gpu_ids: Option<Vec<u32>>,
     /// root only: release the given GPUs whoever holds them.
     pub force: bool,
+    /// Another host's pool (`--host`).
+    pub host: Option<String>,
 }
 
 pub fn execute(args: &ReleaseArgs, config: &Config) -> Result<()> {
-    let mut session = Session::open(config)?;
+    let mut session = Session::open_on(config, args.host.as_deref())?;
     if let Some(ids) = &args.gpu_ids {
         // The same checks (range, duplicates) and messages as `reserve --gpu-ids`.
         validate_selection(&Selection::Ids(ids.clone()), session.pool.gpu_count)?;
@@ -42,7 +44,7 @@ pub fn execute(args: &ReleaseArgs, config: &Config) -> Result<()> {
         }
     };
     let released = session.store.release(&scope, now())?;
-    let message = match (&args.gpu_ids, released.is_empty()) {
+    let mut message = match (&args.gpu_ids, released.is_empty()) {
         (None, true) => "No manually reserved GPUs found for current user".to_string(),
         (Some(ids), true) => format!(
             "No reservations found for current user on GPU(s): {}",
@@ -54,5 +56,8 @@ pub fn execute(args: &ReleaseArgs, config: &Config) -> Result<()> {
             crate::output::id_list(&released)
         ),
     };
+    if let Some(remote) = &session.remote {
+        message.push_str(&format!(" on {}", remote.name));
+    }
     output::print(&message)
 }

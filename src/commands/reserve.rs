@@ -19,6 +19,8 @@ pub struct ReserveArgs {
     pub request: RequestOptions,
     /// Print only the IDs, comma-separated.
     pub short: bool,
+    /// Another host's pool (`--host`).
+    pub host: Option<String>,
 }
 
 pub fn execute(args: &ReserveArgs, config: &Config) -> Result<()> {
@@ -31,7 +33,7 @@ pub fn execute(args: &ReserveArgs, config: &Config) -> Result<()> {
         WaitPolicy::FailAtOnce => None,
         _ => Some(WaitSignals::install()?),
     };
-    let mut session = Session::open(config)?;
+    let mut session = Session::open_on(config, args.host.as_deref())?;
     let reservation = NewReservation {
         id: new_reservation_id(),
         user: args.request.display_user(&session.user)?,
@@ -59,8 +61,12 @@ pub fn execute(args: &ReserveArgs, config: &Config) -> Result<()> {
     if args.short {
         return output::print(&list.join(","));
     }
+    let on_host = match &session.remote {
+        Some(remote) => format!(" on {}", remote.name),
+        None => String::new(),
+    };
     output::print(&format!(
-        "Reserved {} GPU(s): {} for {}\n\nRun the following command to run only on these GPUs:\nexport CUDA_VISIBLE_DEVICES={}",
+        "Reserved {} GPU(s): {}{on_host} for {}\n\nRun the following command to run only on these GPUs:\nexport CUDA_VISIBLE_DEVICES={}",
         ids.len(),
         crate::output::id_list(&ids),
         format_duration(seconds as i64),

@@ -4,6 +4,7 @@ mod browser;
 mod cli_config;
 mod cli_core;
 mod cli_gpu;
+mod fleet;
 mod gpu_providers;
 mod multi_user;
 mod queue;

@@ -130,15 +130,25 @@ pub(super) fn missing_pool(store: &mut RedisStore) -> Result<Error> {
     let upstream_count = Keys::upstream().gpu_count();
     let upstream: bool =
         store.call(|connection| redis::cmd("EXISTS").arg(&upstream_count).query(connection))?;
-    Ok(match upstream {
-        true => Error::NoPool(format!(
+    if upstream {
+        return Ok(Error::NoPool(format!(
             "no GPU pool for host '{}' in the fleet layout, but this Redis database holds \
              an upstream canhazgpu pool ({upstream_count}): set redis.layout: upstream \
              (CANHAZGPU_REDIS_LAYOUT=upstream) to use it, or run 'canhazgpu admin --gpus \
              <count>' to create this host's pool",
             store.host
+        )));
+    }
+    let others: Vec<String> = hosts(store)?.into_iter().map(|host| host.name).collect();
+    Ok(match others.is_empty() {
+        true => Error::NotInitialized,
+        // A login node without GPUs: point at the fleet.
+        false => Error::NoPool(format!(
+            "GPU pool not initialized for host '{}' - run 'canhazgpu admin --gpus <count>' \
+             to create it, or use --all or --host NAME for the fleet ({})",
+            store.host,
+            others.join(", ")
         )),
-        false => Error::NotInitialized,
     })
 }
 

@@ -1,0 +1,110 @@
+//! `canhazgpu agent`: keeps this host's GPU snapshot and heartbeat fresh for the rest
+//! of the fleet, until SIGTERM (or SIGINT, SIGHUP, SIGQUIT).
+
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::duration::{format_duration, parse_duration};
+use crate::error::{Error, Result};
+use crate::fleet::HostSnapshot;
+use crate::gpu::{self, GpuProvider};
+use crate::gpu_status;
+use crate::session::now;
+use crate::store::{self, Store};
+use crate::wait::WaitSignals;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentArgs {
+    pub interval: String,
+}
+
+/// Longer than this, and a host would be "reporting" with hour-old data.
+const MAX_INTERVAL_SECS: u64 = 3600;
+
+pub fn execute(args: &AgentArgs, config: &Config) -> Result<()> {
+    let interval = parse_duration(&args.interval)?;
+    if !(1..=MAX_INTERVAL_SECS).contains(&interval) {
+        return Err(Error::Usage(format!(
+            "--interval must be from 1s to {}",
+            format_duration(MAX_INTERVAL_SECS as i64)
+        )));
+    }
+    let signals = WaitSignals::install()?;
+    let mut agent = Agent::start(config, interval)?;
+    eprintln!(
+        "canhazgpu agent: publishing {}'s GPUs every {}",
+        config.host_name,
+        format_duration(interval as i64)
+    );
+    let period = Duration::from_secs(interval);
+    loop {
+        let started = Instant::now();
+        agent.publish(config);
+        while let Some(left) = period.checked_sub(started.elapsed()) {
+            if signals.pending().is_some() {
+                break;
+            }
+            signals.doorbell().sleep(left);
+        }
+        if let Some(signal) = signals.pending() {
+            eprintln!("canhazgpu agent: stopped by {signal}");
+            return Ok(());
+        }
+    }
+}
+
+/// The agent's store connection (reopened after a failure) and GPU provider.
+pub struct Agent {
+    store: Option<Box<dyn Store>>,
+    provider: Box<dyn GpuProvider>,
+    interval_secs: u64,
+    /// The last failure reported, so an outage is one line, not one per interval.
+    failing: Option<String>,
+}
+
+impl Agent {
+    /// Needs this host's pool: its provider says how to read the GPUs.
+    pub fn start(config: &Config, interval_secs: u64) -> Result<Self> {
+        let mut store = store::open(config)?;
+        let pool = match store.pool()? {
+            Some(pool) => pool,
+            None => return Err(store.missing_pool()),
+        };
+        Ok(Agent {
+            store: Some(store),
+            provider: gpu::provider_for(pool.provider, pool.gpu_count, &config.gpu),
+            interval_secs,
+            failing: None,
+        })
+    }
+
+    /// Queries the GPUs and publishes the snapshot (the host's heartbeat). A
+    /// failure is reported once and retried at the next interval.
+    pub fn publish(&mut self, config: &Config) {
+        let usage = gpu_status::snapshot(self.provider.as_ref());
+        let snapshot = HostSnapshot::new(&usage, now());
+        let result = match self.store.take() {
+            Some(store) => Ok(store),
+            None => store::open(config),
+        }
+        .and_then(|mut store| {
+            let published = store.publish_snapshot(&snapshot, Some(self.interval_secs));
+            published.map(|()| store)
+        });
+        match result {
+            Ok(store) => {
+                self.store = Some(store);
+                if self.failing.take().is_some() {
+                    eprintln!("canhazgpu agent: publishing again");
+                }
+            }
+            Err(err) => {
+                let message = err.to_string();
+                if self.failing.as_ref() != Some(&message) {
+                    eprintln!("canhazgpu agent: cannot publish: {message}");
+                }
+                self.failing = Some(message);
+            }
+        }
+    }
+}
