@@ -31,8 +31,13 @@ pub fn execute(args: &AgentArgs, config: &Config) -> Result<()> {
     }
     let signals = WaitSignals::install()?;
     let mut agent = Agent::start(config, interval)?;
+    let what = match &config.store {
+        crate::store::StoreConfig::Redis(_) => "publishing",
+        // Nobody else reads the embedded store; the queries still show failures.
+        crate::store::StoreConfig::Sqlite { .. } => "checking (embedded store: nothing to publish)",
+    };
     eprintln!(
-        "canhazgpu agent: publishing {}'s GPUs every {}",
+        "canhazgpu agent: {what} {}'s GPUs every {}",
         config.host_name,
         format_duration(interval as i64)
     );
