@@ -58,6 +58,7 @@ impl TestRedis {
             db: 0,
             password: None,
             layout,
+            sentinel: None,
         }
     }
 
