@@ -42,20 +42,16 @@ impl Sentinels {
         }
     }
 
-    fn addresses(&self) -> String {
-        addresses(&self.nodes)
-    }
-
-    /// Connects to the master the first answering sentinel names, after `ROLE`
-    /// confirms that it is one (a sentinel may not have noticed a failover yet).
-    /// Returns the connection and the master's address.
+    /// Connects to the first master a sentinel names that `ROLE` confirms as one (a
+    /// sentinel may not have noticed a failover yet). Returns the connection and the
+    /// master's address.
     pub(super) fn connect(
         &self,
         connect_timeout: Duration,
         io_timeout: Duration,
     ) -> Result<(Connection, String), Unresolved> {
         let mut silent = Vec::new();
-        let mut unfit = None;
+        let mut unfit: Option<(String, bool)> = None;
         for node in &self.nodes {
             let named = match self.ask(node) {
                 Ok(Some(named)) => named,
@@ -68,16 +64,20 @@ impl Sentinels {
             let master = address(&named);
             match self.open_master(named, connect_timeout, io_timeout) {
                 Ok(connection) => return Ok((connection, master)),
-                Err(reason) => {
-                    unfit = Some(format!("{master} (named by {}): {reason}", address(node)))
+                Err((reason, failing_over)) => {
+                    let named_by = address(node);
+                    unfit = Some((
+                        format!("{master} (named by {named_by}): {reason}"),
+                        failing_over,
+                    ));
                 }
             }
         }
         let name = &self.master_name;
         Err(match (unfit, silent.len() == self.nodes.len()) {
-            (Some(unfit), _) => Unresolved {
+            (Some((unfit, failing_over)), _) => Unresolved {
                 message: format!("master '{name}' at {unfit}"),
-                failing_over: true,
+                failing_over,
             },
             (None, true) => Unresolved {
                 message: format!(
@@ -89,7 +89,7 @@ impl Sentinels {
             (None, false) => Unresolved {
                 message: format!(
                     "the sentinels {} know no master named '{name}'",
-                    self.addresses()
+                    addresses(&self.nodes)
                 ),
                 failing_over: false,
             },
@@ -128,24 +128,27 @@ impl Sentinels {
         }
     }
 
+    /// A connection to the named master, or why not and whether a failover explains
+    /// it (it is unreachable or not a master; a refused password is not).
     fn open_master(
         &self,
         (host, port): (String, u16),
         connect_timeout: Duration,
         io_timeout: Duration,
-    ) -> Result<Connection, String> {
+    ) -> Result<Connection, (String, bool)> {
+        let failed = |err: redis::RedisError| (one_line(&err), err.is_io_error());
         let info = self.master.clone().set_addr(self.addr((host, port)));
         let mut connection = Client::open(info)
             .and_then(|client| client.get_connection_with_timeout(connect_timeout))
-            .map_err(|err| one_line(&err))?;
+            .map_err(failed)?;
         connection
             .set_read_timeout(Some(io_timeout))
             .and_then(|()| connection.set_write_timeout(Some(io_timeout)))
             .and_then(|()| redis::cmd("ROLE").query::<Role>(&mut connection))
-            .map_err(|err| one_line(&err))
+            .map_err(failed)
             .and_then(|role| match role {
                 Role::Primary { .. } => Ok(connection),
-                _ => Err("it is not a master (yet)".to_string()),
+                _ => Err(("it is not a master (yet)".to_string(), true)),
             })
     }
 
