@@ -524,15 +524,25 @@ fn redis_config(
     })?;
 
     // The sentinels name the master's address.
-    if let Some(sentinels_setting) = settings.get("redis.sentinels") {
-        for name in ["redis.host", "redis.port"] {
-            if let Some(ignored) = settings.get(name) {
-                warnings.push(format!(
-                    "warning: {} ignored because redis.sentinels is set ({})",
-                    ignored.source, sentinels_setting.source
-                ));
+    match (
+        settings.get("redis.sentinels"),
+        settings.get("redis.sentinel_master"),
+    ) {
+        (Some(sentinels_setting), _) => {
+            for name in ["redis.host", "redis.port"] {
+                if let Some(ignored) = settings.get(name) {
+                    warnings.push(format!(
+                        "warning: {} ignored because redis.sentinels is set ({})",
+                        ignored.source, sentinels_setting.source
+                    ));
+                }
             }
         }
+        (None, Some(master)) => warnings.push(format!(
+            "warning: {} ignored because redis.sentinels is not set",
+            master.source
+        )),
+        (None, None) => {}
     }
     // The URL wins over host/port/db; say so rather than silently drop a flag.
     if let Some(url_setting) = settings.get("redis.url") {
@@ -1903,6 +1913,15 @@ mod tests {
             shown.contains("\"s\", 26379") && !shown.contains("pw"),
             "{shown}"
         );
+
+        let config = World::new()
+            .env("CANHAZGPU_REDIS_SENTINEL_MASTER", "gpus")
+            .config();
+        assert_eq!(
+            config.warnings,
+            ["warning: CANHAZGPU_REDIS_SENTINEL_MASTER ignored because redis.sentinels is not set"]
+        );
+        assert!(matches!(config.store, StoreConfig::Sqlite { .. }));
     }
 
     // --- settings for later keys -----------------------------------------------
