@@ -273,6 +273,103 @@ impl Drop for RedisStore {
     }
 }
 
+impl Store for RedisStore {
+    fn run(&mut self, operation: &Operation) -> Result<Outcome> {
+        let outcome = self.patiently(|store| store.operate(operation));
+        self.explained(outcome)
+    }
+
+    fn pool(&mut self) -> Result<Option<Pool>> {
+        self.patiently(Self::read_pool)
+    }
+
+    fn pool_view(&mut self) -> Result<PoolView> {
+        let view = self.patiently(Self::read_view);
+        self.explained(view)
+    }
+
+    fn retire(&mut self, force: bool, now: UnixTime) -> Result<u32> {
+        let ended = match self.run(&Operation::Retire { force, now })? {
+            Outcome::Retired(ended) => ended,
+            other => return Err(super::unexpected(other)),
+        };
+        self.remove_leftovers()?;
+        Ok(ended)
+    }
+
+    fn hosts(&mut self) -> Result<Vec<HostRecord>> {
+        self.patiently(fleet::hosts)
+    }
+
+    fn selected_host(&self) -> &str {
+        &self.selected
+    }
+
+    fn select_host(&mut self, name: &str) -> Result<()> {
+        if self.layout == RedisLayout::Upstream && name != self.host {
+            return Err(Error::Usage(format!(
+                "Redis's upstream layout holds only this host's pool ({}): other hosts \
+                 need redis.layout: fleet",
+                self.host
+            )));
+        }
+        self.selected = name.to_owned();
+        self.keys = Keys::of(self.layout, name);
+        Ok(())
+    }
+
+    fn publish_snapshot(
+        &mut self,
+        snapshot: &HostSnapshot,
+        interval_secs: Option<u64>,
+    ) -> Result<()> {
+        self.patiently(|store| fleet::publish(store, snapshot, interval_secs))
+    }
+
+    fn host_snapshot(&mut self) -> Result<Option<HostSnapshot>> {
+        self.patiently(fleet::snapshot)
+    }
+
+    fn missing_pool(&mut self) -> Error {
+        fleet::missing_pool(self).unwrap_or_else(|err| err)
+    }
+
+    fn enqueue(&mut self, entry: &QueueEntry) -> Result<()> {
+        self.patiently(|store| store.append(entry))
+    }
+
+    fn queue(&mut self) -> Result<Vec<QueueEntry>> {
+        let queue = self.patiently(Self::read_queue);
+        self.explained(queue)
+    }
+
+    fn queue_beat(&mut self, entry_id: &str, now: UnixTime) -> Result<QueueBeat> {
+        self.patiently(|store| store.beat(entry_id, now))
+    }
+
+    fn watch_entry(&mut self, entry_id: &str, wake: Wake) -> Result<()> {
+        let channel = self.keys.wake_entry(entry_id);
+        self.entry_watch = Some(Watch::start(&self.server, &self.location, channel, wake)?);
+        Ok(())
+    }
+
+    fn stop_watching(&mut self) {
+        self.entry_watch = None;
+    }
+
+    fn history(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UsageRecord>> {
+        self.patiently(|store| store.read_history(from, to))
+    }
+
+    fn followed_failover(&mut self) -> bool {
+        std::mem::take(&mut self.moved)
+    }
+
+    fn usage_summary(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UserUsage>> {
+        self.patiently(|store| store.summarize_history(from, to))
+    }
+}
+
 /// The store's own commands outside a transaction; `Store` runs them `patiently`.
 impl RedisStore {
     fn read_pool(&mut self) -> Result<Option<Pool>> {
@@ -386,102 +483,5 @@ impl RedisStore {
             position: rank + 1,
             head,
         })
-    }
-}
-
-impl Store for RedisStore {
-    fn run(&mut self, operation: &Operation) -> Result<Outcome> {
-        let outcome = self.patiently(|store| store.operate(operation));
-        self.explained(outcome)
-    }
-
-    fn pool(&mut self) -> Result<Option<Pool>> {
-        self.patiently(Self::read_pool)
-    }
-
-    fn pool_view(&mut self) -> Result<PoolView> {
-        let view = self.patiently(Self::read_view);
-        self.explained(view)
-    }
-
-    fn retire(&mut self, force: bool, now: UnixTime) -> Result<u32> {
-        let ended = match self.run(&Operation::Retire { force, now })? {
-            Outcome::Retired(ended) => ended,
-            other => return Err(super::unexpected(other)),
-        };
-        self.remove_leftovers()?;
-        Ok(ended)
-    }
-
-    fn hosts(&mut self) -> Result<Vec<HostRecord>> {
-        self.patiently(fleet::hosts)
-    }
-
-    fn selected_host(&self) -> &str {
-        &self.selected
-    }
-
-    fn select_host(&mut self, name: &str) -> Result<()> {
-        if self.layout == RedisLayout::Upstream && name != self.host {
-            return Err(Error::Usage(format!(
-                "Redis's upstream layout holds only this host's pool ({}): other hosts \
-                 need redis.layout: fleet",
-                self.host
-            )));
-        }
-        self.selected = name.to_owned();
-        self.keys = Keys::of(self.layout, name);
-        Ok(())
-    }
-
-    fn publish_snapshot(
-        &mut self,
-        snapshot: &HostSnapshot,
-        interval_secs: Option<u64>,
-    ) -> Result<()> {
-        self.patiently(|store| fleet::publish(store, snapshot, interval_secs))
-    }
-
-    fn host_snapshot(&mut self) -> Result<Option<HostSnapshot>> {
-        self.patiently(fleet::snapshot)
-    }
-
-    fn missing_pool(&mut self) -> Error {
-        fleet::missing_pool(self).unwrap_or_else(|err| err)
-    }
-
-    fn enqueue(&mut self, entry: &QueueEntry) -> Result<()> {
-        self.patiently(|store| store.append(entry))
-    }
-
-    fn queue(&mut self) -> Result<Vec<QueueEntry>> {
-        let queue = self.patiently(Self::read_queue);
-        self.explained(queue)
-    }
-
-    fn queue_beat(&mut self, entry_id: &str, now: UnixTime) -> Result<QueueBeat> {
-        self.patiently(|store| store.beat(entry_id, now))
-    }
-
-    fn watch_entry(&mut self, entry_id: &str, wake: Wake) -> Result<()> {
-        let channel = self.keys.wake_entry(entry_id);
-        self.entry_watch = Some(Watch::start(&self.server, &self.location, channel, wake)?);
-        Ok(())
-    }
-
-    fn stop_watching(&mut self) {
-        self.entry_watch = None;
-    }
-
-    fn history(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UsageRecord>> {
-        self.patiently(|store| store.read_history(from, to))
-    }
-
-    fn followed_failover(&mut self) -> bool {
-        std::mem::take(&mut self.moved)
-    }
-
-    fn usage_summary(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UserUsage>> {
-        self.patiently(|store| store.summarize_history(from, to))
     }
 }
