@@ -137,11 +137,12 @@ try:
     # --- bad configuration files and environment values ------------------------------
     bad_values = ["abc", "-1", "", "[1, 2]", "{}", "true", "99999999999999999999"]
     keys = ["backend", "state_dir", "redis.host", "redis.port", "redis.db", "redis.url",
-            "redis.password", "memory.threshold", "history.retention_days", "run.wait",
-            "reserve.wait", "smi_timeout", "nvml"]
+            "redis.password", "redis.sentinels", "redis.sentinel_master", "memory.threshold",
+            "history.retention_days", "run.wait", "reserve.wait", "smi_timeout", "nvml"]
     any_text = {"abc", "-1", "true", "99999999999999999999", "[1, 2]", "{}"}
     valid_for = {"state_dir": any_text, "redis.host": {"abc", "-1", "true", "99999999999999999999"},
                  "redis.password": any_text,
+                 "redis.sentinel_master": {"abc", "-1", "true", "99999999999999999999", "{}"},
                  "run.wait": {"true"}, "reserve.wait": {"true"}, "nvml": {"true"}}
     for key, value in itertools.product(keys, bad_values):
         expect_failure = value not in valid_for.get(key, set())

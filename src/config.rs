@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::gpu::GpuSettings;
-use crate::store::{RedisConfig, RedisLayout, StoreConfig};
+use crate::store::{RedisConfig, RedisLayout, SentinelConfig, StoreConfig};
 
 /// Default location of the embedded store's directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/canhazgpu";
@@ -23,6 +23,8 @@ pub const DEFAULT_MEMORY_THRESHOLD_MB: u64 = 1024;
 pub const DEFAULT_REDIS_HOST: &str = "localhost";
 pub const DEFAULT_REDIS_PORT: u16 = 6379;
 pub const DEFAULT_REDIS_DB: i64 = 0;
+/// The name Sentinel's own examples give the master, and so most installations.
+pub const DEFAULT_SENTINEL_MASTER: &str = "mymaster";
 /// Directory searched for `config.{yaml,yml,json,toml}` when the user has no file.
 pub const SYSTEM_CONFIG_DIR: &str = "/etc/canhazgpu";
 /// Environment variable naming the config file, like `--config`.
@@ -32,12 +34,13 @@ const ENV_PREFIX: &str = "CANHAZGPU_";
 /// Config file extensions in discovery order.
 const EXTENSIONS: [&str; 4] = ["yaml", "yml", "json", "toml"];
 /// Keys whose presence alone selects the Redis backend.
-const REDIS_KEYS: [&str; 5] = [
+const REDIS_KEYS: [&str; 6] = [
     "redis.host",
     "redis.port",
     "redis.db",
     "redis.url",
     "redis.password",
+    "redis.sentinels",
 ];
 const REDIS_URL_SCHEMES: [&str; 3] = ["redis://", "rediss://", "redis+unix://"];
 
@@ -206,6 +209,12 @@ pub static KEYS: &[Key] = &[
     Key::new("redis.password", "a non-empty password")
         .flag("--redis-password", |o| text(&o.redis_password))
         .secret(),
+    Key::new(
+        "redis.sentinels",
+        "a list of sentinel addresses such as 10.0.0.1:26379,10.0.0.2:26379",
+    )
+    .list(),
+    Key::new("redis.sentinel_master", "a master name"),
     Key::new("memory.threshold", "a whole number of MB")
         .flag("--memory-threshold", |o| text(&o.memory_threshold)),
     Key::new(
@@ -509,7 +518,32 @@ fn redis_config(
         "upstream" => Some(RedisLayout::Upstream),
         _ => None,
     })?;
+    let sentinels = parsed(settings, "redis.sentinels", sentinel_nodes)?;
+    let sentinel_master = parsed(settings, "redis.sentinel_master", |v| {
+        non_empty(v).filter(|v| !v.contains(char::is_whitespace))
+    })?;
 
+    // The sentinels name the master's address.
+    match (
+        settings.get("redis.sentinels"),
+        settings.get("redis.sentinel_master"),
+    ) {
+        (Some(sentinels_setting), _) => {
+            for name in ["redis.host", "redis.port"] {
+                if let Some(ignored) = settings.get(name) {
+                    warnings.push(format!(
+                        "warning: {} ignored because redis.sentinels is set ({})",
+                        ignored.source, sentinels_setting.source
+                    ));
+                }
+            }
+        }
+        (None, Some(master)) => warnings.push(format!(
+            "warning: {} ignored because redis.sentinels is not set",
+            master.source
+        )),
+        (None, None) => {}
+    }
     // The URL wins over host/port/db; say so rather than silently drop a flag.
     if let Some(url_setting) = settings.get("redis.url") {
         for name in ["redis.host", "redis.port", "redis.db"] {
@@ -528,7 +562,33 @@ fn redis_config(
         db: db.unwrap_or(DEFAULT_REDIS_DB),
         password,
         layout: layout.unwrap_or(RedisLayout::Fleet),
+        sentinel: sentinels.map(|nodes| SentinelConfig {
+            nodes,
+            master: sentinel_master.unwrap_or_else(|| DEFAULT_SENTINEL_MASTER.to_owned()),
+        }),
     })
+}
+
+/// `host:port,host:port` (an IPv6 host in brackets), spaces around commas allowed.
+fn sentinel_nodes(value: &str) -> Option<Vec<(String, u16)>> {
+    value
+        .split(',')
+        .map(|node| {
+            let (host, port) = node.trim().rsplit_once(':')?;
+            let port = digits(port)?
+                .parse::<u16>()
+                .ok()
+                .filter(|port| *port != 0)?;
+            let host = match host.strip_prefix('[') {
+                Some(bracketed) => bracketed.strip_suffix(']')?,
+                None if host.contains(':') => return None,
+                None => host,
+            };
+            let valid = !host.is_empty()
+                && !host.contains(|c: char| c.is_whitespace() || "[]/@".contains(c));
+            valid.then(|| (host.to_owned(), port))
+        })
+        .collect()
 }
 
 /// The explicitly named file (`--config`, then `CANHAZGPU_CONFIG`), else the first
@@ -895,6 +955,8 @@ mod tests {
                 "CANHAZGPU_REDIS_DB",
                 "CANHAZGPU_REDIS_URL",
                 "CANHAZGPU_REDIS_PASSWORD",
+                "CANHAZGPU_REDIS_SENTINELS",
+                "CANHAZGPU_REDIS_SENTINEL_MASTER",
                 "CANHAZGPU_MEMORY_THRESHOLD",
                 "CANHAZGPU_HISTORY_RETENTION_DAYS",
                 "CANHAZGPU_RUN_WAIT",
@@ -1123,7 +1185,7 @@ mod tests {
     }
 
     /// A valid value per layer (file, env, flag) for every registered key.
-    const LAYER_VALUES: [(&str, [&str; 3]); 16] = [
+    const LAYER_VALUES: [(&str, [&str; 3]); 18] = [
         ("backend", ["sqlite", "redis", "sqlite"]),
         ("state_dir", ["/f", "/e", "/c"]),
         ("redis.host", ["f", "e", "c"]),
@@ -1131,6 +1193,8 @@ mod tests {
         ("redis.db", ["1", "2", "3"]),
         ("redis.url", ["redis://f", "redis://e", "redis://c"]),
         ("redis.password", ["f", "e", "c"]),
+        ("redis.sentinels", ["f:1", "e:2", "c:3"]),
+        ("redis.sentinel_master", ["f", "e", "c"]),
         ("memory.threshold", ["1", "2", "3"]),
         ("history.retention_days", ["1", "2", "3"]),
         ("run.wait", ["1m", "2m", "3m"]),
@@ -1161,7 +1225,9 @@ mod tests {
             | "nvml"
             | "host_name"
             | "redis.layout"
-            | "remote_hosts" => return None,
+            | "remote_hosts"
+            | "redis.sentinels"
+            | "redis.sentinel_master" => return None,
             // `--wait`/`--nonblock` belong to the commands (see commands::RequestOptions).
             "run.wait" | "reserve.wait" => return None,
             other => panic!("no flag for {other}"),
@@ -1211,6 +1277,7 @@ mod tests {
                 db: 2,
                 password: Some("s3cret".into()),
                 layout: RedisLayout::Fleet,
+                sentinel: None,
             })
         );
         assert_eq!(config.memory_threshold_mb, 512);
@@ -1638,7 +1705,11 @@ mod tests {
     #[test]
     fn any_redis_setting_selects_redis() {
         for key in REDIS_KEYS {
-            let value = if key == "redis.url" { "redis://h" } else { "1" };
+            let value = match key {
+                "redis.url" => "redis://h",
+                "redis.sentinels" => "h:26379",
+                _ => "1",
+            };
             let world = World::new();
             world.home_file(".canhazgpu.json", &format!(r#"{{"{key}": "{value}"}}"#));
             assert!(
@@ -1664,6 +1735,7 @@ mod tests {
                 db: 0,
                 password: None,
                 layout: RedisLayout::Fleet,
+                sentinel: None,
             })
         );
     }
@@ -1685,6 +1757,170 @@ mod tests {
             ..Overrides::default()
         };
         let config = world.resolve(&flags).unwrap();
+        assert!(matches!(config.store, StoreConfig::Sqlite { .. }));
+    }
+
+    // --- Redis Sentinel ---------------------------------------------------------
+
+    fn sentinel(config: &Config) -> &SentinelConfig {
+        redis(config)
+            .sentinel
+            .as_ref()
+            .expect("a Sentinel configuration")
+    }
+
+    fn nodes(list: &[(&str, u16)]) -> Vec<(String, u16)> {
+        list.iter()
+            .map(|(host, port)| (host.to_string(), *port))
+            .collect()
+    }
+
+    #[test]
+    fn sentinels_from_the_environment_are_comma_separated() {
+        let config = World::new()
+            .env(
+                "CANHAZGPU_REDIS_SENTINELS",
+                "10.0.0.1:26379, sentinel-b:26380,[::1]:26381",
+            )
+            .config();
+        assert_eq!(
+            sentinel(&config),
+            &SentinelConfig {
+                nodes: nodes(&[("10.0.0.1", 26379), ("sentinel-b", 26380), ("::1", 26381)]),
+                master: "mymaster".into(),
+            }
+        );
+        let config = World::new()
+            .env("CANHAZGPU_REDIS_SENTINELS", "s:1")
+            .env("CANHAZGPU_REDIS_SENTINEL_MASTER", "gpus")
+            .config();
+        assert_eq!(sentinel(&config).master, "gpus");
+    }
+
+    #[test]
+    fn sentinels_in_files_are_lists_or_comma_separated() {
+        let expected = nodes(&[("a", 1), ("b", 2)]);
+        for (name, text) in [
+            (
+                ".canhazgpu.yaml",
+                "redis:\n  sentinels:\n    - a:1\n    - b:2\n",
+            ),
+            (".canhazgpu.yaml", "redis:\n  sentinels: a:1,b:2\n"),
+            (
+                ".canhazgpu.json",
+                r#"{"redis": {"sentinels": ["a:1", "b:2"]}}"#,
+            ),
+            (
+                ".canhazgpu.toml",
+                "[redis]\nsentinels = [\"a:1\", \"b:2\"]\n",
+            ),
+        ] {
+            let world = World::new();
+            world.home_file(name, text);
+            assert_eq!(sentinel(&world.config()).nodes, expected, "{text}");
+        }
+    }
+
+    #[test]
+    fn bad_sentinel_addresses_name_their_source() {
+        let expected = "a list of sentinel addresses such as 10.0.0.1:26379,10.0.0.2:26379";
+        for value in [
+            "",
+            "host",
+            "host:0",
+            "host:65536",
+            "host:+1",
+            ":26379",
+            "a:1,",
+            "a:1,,b:2",
+            "::1:26379",
+            "[::1:26379",
+            "two words:1",
+            "redis://h:1",
+        ] {
+            let world = World::new().env("CANHAZGPU_REDIS_SENTINELS", value);
+            // An empty variable counts as unset.
+            if value.is_empty() {
+                assert!(matches!(world.config().store, StoreConfig::Sqlite { .. }));
+                continue;
+            }
+            assert_eq!(
+                world.error(&Overrides::default()),
+                format!("CANHAZGPU_REDIS_SENTINELS: expected {expected}, got {value:?}")
+            );
+        }
+        let world = World::new();
+        let path = world.home_file(".canhazgpu.yaml", "redis:\n  sentinels: [a:1, 2]\n");
+        assert_eq!(
+            world.error(&Overrides::default()),
+            format!(
+                "{}: key 'redis.sentinels': expected {expected}, got a list of non-strings",
+                path.display()
+            )
+        );
+        std::fs::write(&path, "redis:\n  sentinels: []\n").unwrap();
+        assert_eq!(
+            world.error(&Overrides::default()),
+            format!(
+                "{}: key 'redis.sentinels': expected {expected}, got \"\"",
+                path.display()
+            )
+        );
+        let world = World::new()
+            .env("CANHAZGPU_REDIS_SENTINELS", "a:1")
+            .env("CANHAZGPU_REDIS_SENTINEL_MASTER", "my master");
+        assert_eq!(
+            world.error(&Overrides::default()),
+            "CANHAZGPU_REDIS_SENTINEL_MASTER: expected a master name, got \"my master\""
+        );
+    }
+
+    #[test]
+    fn other_keys_take_no_list() {
+        let world = World::new();
+        let path = world.home_file(".canhazgpu.yaml", "redis:\n  sentinel_master: [a]\n");
+        assert_eq!(
+            world.error(&Overrides::default()),
+            format!(
+                "{}: key 'redis.sentinel_master': expected a master name, got a list",
+                path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn sentinels_replace_host_and_port_with_a_warning() {
+        let world = World::new().env("CANHAZGPU_REDIS_SENTINELS", "s:26379");
+        let flags = Overrides {
+            redis_host: Some("h".into()),
+            redis_db: Some("3".into()),
+            redis_password: Some("pw".into()),
+            ..Overrides::default()
+        };
+        let config = world.resolve(&flags).unwrap();
+        assert_eq!(
+            config.warnings,
+            [
+                "warning: --redis-host ignored because redis.sentinels is set (CANHAZGPU_REDIS_SENTINELS)"
+            ]
+        );
+        assert_eq!(
+            (redis(&config).db, redis(&config).password.as_deref()),
+            (3, Some("pw"))
+        );
+        let shown = format!("{config:?}");
+        assert!(
+            shown.contains("\"s\", 26379") && !shown.contains("pw"),
+            "{shown}"
+        );
+
+        let config = World::new()
+            .env("CANHAZGPU_REDIS_SENTINEL_MASTER", "gpus")
+            .config();
+        assert_eq!(
+            config.warnings,
+            ["warning: CANHAZGPU_REDIS_SENTINEL_MASTER ignored because redis.sentinels is not set"]
+        );
         assert!(matches!(config.store, StoreConfig::Sqlite { .. }));
     }
 

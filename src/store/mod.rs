@@ -35,6 +35,8 @@ pub struct RedisConfig {
     pub db: i64,
     pub password: Option<String>,
     pub layout: RedisLayout,
+    /// Find the master through Redis Sentinel instead of at `url` or `host`.
+    pub sentinel: Option<SentinelConfig>,
 }
 
 /// How pools are laid out in Redis (`redis.layout`).
@@ -48,6 +50,15 @@ pub enum RedisLayout {
     Upstream,
 }
 
+/// `redis.sentinels` and `redis.sentinel_master`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SentinelConfig {
+    /// The sentinels' `host:port`.
+    pub nodes: Vec<(String, u16)>,
+    /// The name the sentinels know the master by.
+    pub master: String,
+}
+
 /// Never shows the password, not even inside the URL.
 impl std::fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -58,6 +69,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("db", &self.db)
             .field("password", &self.password.as_ref().map(|_| "<hidden>"))
             .field("layout", &self.layout)
+            .field("sentinel", &self.sentinel)
             .finish()
     }
 }
@@ -261,6 +273,12 @@ pub trait Store: Send {
     /// can tell (an unknown host, an upstream pool in the other layout).
     fn missing_pool(&mut self) -> Error {
         Error::NotInitialized
+    }
+
+    /// Whether the store moved to another server since this was last asked (Redis
+    /// followed a Sentinel failover): that server may have missed the latest writes.
+    fn followed_failover(&mut self) -> bool {
+        false
     }
 
     /// Finished reservations overlapping `[from, to]` (end ≥ from, start ≤ to).

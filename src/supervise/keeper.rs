@@ -85,6 +85,15 @@ fn keeper_gone() -> Error {
     Error::Runtime("the heartbeat thread ended unexpectedly".into())
 }
 
+/// Why the reservation is written again.
+#[derive(Clone, Copy)]
+enum Reassert {
+    /// The store answers again after a failure; it may have lost data meanwhile.
+    AfterOutage,
+    /// The store followed a failover to a replica that may have missed the last writes.
+    AfterFailover,
+}
+
 /// A period during which the store did not answer.
 struct Outage {
     next_retry: Duration,
@@ -136,13 +145,24 @@ impl KeeperState {
             return;
         }
         let result = if self.outage.is_some() {
-            self.reassert()
+            self.reassert(Reassert::AfterOutage)
         } else {
             let id = self.kept.reservation.id.clone();
             let held = self.held.clone();
             self.store()
-                .and_then(|store| store.heartbeat(&id, &held, now()))
-                .map(|still_held| self.confirmed(still_held))
+                .and_then(|store| {
+                    let still_held = store.heartbeat(&id, &held, now())?;
+                    Ok((still_held, store.followed_failover()))
+                })
+                .and_then(|(still_held, failed_over)| match failed_over {
+                    // A promoted replica may have missed the reservation: put it back
+                    // rather than take its absence for a release.
+                    true => self.reassert(Reassert::AfterFailover),
+                    false => {
+                        self.confirmed(still_held);
+                        Ok(())
+                    }
+                })
         };
         if let Err(e) = result {
             self.failed(&e);
@@ -161,7 +181,7 @@ impl KeeperState {
         self.held = still_held;
     }
 
-    fn reassert(&mut self) -> Result<()> {
+    fn reassert(&mut self, after: Reassert) -> Result<()> {
         let request = ReassertRequest {
             pool: self.kept.pool,
             reservation: self.kept.reservation.clone(),
@@ -171,15 +191,22 @@ impl KeeperState {
         };
         let outcome = self.store()?.reassert(&request)?;
         self.outage = None;
+        let (event, meanwhile) = match after {
+            Reassert::AfterOutage => ("the store answers again", "while the store was unreachable"),
+            Reassert::AfterFailover => (
+                "the store moved to a new Redis master",
+                "on the new Redis master",
+            ),
+        };
         if !outcome.held.is_empty() {
             eprintln!(
-                "canhazgpu: the store answers again; reservation of GPU(s) {} re-asserted",
+                "canhazgpu: {event}; reservation of GPU(s) {} re-asserted",
                 id_list(&outcome.held)
             );
         }
         for (gpu, holder) in &outcome.taken {
             eprintln!(
-                "canhazgpu: WARNING: GPU {gpu} was taken by {holder} while the store was unreachable; this command is still running on it"
+                "canhazgpu: WARNING: GPU {gpu} was taken by {holder} {meanwhile}; this command is still running on it"
             );
         }
         let taken: Vec<u32> = outcome.taken.iter().map(|(gpu, _)| *gpu).collect();

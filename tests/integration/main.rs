@@ -12,6 +12,7 @@ mod redis_store;
 mod redis_tls;
 mod report;
 mod run;
+mod sentinel;
 mod sqlite_store;
 mod store_conformance;
 mod support;

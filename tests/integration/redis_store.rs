@@ -375,6 +375,7 @@ fn connection_errors_are_one_line_without_password() {
         db: 0,
         password: None,
         layout: RedisLayout::Fleet,
+        sentinel: None,
     };
     let tcp_config = RedisConfig {
         url: None,
@@ -383,6 +384,7 @@ fn connection_errors_are_one_line_without_password() {
         db: 2,
         password: Some("s3cret".into()),
         layout: RedisLayout::Fleet,
+        sentinel: None,
     };
     let user_url_config = RedisConfig {
         url: Some("redis://alice:s3cret@127.0.0.1:1/0".into()),

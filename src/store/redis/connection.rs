@@ -3,10 +3,73 @@
 
 use std::fmt::Display;
 
-use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisError, RedisResult};
+use redis::{
+    Client, Connection, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisError, RedisResult,
+};
 
+use super::sentinel::{self, Sentinels};
+use super::{CONNECT_TIMEOUT, IO_TIMEOUT};
 use crate::error::Error;
 use crate::store::RedisConfig;
+
+/// Where new connections go: the configured server, or the master the sentinels name.
+#[derive(Clone)]
+pub(super) enum Server {
+    Direct(Client),
+    Sentinel(Sentinels),
+}
+
+/// Why a connection could not be opened.
+pub(super) struct Refused {
+    pub error: Error,
+    /// A failover under way may explain it: the sentinels may name a master soon.
+    pub failing_over: bool,
+}
+
+impl Server {
+    pub(super) fn new(config: &RedisConfig) -> RedisResult<Server> {
+        let info = connection_info(config)?;
+        Ok(match &config.sentinel {
+            None => Server::Direct(Client::open(info)?),
+            Some(sentinel) => {
+                Server::Sentinel(Sentinels::new(&sentinel.nodes, &sentinel.master, info))
+            }
+        })
+    }
+
+    /// A connection with the store's timeouts (3 s to connect, 5 s per reply), and
+    /// the master's address when the sentinels named it.
+    pub(super) fn open(&self, location: &str) -> Result<(Connection, Option<String>), Refused> {
+        match self {
+            Server::Direct(client) => client
+                .get_connection_with_timeout(CONNECT_TIMEOUT)
+                .and_then(|connection| {
+                    connection.set_read_timeout(Some(IO_TIMEOUT))?;
+                    connection.set_write_timeout(Some(IO_TIMEOUT))?;
+                    Ok((connection, None))
+                })
+                .map_err(|err| Refused {
+                    error: connect_error(location, err),
+                    failing_over: false,
+                }),
+            Server::Sentinel(sentinels) => sentinels
+                .connect(CONNECT_TIMEOUT, IO_TIMEOUT)
+                .map(|(connection, master)| (connection, Some(master)))
+                .map_err(|unresolved| Refused {
+                    error: Error::Store(format!(
+                        "failed to connect to Redis: {}",
+                        unresolved.message
+                    )),
+                    failing_over: unresolved.failing_over,
+                }),
+        }
+    }
+
+    /// Whether a lost connection may be followed to a new master.
+    pub(super) fn follows_failover(&self) -> bool {
+        matches!(self, Server::Sentinel(_))
+    }
+}
 
 pub(super) fn connection_info(config: &RedisConfig) -> RedisResult<ConnectionInfo> {
     let info = match &config.url {
@@ -23,6 +86,13 @@ pub(super) fn connection_info(config: &RedisConfig) -> RedisResult<ConnectionInf
     Ok(info.set_redis_settings(settings))
 }
 
+/// A write refused because the server is a replica now (a failover demoted it).
+pub(super) fn read_only(err: &RedisError) -> bool {
+    err.clone()
+        .into_server_errors()
+        .is_some_and(|errors| errors.iter().any(|(_, error)| error.code() == "READONLY"))
+}
+
 pub(super) fn connect_error(location: &str, err: RedisError) -> Error {
     Error::Store(format!(
         "failed to connect to Redis at {location}: {}",
@@ -32,6 +102,9 @@ pub(super) fn connect_error(location: &str, err: RedisError) -> Error {
 
 /// The configured Redis as a URL without password, for messages.
 pub(super) fn display_location(config: &RedisConfig) -> String {
+    if let Some(sentinel) = &config.sentinel {
+        return sentinel::location(sentinel);
+    }
     match &config.url {
         Some(url) => without_password(url),
         None if config.host.contains(':') => {
@@ -119,6 +192,7 @@ mod tests {
             db: 4,
             password: Some("s3cret".into()),
             layout: crate::store::RedisLayout::Fleet,
+            sentinel: None,
         };
         assert_eq!(display_location(&config), "redis://[::1]:6379/4");
     }

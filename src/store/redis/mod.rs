@@ -11,12 +11,13 @@ mod codec;
 mod connection;
 mod fleet;
 mod history;
+mod sentinel;
 mod transaction;
 mod watch;
 
 use std::time::Duration;
 
-use redis::{Client, Connection, RedisResult};
+use redis::{Connection, RedisResult};
 
 use super::{
     DEFAULT_HISTORY_RETENTION_DAYS, PoolView, QueueBeat, RedisConfig, RedisLayout, Store, Wake,
@@ -30,8 +31,8 @@ use crate::report::UserUsage;
 use crate::state::{Pool, UnixTime, UsageRecord};
 
 pub use connection::without_password;
-use connection::{connect_error, connection_info, display_location, one_line};
-use transaction::unix_nanos;
+use connection::{Server, connect_error, display_location, one_line, read_only};
+use transaction::{Backoff, unix_nanos};
 use watch::Watch;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -106,10 +107,17 @@ impl Keys {
 }
 
 pub struct RedisStore {
-    client: Client,
+    server: Server,
     /// Dropped after an I/O error and reopened by the next call, so that a long-running
     /// supervisor survives a Redis restart. Never shared: `WATCH` belongs to it.
     connection: Option<Connection>,
+    /// Set when the last failure lost the connection in a way a Sentinel failover
+    /// explains: what failed may run again on the master named next (`patiently`).
+    lost: Option<Lost>,
+    /// The master the sentinels named for the connection, and whether that changed
+    /// since `followed_failover` last asked.
+    master: Option<String>,
+    moved: bool,
     /// Where the store lives, without any password, for messages.
     location: String,
     keys: Keys,
@@ -133,12 +141,13 @@ impl RedisStore {
         // installing it twice is harmless (the second call reports the first).
         let _ = rustls::crypto::ring::default_provider().install_default();
         let location = display_location(config);
-        let client = connection_info(config)
-            .and_then(Client::open)
-            .map_err(|err| connect_error(&location, err))?;
+        let server = Server::new(config).map_err(|err| connect_error(&location, err))?;
         let mut store = RedisStore {
-            client,
+            server,
             connection: None,
+            lost: None,
+            master: None,
+            moved: false,
             location,
             keys: Keys::of(config.layout, &procinfo::hostname()),
             layout: config.layout,
@@ -148,7 +157,7 @@ impl RedisStore {
             history_retention: i64::from(DEFAULT_HISTORY_RETENTION_DAYS) * 86_400,
             retries: 0,
         };
-        store.connection()?;
+        store.patiently(|store| store.connection().map(drop))?;
         Ok(store)
     }
 
@@ -182,26 +191,38 @@ impl RedisStore {
     fn connection(&mut self) -> Result<&mut Connection> {
         let connection = match self.connection.take() {
             Some(connection) => connection,
-            None => self
-                .client
-                .get_connection_with_timeout(CONNECT_TIMEOUT)
-                .and_then(|connection| {
-                    connection.set_read_timeout(Some(IO_TIMEOUT))?;
-                    connection.set_write_timeout(Some(IO_TIMEOUT))?;
-                    Ok(connection)
-                })
-                .map_err(|err| connect_error(&self.location, err))?,
+            None => {
+                let (connection, master) = self.server.open(&self.location).map_err(|refused| {
+                    if refused.failing_over {
+                        self.lost = Some(Lost::Connection);
+                    }
+                    refused.error
+                })?;
+                if self.master.is_some() && master != self.master {
+                    self.moved = true;
+                }
+                self.master = master;
+                connection
+            }
         };
         Ok(self.connection.insert(connection))
     }
 
-    /// Runs Redis commands; an I/O failure drops the connection (the next call opens
-    /// a new one) and becomes one line naming the server.
+    /// Runs Redis commands; an I/O failure or a write refused by a replica drops the
+    /// connection (the next call opens a new one) and becomes one line naming the
+    /// server.
     fn call<T>(&mut self, command: impl FnOnce(&mut Connection) -> RedisResult<T>) -> Result<T> {
         let result = command(self.connection()?);
         result.map_err(|err| {
-            if err.is_io_error() || err.is_unrecoverable_error() {
+            let refused = read_only(&err);
+            if err.is_io_error() || err.is_unrecoverable_error() || refused {
                 self.connection = None;
+                if self.server.follows_failover() {
+                    self.lost = Some(match refused {
+                        true => Lost::ReadOnly,
+                        false => Lost::Connection,
+                    });
+                }
             }
             if err.is_timeout() {
                 // A hung server (stopped, swapping): say so, not "os error 11".
@@ -219,6 +240,28 @@ impl RedisStore {
             ))
         })
     }
+
+    /// Runs `attempt` again, after jittered pauses for up to 15 s, while it fails
+    /// because the master went away and the sentinels may name a new one.
+    fn patiently<T>(&mut self, mut attempt: impl FnMut(&mut Self) -> Result<T>) -> Result<T> {
+        let mut backoff = Backoff::new();
+        loop {
+            self.lost = None;
+            match attempt(self) {
+                Err(_) if self.lost.is_some() && backoff.wait() => {}
+                result => return result,
+            }
+        }
+    }
+}
+
+/// How a connection was lost (Sentinel only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lost {
+    /// It failed or could not be opened: a command sent may or may not have run.
+    Connection,
+    /// A write was refused by a server that is no longer the master: nothing ran.
+    ReadOnly,
 }
 
 impl Drop for RedisStore {
@@ -232,37 +275,16 @@ impl Drop for RedisStore {
 
 impl Store for RedisStore {
     fn run(&mut self, operation: &Operation) -> Result<Outcome> {
-        let outcome = self.operate(operation);
+        let outcome = self.patiently(|store| store.operate(operation));
         self.explained(outcome)
     }
 
     fn pool(&mut self) -> Result<Option<Pool>> {
-        // One command in the usual case: on a hung server each command of a pipeline
-        // waits out the reply timeout.
-        let (count_key, provider_key) = (self.keys.gpu_count(), self.keys.provider());
-        let (count, provider): (Option<String>, Option<String>) = self.call(|connection| {
-            redis::cmd("MGET")
-                .arg(&count_key)
-                .arg(&provider_key)
-                .query(connection)
-        })?;
-        if count.is_none() || provider.is_none() {
-            let (count_exists, provider_exists): (bool, bool) = self.call(|connection| {
-                redis::pipe()
-                    .exists(&count_key)
-                    .exists(&provider_key)
-                    .query(connection)
-            })?;
-            self.check_strings(&[
-                (&count, count_exists, count_key),
-                (&provider, provider_exists, provider_key),
-            ])?;
-        }
-        self.decode_pool(count, provider)
+        self.patiently(Self::read_pool)
     }
 
     fn pool_view(&mut self) -> Result<PoolView> {
-        let view = self.read_view();
+        let view = self.patiently(Self::read_view);
         self.explained(view)
     }
 
@@ -276,7 +298,7 @@ impl Store for RedisStore {
     }
 
     fn hosts(&mut self) -> Result<Vec<HostRecord>> {
-        fleet::hosts(self)
+        self.patiently(fleet::hosts)
     }
 
     fn selected_host(&self) -> &str {
@@ -301,20 +323,83 @@ impl Store for RedisStore {
         snapshot: &HostSnapshot,
         interval_secs: Option<u64>,
     ) -> Result<()> {
-        fleet::publish(self, snapshot, interval_secs)
+        self.patiently(|store| fleet::publish(store, snapshot, interval_secs))
     }
 
     fn host_snapshot(&mut self) -> Result<Option<HostSnapshot>> {
-        fleet::snapshot(self)
+        self.patiently(fleet::snapshot)
     }
 
     fn missing_pool(&mut self) -> Error {
         fleet::missing_pool(self).unwrap_or_else(|err| err)
     }
 
+    fn enqueue(&mut self, entry: &QueueEntry) -> Result<()> {
+        self.patiently(|store| store.append(entry))
+    }
+
+    fn queue(&mut self) -> Result<Vec<QueueEntry>> {
+        let queue = self.patiently(Self::read_queue);
+        self.explained(queue)
+    }
+
+    fn queue_beat(&mut self, entry_id: &str, now: UnixTime) -> Result<QueueBeat> {
+        self.patiently(|store| store.beat(entry_id, now))
+    }
+
+    fn watch_entry(&mut self, entry_id: &str, wake: Wake) -> Result<()> {
+        let channel = self.keys.wake_entry(entry_id);
+        self.entry_watch = Some(Watch::start(&self.server, &self.location, channel, wake)?);
+        Ok(())
+    }
+
+    fn stop_watching(&mut self) {
+        self.entry_watch = None;
+    }
+
+    fn history(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UsageRecord>> {
+        self.patiently(|store| store.read_history(from, to))
+    }
+
+    fn followed_failover(&mut self) -> bool {
+        std::mem::take(&mut self.moved)
+    }
+
+    fn usage_summary(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UserUsage>> {
+        self.patiently(|store| store.summarize_history(from, to))
+    }
+}
+
+/// The store's own commands outside a transaction; `Store` runs them `patiently`.
+impl RedisStore {
+    fn read_pool(&mut self) -> Result<Option<Pool>> {
+        // One command in the usual case: on a hung server each command of a pipeline
+        // waits out the reply timeout.
+        let (count_key, provider_key) = (self.keys.gpu_count(), self.keys.provider());
+        let (count, provider): (Option<String>, Option<String>) = self.call(|connection| {
+            redis::cmd("MGET")
+                .arg(&count_key)
+                .arg(&provider_key)
+                .query(connection)
+        })?;
+        if count.is_none() || provider.is_none() {
+            let (count_exists, provider_exists): (bool, bool) = self.call(|connection| {
+                redis::pipe()
+                    .exists(&count_key)
+                    .exists(&provider_key)
+                    .query(connection)
+            })?;
+            self.check_strings(&[
+                (&count, count_exists, count_key),
+                (&provider, provider_exists, provider_key),
+            ])?;
+        }
+        self.decode_pool(count, provider)
+    }
+
     /// Appends without `WATCH`: an append conflicts with no other append, and every
     /// decision that depends on the queue watches it.
-    fn enqueue(&mut self, entry: &QueueEntry) -> Result<()> {
+    fn append(&mut self, entry: &QueueEntry) -> Result<()> {
         let (count_key, queue_key) = (self.keys.gpu_count(), self.keys.queue());
         let (count, kind): (Option<String>, String) = self.call(|connection| {
             redis::pipe()
@@ -360,14 +445,9 @@ impl Store for RedisStore {
         })
     }
 
-    fn queue(&mut self) -> Result<Vec<QueueEntry>> {
-        let queue = self.read_queue();
-        self.explained(queue)
-    }
-
     /// Refreshes the entry's JSON in place (`SET … XX`, so a removed entry stays
     /// removed); entry keys are watched by nobody, so this wakes no one.
-    fn queue_beat(&mut self, entry_id: &str, now: UnixTime) -> Result<QueueBeat> {
+    fn beat(&mut self, entry_id: &str, now: UnixTime) -> Result<QueueBeat> {
         let (entry_key, queue_key) = (self.keys.entry(entry_id), self.keys.queue());
         let (raw, rank, head): (Option<String>, Option<u32>, Vec<String>) =
             self.call(|connection| {
@@ -403,23 +483,5 @@ impl Store for RedisStore {
             position: rank + 1,
             head,
         })
-    }
-
-    fn watch_entry(&mut self, entry_id: &str, wake: Wake) -> Result<()> {
-        let channel = self.keys.wake_entry(entry_id);
-        self.entry_watch = Some(Watch::start(&self.client, &self.location, channel, wake)?);
-        Ok(())
-    }
-
-    fn stop_watching(&mut self) {
-        self.entry_watch = None;
-    }
-
-    fn history(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UsageRecord>> {
-        self.read_history(from, to)
-    }
-
-    fn usage_summary(&mut self, from: UnixTime, to: UnixTime) -> Result<Vec<UserUsage>> {
-        self.summarize_history(from, to)
     }
 }

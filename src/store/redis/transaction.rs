@@ -6,12 +6,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use super::{RedisStore, codec, fleet};
+use super::{Lost, RedisStore, codec, fleet};
 use crate::error::{Error, Result};
 use crate::gpu::procinfo;
 use crate::pool::{self, Changes, Operation, Outcome, PoolState, SlotWrite};
 use crate::state::{GpuSlot, Pool, ProviderKind, UnixTime};
-use crate::store::{HISTORY_PRUNE_BATCH, PoolView, RedisLayout, Store};
+use crate::store::{HISTORY_PRUNE_BATCH, PoolView, RedisLayout};
 
 /// How long an operation keeps trying when other clients keep changing what it read
 /// (or upstream holds its allocation lock, which expires after 10 s).
@@ -254,8 +254,7 @@ impl RedisStore {
     /// again while other clients change what it read.
     pub(super) fn operate(&mut self, operation: &Operation) -> Result<Outcome> {
         let (requester, now) = (operation.requester(), operation.now());
-        let started = Instant::now();
-        let mut pause = Duration::from_millis(2);
+        let mut backoff = Backoff::new();
         loop {
             let mut loaded = self.load(requester, true)?;
             loaded.state.find_gone(&self.host, |process| {
@@ -276,7 +275,7 @@ impl RedisStore {
             if committed && let Some(transition) = transition {
                 return transition.outcome;
             }
-            if started.elapsed() > TRANSACTION_PATIENCE {
+            if !backoff.wait() {
                 return Err(Error::Store(if loaded.locked {
                     format!(
                         "Redis at {}: upstream canhazgpu held {} for over {} s",
@@ -293,8 +292,6 @@ impl RedisStore {
                 }));
             }
             self.retries += 1;
-            std::thread::sleep(jittered(pause));
-            pause = (pause * 2).min(Duration::from_millis(200));
         }
     }
 
@@ -377,8 +374,13 @@ impl RedisStore {
         // A key of the wrong type (a history or last-use key someone overwrote) fails
         // its own command only: that record is skipped, the rest is written.
         tx.ignore_errors();
-        let done: Option<Vec<redis::Value>> = self.call(|connection| tx.query(connection))?;
-        Ok(done.is_some())
+        let done: Result<Option<Vec<redis::Value>>> = self.call(|connection| tx.query(connection));
+        if done.is_err() && self.lost == Some(Lost::Connection) {
+            // The write may have been made before the connection died: running the
+            // operation again could make it twice.
+            self.lost = None;
+        }
+        Ok(done?.is_some())
     }
 
     /// The highest score a write may prune: records that ended before `cutoff`, at
@@ -414,7 +416,7 @@ impl RedisStore {
     /// The slots and the entries collecting on them: the queue's length does not
     /// matter here.
     pub(super) fn read_view(&mut self) -> Result<PoolView> {
-        let pool = self.pool()?.ok_or(Error::NotInitialized)?;
+        let pool = self.read_pool()?.ok_or(Error::NotInitialized)?;
         let gpu_keys: Vec<String> = (0..pool.gpu_count).map(|id| self.keys.gpu(id)).collect();
         let gpus: Vec<Option<String>> =
             self.call(|connection| redis::cmd("MGET").arg(&gpu_keys).query(connection))?;
@@ -450,6 +452,32 @@ pub(super) fn unix_nanos() -> u128 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|elapsed| elapsed.as_nanos())
         .unwrap_or(0)
+}
+
+/// The pauses between the attempts of an operation: between half and all of a pause
+/// that starts at 2 ms and doubles up to 200 ms, for at most `TRANSACTION_PATIENCE`.
+pub(super) struct Backoff {
+    started: Instant,
+    pause: Duration,
+}
+
+impl Backoff {
+    pub(super) fn new() -> Self {
+        Backoff {
+            started: Instant::now(),
+            pause: Duration::from_millis(2),
+        }
+    }
+
+    /// Pauses before the next attempt; false, at once, when patience has run out.
+    pub(super) fn wait(&mut self) -> bool {
+        if self.started.elapsed() > TRANSACTION_PATIENCE {
+            return false;
+        }
+        std::thread::sleep(jittered(self.pause));
+        self.pause = (self.pause * 2).min(Duration::from_millis(200));
+        true
+    }
 }
 
 /// Between half and all of `pause`, so that clients that collided do not collide

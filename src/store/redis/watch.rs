@@ -8,10 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use redis::Client;
-
-use super::connection::{connect_error, one_line};
-use super::{CONNECT_TIMEOUT, IO_TIMEOUT};
+use super::connection::{Server, one_line};
 use crate::error::{Error, Result};
 use crate::store::Wake;
 
@@ -27,9 +24,10 @@ pub(super) struct Watch {
 impl Watch {
     /// Subscribes to `channel` and returns once the subscription is in place, so no
     /// message published afterwards is missed. `wake` is called for every message,
-    /// and once more whenever the connection was lost (something may have been).
+    /// and once more whenever the connection was lost (something may have been). A
+    /// new connection goes to the master the sentinels name then, if any.
     pub(super) fn start(
-        client: &Client,
+        server: &Server,
         location: &str,
         channel: String,
         wake: Wake,
@@ -37,7 +35,7 @@ impl Watch {
         let (ready, subscribed) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
-        let client = client.clone();
+        let server = server.clone();
         let location = location.to_string();
         std::thread::Builder::new()
             .name("queue-wake".into())
@@ -45,7 +43,7 @@ impl Watch {
                 let mut ready = Some(ready);
                 while !stopped.load(Ordering::Relaxed) {
                     let outcome =
-                        subscribe(&client, &location, &channel, &mut ready, &stopped, &wake);
+                        subscribe(&server, &location, &channel, &mut ready, &stopped, &wake);
                     match (outcome, ready.take()) {
                         // Failed before subscribing: the caller hears why.
                         (Err(err), Some(ready)) => {
@@ -77,7 +75,7 @@ impl Drop for Watch {
 /// Subscribes on a new connection and forwards messages until stopped (`Ok`) or the
 /// connection fails (`Err`). Reports the subscription through `ready` once.
 fn subscribe(
-    client: &Client,
+    server: &Server,
     location: &str,
     channel: &str,
     ready: &mut Option<mpsc::Sender<Result<()>>>,
@@ -87,14 +85,9 @@ fn subscribe(
     let failed = |err: redis::RedisError| {
         Error::Store(format!("Redis at {location} failed: {}", one_line(&err)))
     };
-    let mut connection = client
-        .get_connection_with_timeout(CONNECT_TIMEOUT)
-        .map_err(|err| connect_error(location, err))?;
-    // The subscription's reply may be slow under load: the short poll timeout is set
-    // only once it is in place.
-    connection
-        .set_read_timeout(Some(IO_TIMEOUT))
-        .map_err(failed)?;
+    // The subscription's reply may be slow under load: it gets the connection's
+    // full reply timeout, the short poll timeout is set only once it is in place.
+    let (mut connection, _) = server.open(location).map_err(|refused| refused.error)?;
     let mut pubsub = connection.as_pubsub();
     pubsub.subscribe(channel).map_err(failed)?;
     pubsub

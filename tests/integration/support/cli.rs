@@ -50,6 +50,8 @@ impl From<Output> for Run {
 pub enum Backend {
     Sqlite(PathBuf),
     Redis(String),
+    /// The sentinels' `host:port,host:port`.
+    Sentinel(String),
 }
 
 pub struct CliEnv {
@@ -74,6 +76,12 @@ impl CliEnv {
     pub fn redis(url: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         Self::with_backend(dir, Backend::Redis(url.to_string()))
+    }
+
+    /// An environment finding its Redis master through these sentinels.
+    pub fn sentinel(addresses: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::with_backend(dir, Backend::Sentinel(addresses.to_string()))
     }
 
     /// An environment pointing at a Redis server in upstream canhazgpu's layout.
@@ -116,6 +124,7 @@ impl CliEnv {
         match &self.backend {
             Backend::Sqlite(state) => cmd.env("CANHAZGPU_STATE_DIR", state),
             Backend::Redis(url) => cmd.env("CANHAZGPU_REDIS_URL", url),
+            Backend::Sentinel(addresses) => cmd.env("CANHAZGPU_REDIS_SENTINELS", addresses),
         };
         if !self.path_prefix.is_empty() {
             let mut paths = self.path_prefix.clone();
@@ -170,6 +179,7 @@ impl CliEnv {
         vars.push(match &self.backend {
             Backend::Sqlite(dir) => ("CANHAZGPU_STATE_DIR".into(), dir.display().to_string()),
             Backend::Redis(url) => ("CANHAZGPU_REDIS_URL".into(), url.clone()),
+            Backend::Sentinel(addresses) => ("CANHAZGPU_REDIS_SENTINELS".into(), addresses.clone()),
         });
         let lookup = move |name: &str| {
             vars.iter()

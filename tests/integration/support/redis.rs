@@ -8,7 +8,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use canhazgpu::store::redis::RedisStore;
-use canhazgpu::store::{RedisConfig, RedisLayout};
+use canhazgpu::store::{RedisConfig, RedisLayout, SentinelConfig};
 use tempfile::TempDir;
 
 use super::StoreFixture;
@@ -58,6 +58,7 @@ impl TestRedis {
             db: 0,
             password: None,
             layout,
+            sentinel: None,
         }
     }
 
@@ -162,4 +163,219 @@ pub fn redis_store_fixture(layout: RedisLayout) -> StoreFixture {
             Box::new(RedisStore::connect(&config).expect("connect to test redis-server"))
         }),
     }
+}
+
+/// The name the sentinels know the master by (canhazgpu's default).
+const MASTER_NAME: &str = "mymaster";
+
+/// A master and one replica (TCP, loopback) watched by three sentinels with a quorum
+/// of 2, which call the master down after 1 s without an answer.
+pub struct TestSentinels {
+    pub master: TestRedis,
+    pub replica: TestRedis,
+    pub replica_port: u16,
+    sentinel_ports: Vec<u16>,
+    sentinels: Vec<Child>,
+    /// Their config files, which they rewrite, and logs.
+    dir: TempDir,
+}
+
+impl TestSentinels {
+    /// Starts all five servers and returns once every sentinel sees the replica and
+    /// the other two sentinels, so that a failover can be agreed on.
+    pub fn launch() -> Self {
+        let master_port = free_port();
+        let replica_port = free_port();
+        let (master_arg, replica_arg) = (master_port.to_string(), replica_port.to_string());
+        let master = TestRedis::launch_with(&["--port", &master_arg, "--bind", "127.0.0.1"]);
+        let replica = TestRedis::launch_with(&[
+            "--port",
+            &replica_arg,
+            "--bind",
+            "127.0.0.1",
+            "--replicaof",
+            "127.0.0.1",
+            &master_arg,
+        ]);
+        let mut cluster = TestSentinels {
+            master,
+            replica,
+            replica_port,
+            sentinel_ports: Vec::new(),
+            sentinels: Vec::new(),
+            dir: tempfile::tempdir().expect("create temp dir for the sentinels"),
+        };
+        for index in 0..3 {
+            let port = free_port();
+            let dir = cluster.dir.path();
+            let config = dir.join(format!("sentinel-{index}.conf"));
+            std::fs::write(
+                &config,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\nlogfile {}\n\
+                     sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
+                     sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
+                     sentinel failover-timeout {MASTER_NAME} 5000\n",
+                    dir.display(),
+                    dir.join(format!("sentinel-{index}.log")).display(),
+                ),
+            )
+            .expect("write a sentinel config file");
+            let sentinel = Command::new("redis-server")
+                .arg(&config)
+                .arg("--sentinel")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start redis-server --sentinel");
+            cluster.sentinels.push(sentinel);
+            cluster.sentinel_ports.push(port);
+        }
+        let ready = super::cli::wait_until(Duration::from_secs(20), || {
+            cluster.sentinel_ports.iter().all(|&port| {
+                let master: Option<std::collections::HashMap<String, String>> = sentinel_query(
+                    port,
+                    ::redis::cmd("SENTINEL").arg("MASTER").arg(MASTER_NAME),
+                );
+                master.is_some_and(|master| {
+                    master.get("num-slaves").map(String::as_str) == Some("1")
+                        && master.get("num-other-sentinels").map(String::as_str) == Some("2")
+                })
+            })
+        });
+        assert!(
+            ready,
+            "the sentinels did not find each other: {}",
+            cluster.logs()
+        );
+        cluster
+    }
+
+    /// `127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3`, for `CANHAZGPU_REDIS_SENTINELS`.
+    pub fn addresses(&self) -> String {
+        let addresses: Vec<String> = self
+            .sentinel_ports
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect();
+        addresses.join(",")
+    }
+
+    /// The store's configuration: the master through these sentinels.
+    pub fn config(&self) -> RedisConfig {
+        RedisConfig {
+            url: None,
+            sentinel: Some(SentinelConfig {
+                nodes: self
+                    .sentinel_ports
+                    .iter()
+                    .map(|&port| ("127.0.0.1".to_string(), port))
+                    .collect(),
+                master: MASTER_NAME.into(),
+            }),
+            ..self.master.config_in(RedisLayout::Fleet)
+        }
+    }
+
+    /// Runs `command` on every sentinel.
+    pub fn tell_sentinels(&self, command: &::redis::Cmd) {
+        for &port in &self.sentinel_ports {
+            let done: Option<::redis::Value> = sentinel_query(port, command);
+            assert!(done.is_some(), "sentinel {port} refused {command:?}");
+        }
+    }
+
+    /// Whether a sentinel already names the replica as the master.
+    pub fn replica_promoted(&self) -> bool {
+        self.sentinel_ports.iter().any(|&port| {
+            let named: Option<(String, u16)> = sentinel_query(
+                port,
+                ::redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(MASTER_NAME),
+            );
+            named.is_some_and(|(_, port)| port == self.replica_port)
+        })
+    }
+
+    /// Returns once the replica holds every write made so far, then keeps what
+    /// follows from it: the replica authenticates with a password the master does
+    /// not have, so it cannot reconnect after its link is cut.
+    pub fn stop_replication(&self) {
+        let mut master = self.master.raw();
+        let () = ::redis::cmd("SET")
+            .arg("test:fence")
+            .arg(1)
+            .query(&mut master)
+            .expect("write the fence");
+        let acked: u32 = ::redis::cmd("WAIT")
+            .arg(1)
+            .arg(5000)
+            .query(&mut master)
+            .expect("WAIT");
+        assert_eq!(acked, 1, "the replica did not catch up");
+        let mut replica = self.replica.raw();
+        let () = ::redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("masterauth")
+            .arg("not-the-password")
+            .query(&mut replica)
+            .expect("set masterauth");
+        let _: u32 = ::redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("replica")
+            .query(&mut master)
+            .expect("cut the replication link");
+        let down = super::cli::wait_until(Duration::from_secs(5), || {
+            let info: String = ::redis::cmd("INFO")
+                .arg("replication")
+                .query(&mut replica)
+                .unwrap_or_default();
+            info.contains("master_link_status:down")
+        });
+        assert!(down, "the replica is still linked to the master");
+    }
+
+    /// The sentinels' logs, for failure messages.
+    pub fn logs(&self) -> String {
+        (0..self.sentinels.len())
+            .map(|index| {
+                let log = self.dir.path().join(format!("sentinel-{index}.log"));
+                std::fs::read_to_string(log).unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for TestSentinels {
+    fn drop(&mut self) {
+        for sentinel in &mut self.sentinels {
+            // Only our own children, by PID.
+            let _ = sentinel.kill();
+            let _ = sentinel.wait();
+        }
+    }
+}
+
+/// A TCP port on loopback that nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("find a free port")
+        .port()
+}
+
+/// One command to the sentinel on `port`; `None` while it does not answer.
+fn sentinel_query<T: ::redis::FromRedisValue>(port: u16, command: &::redis::Cmd) -> Option<T> {
+    let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    let mut connection = client
+        .get_connection_with_timeout(Duration::from_secs(1))
+        .ok()?;
+    connection
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .ok()?;
+    command.query(&mut connection).ok()
 }
