@@ -34,6 +34,7 @@ fn main() {
         db: 0,
         password: None,
         layout: RedisLayout::Fleet,
+        sentinel: None,
     };
     let allocations = Arc::new(AtomicU64::new(0));
     let held: Arc<Mutex<HashSet<(u32, u32)>>> = Arc::default();

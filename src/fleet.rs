@@ -220,22 +220,50 @@ pub fn read(config: &Config, only: Option<&str>) -> Result<Vec<HostStatus>> {
         .into_iter()
         .partition(|name| registered.iter().any(|host| host.name == *name));
     // SSH answers take seconds: ask them all while the store is read.
-    let ssh = std::thread::scope(|scope| {
+    let ssh = std::thread::scope(|scope| -> Result<_> {
         let remote = scope.spawn(|| over_ssh(&by_ssh, config));
         let mut hosts = Vec::new();
-        for name in &in_store {
-            let record = registered.iter().find(|host| host.name == *name).cloned();
-            let view = read_host(store.as_mut(), config, name, record.as_ref());
+        let record = |name: &str| registered.iter().find(|host| host.name == name).cloned();
+        // This host's GPUs are queried here; the others' state is read in one go.
+        let (local, others): (Vec<String>, Vec<String>) = in_store
+            .into_iter()
+            .partition(|name| *name == config.host_name);
+        for name in local {
+            let view = read_local(store.as_mut(), config);
+            hosts.push(HostStatus {
+                record: record(&name),
+                name,
+                is_local: true,
+                view: view.map_err(|err| err.to_string()),
+            });
+        }
+        for (name, data) in others.iter().zip(store.host_views(&others)?) {
+            let record = record(name);
+            let view = data.map(|data| {
+                // Every name here came from the registry.
+                let remote = record.clone().unwrap_or(HostRecord {
+                    name: name.clone(),
+                    reported_at: None,
+                    interval_secs: DEFAULT_INTERVAL_SECS,
+                });
+                let provider = Some(data.pool.provider);
+                let obs = session::remote_observation(data, &config.host_name, &remote);
+                HostView {
+                    provider,
+                    rows: session::status_rows(&obs, config.memory_threshold_mb, true),
+                    stale: obs.stale,
+                }
+            });
             hosts.push(HostStatus {
                 name: name.clone(),
-                is_local: *name == config.host_name,
+                is_local: false,
                 record,
                 view: view.map_err(|err| err.to_string()),
             });
         }
-        (hosts, remote.join().unwrap_or_default())
+        Ok((hosts, remote.join().unwrap_or_default()))
     });
-    let (mut hosts, remote) = ssh;
+    let (mut hosts, remote) = ssh?;
     hosts.extend(remote);
     let position = |name: &str| {
         host_order(&config.host_name, &config.remote_hosts, &registered)
@@ -246,25 +274,18 @@ pub fn read(config: &Config, only: Option<&str>) -> Result<Vec<HostStatus>> {
     Ok(hosts)
 }
 
-/// One host's view from the store: this host's GPUs are queried, another's come from
-/// its snapshot.
-fn read_host(
-    store: &mut dyn Store,
-    config: &Config,
-    name: &str,
-    record: Option<&HostRecord>,
-) -> Result<HostView> {
-    store.select_host(name)?;
+/// This host's view: its pool from the store, its GPUs queried now.
+fn read_local(store: &mut dyn Store, config: &Config) -> Result<HostView> {
+    store.select_host(&config.host_name)?;
     let pool = match store.pool()? {
         Some(pool) => pool,
         None => return Err(store.missing_pool()),
     };
-    let remote = record.filter(|_| name != config.host_name);
     let provider = gpu::provider_for(pool.provider, pool.gpu_count, &config.gpu);
-    let obs = session::observe(store, &config.host_name, remote, provider.as_ref())?;
+    let obs = session::observe(store, &config.host_name, None, provider.as_ref())?;
     Ok(HostView {
         provider: Some(pool.provider),
-        rows: session::status_rows(&obs, config.memory_threshold_mb, remote.is_some()),
+        rows: session::status_rows(&obs, config.memory_threshold_mb, false),
         stale: obs.stale,
     })
 }

@@ -10,7 +10,7 @@ use crate::gpu::{self, GpuProvider, procinfo};
 use crate::gpu_status::{self, GpuStatus, UsageSnapshot};
 use crate::queue::{self, QueueEntry};
 use crate::state::{GpuSlot, Pool, RunOwner, Selection, UnixTime};
-use crate::store::{self, AllocRequest, NewReservation, Store};
+use crate::store::{self, AllocRequest, HostData, NewReservation, PoolView, Store};
 
 pub struct Session {
     pub config: Config,
@@ -187,7 +187,7 @@ pub fn observe(
             let _ = store.publish_snapshot(&HostSnapshot::new(&usage, now), None);
             (usage, None)
         }
-        Some(remote) => remote_usage(store, remote, now)?,
+        Some(remote) => remote_usage(store.host_snapshot()?, remote, now),
     };
     Ok(Observation {
         slots,
@@ -201,22 +201,37 @@ pub fn observe(
 
 /// Another host's published usage, or why there is none to trust.
 fn remote_usage(
-    store: &mut dyn Store,
+    snapshot: Option<HostSnapshot>,
     remote: &HostRecord,
     now: UnixTime,
-) -> Result<(UsageSnapshot, Option<Staleness>)> {
-    let snapshot = store.host_snapshot()?;
+) -> (UsageSnapshot, Option<Staleness>) {
     let record = HostRecord {
         reported_at: snapshot.as_ref().map(|s| s.taken_at),
         ..remote.clone()
     };
-    Ok(match (record.staleness(now), snapshot) {
+    match (record.staleness(now), snapshot) {
         (None, Some(snapshot)) => (snapshot.usage(), None),
         (stale, _) => {
             let stale = stale.unwrap_or(Staleness::Never);
             (Err(stale.to_string()), Some(stale))
         }
-    })
+    }
+}
+
+/// `observe` for another host whose stored state was read already
+/// (`Store::host_views`); `host` is this host.
+pub fn remote_observation(data: HostData, host: &str, remote: &HostRecord) -> Observation {
+    let (slots, queue, dead_ids) = state_of(data.view, host);
+    let now = now();
+    let (usage, stale) = remote_usage(data.snapshot, remote, now);
+    Observation {
+        slots,
+        queue,
+        usage,
+        dead_ids,
+        now,
+        stale,
+    }
 }
 
 /// The rows of `status` for an observation; on another host's pool, a missing or
@@ -237,12 +252,17 @@ pub fn read_state(
     store: &mut dyn Store,
     host: &str,
 ) -> Result<(Vec<GpuSlot>, Vec<QueueEntry>, Vec<String>)> {
-    let view = store.pool_view()?;
+    Ok(state_of(store.pool_view()?, host))
+}
+
+/// The slots (partial reservations of gone waiters shown free), the collecting
+/// entries, and the IDs of reservations and entries whose process on `host` is gone.
+fn state_of(view: PoolView, host: &str) -> (Vec<GpuSlot>, Vec<QueueEntry>, Vec<String>) {
     let queue = view.collecting;
     let mut dead_ids = gpu_status::dead_reservation_ids(&view.slots, host);
     dead_ids.extend(dead_waiter_ids(&queue, host));
     let slots = queue::without_dead_partials(view.slots, &queue, &dead_ids, now());
-    Ok((slots, queue, dead_ids))
+    (slots, queue, dead_ids)
 }
 
 pub fn now() -> UnixTime {

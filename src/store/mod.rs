@@ -89,6 +89,14 @@ pub struct QueueBeat {
     pub head: Option<QueueEntry>,
 }
 
+/// One host's stored pool and published snapshot (`Store::host_views`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostData {
+    pub pool: Pool,
+    pub view: PoolView,
+    pub snapshot: Option<HostSnapshot>,
+}
+
 /// The slots, with the queue entries that hold partial reservations on them: what
 /// `status` needs, however long the queue is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -268,6 +276,28 @@ pub trait Store: Send {
 
     /// The selected host's latest published snapshot.
     fn host_snapshot(&mut self) -> Result<Option<HostSnapshot>>;
+
+    /// The pools of `names` with their latest snapshots, for the fleet's views: a
+    /// host that cannot be read fails alone. The selected host stays as it was.
+    fn host_views(&mut self, names: &[String]) -> Result<Vec<Result<HostData>>> {
+        let selected = self.selected_host().to_string();
+        let mut views = Vec::with_capacity(names.len());
+        for name in names {
+            self.select_host(name)?;
+            views.push(match self.pool()? {
+                None => Err(self.missing_pool()),
+                Some(pool) => self.pool_view().and_then(|view| {
+                    Ok(HostData {
+                        pool,
+                        view,
+                        snapshot: self.host_snapshot()?,
+                    })
+                }),
+            });
+        }
+        self.select_host(&selected)?;
+        Ok(views)
+    }
 
     /// Why the selected host has no pool: `NotInitialized`, or more where the store
     /// can tell (an unknown host, an upstream pool in the other layout).

@@ -455,3 +455,71 @@ fn two_users_across_hosts_keep_their_own_reservations() {
     let run = as_user("chg_alice", &["release", "--host", "b"]);
     assert_eq!(run.stdout.trim(), "Released 1 GPU(s): [0] on b", "{run:?}");
 }
+
+#[test]
+fn a_damaged_record_on_one_host_spoils_only_that_gpu_or_host() {
+    let fleet = Fleet::new();
+    let a = fleet.host_with("a", 2);
+    let b = fleet.host_with("b", 3);
+    let _c = fleet.host_with("c", 1);
+    b.run(["status"]).assert_ok();
+    fleet.redis(&["HSET", "canhazgpu:{b}:gpu:1", "x", "y"]);
+    fleet.redis(&["SET", "canhazgpu:{c}:gpu_count", "many"]);
+    fleet.redis(&["SET", "canhazgpu:{b}:snapshot", "{not json"]);
+    let all = json(&a.run(["status", "--all", "--json"]));
+    assert_eq!(all["a"].as_array().unwrap().len(), 2);
+    let b_rows = all["b"].as_array().unwrap();
+    assert_eq!(b_rows[0]["status"], "AVAILABLE");
+    assert_eq!(b_rows[1]["status"], "ERROR");
+    assert!(
+        b_rows[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("holds a hash")
+    );
+    assert!(
+        b_rows[0]["validation"]
+            .as_str()
+            .unwrap()
+            .starts_with("host not reporting"),
+        "an unreadable snapshot is none"
+    );
+    assert!(
+        all["c"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("invalid canhazgpu:{c}:gpu_count")
+    );
+}
+
+#[test]
+fn a_waiter_collecting_on_another_host_shows_there() {
+    let fleet = Fleet::new();
+    let a = fleet.host_with("a", 1);
+    let b = fleet.host_with("b", 2);
+    b.run(["reserve", "--gpu-ids", "1"]).assert_ok();
+    let mut waiter = a
+        .command(["reserve", "--host", "b", "--gpus", "2", "--wait", "20s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let collected = || {
+        let rows = json(&a.run(["status", "-r", "b", "--json"]));
+        rows[0]["status"] == "IN_USE"
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), collected),
+        "GPU 0 is collected"
+    );
+    b.run(["release"]).assert_ok();
+    let status = waiter.wait().unwrap();
+    assert!(status.success(), "the waiter is served: {status:?}");
+    let rows = json(&a.run(["status", "-r", "b", "--json"]));
+    assert!(
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .all(|row| row["status"] == "IN_USE")
+    );
+}

@@ -9,10 +9,13 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{HOSTS_KEY, Keys, REPORTED_KEY, RedisStore};
+use super::transaction::{decode, decode_pool};
+use super::{HOSTS_KEY, Keys, REPORTED_KEY, RedisStore, codec};
 use crate::error::{Error, Result};
 use crate::fleet::{DEFAULT_INTERVAL_SECS, HostRecord, HostSnapshot};
-use crate::store::RedisLayout;
+use crate::pool::PoolState;
+use crate::state::Pool;
+use crate::store::{HostData, PoolView, RedisLayout};
 
 /// A host's entry in the registry.
 #[derive(Serialize, Deserialize)]
@@ -182,4 +185,158 @@ impl RedisStore {
             cursor = next;
         }
     }
+}
+
+/// `Store::host_views` in three pipelined round trips for any number of hosts: the
+/// pools and snapshots, the GPUs, and (rarely) the queue entries collecting on them.
+/// A host with GPU keys of the wrong type is read on its own, as `read_view` does.
+pub(super) fn host_views(
+    store: &mut RedisStore,
+    names: &[String],
+) -> Result<Vec<Result<HostData>>> {
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let keys: Vec<Keys> = names.iter().map(|name| Keys::fleet(name)).collect();
+    let mut first = redis::pipe();
+    for host in &keys {
+        first
+            .cmd("MGET")
+            .arg(host.gpu_count())
+            .arg(host.provider())
+            .cmd("GET")
+            .arg(host.snapshot());
+    }
+    first.ignore_errors();
+    let replies: Vec<redis::Value> = store.call(|connection| first.query(connection))?;
+    let mut views: Vec<Result<(Pool, Option<HostSnapshot>)>> = Vec::with_capacity(names.len());
+    for ((name, host), reply) in names.iter().zip(&keys).zip(replies.chunks(2)) {
+        let pool = decode::<(Option<String>, Option<String>)>(&reply[0])
+            .and_then(|(count, provider)| decode_pool(host, count, provider))
+            .and_then(|pool| {
+                pool.ok_or_else(|| Error::NoPool(format!("host '{name}' has no GPU pool")))
+            });
+        let snapshot = decode::<Option<String>>(&reply[1])
+            .ok()
+            .flatten()
+            .and_then(|raw| serde_json::from_str(&raw).ok());
+        views.push(pool.map(|pool| (pool, snapshot)));
+    }
+
+    let gpu_keys: Vec<Vec<String>> = views
+        .iter()
+        .zip(&keys)
+        .map(|(view, host)| match view {
+            Ok((pool, _)) => (0..pool.gpu_count).map(|id| host.gpu(id)).collect(),
+            Err(_) => Vec::new(),
+        })
+        .collect();
+    let mut second = redis::pipe();
+    for host_keys in gpu_keys.iter().filter(|keys| !keys.is_empty()) {
+        second.cmd("MGET").arg(host_keys);
+        // Values missing from MGET: truly absent, or keys of another type.
+        second.cmd("EXISTS").arg(host_keys);
+    }
+    second.ignore_errors();
+    let mut replies: std::vec::IntoIter<redis::Value> = match gpu_keys.iter().all(Vec::is_empty) {
+        true => Vec::new().into_iter(),
+        false => store
+            .call(|connection| second.query::<Vec<redis::Value>>(connection))?
+            .into_iter(),
+    };
+    // `None`: read that host on its own (a GPU key holds no string; `read_view`
+    // names it), or nothing to read (no pool).
+    let mut states: Vec<Option<PoolState>> = Vec::with_capacity(names.len());
+    for (view, host_keys) in views.iter().zip(&gpu_keys) {
+        if view.is_err() {
+            states.push(None);
+            continue;
+        }
+        let (values, existing) = (replies.next(), replies.next());
+        let values: Option<Vec<Option<String>>> = values.and_then(|v| decode(&v).ok());
+        let existing: Option<usize> = existing.and_then(|v| decode(&v).ok());
+        states.push(match (values, existing) {
+            (Some(values), Some(existing))
+                if values.len() == host_keys.len()
+                    && existing == values.iter().filter(|value| value.is_some()).count() =>
+            {
+                let mut state = PoolState::default();
+                for (id, raw) in (0..).zip(&values) {
+                    let (slot, partial) = codec::decode_slot(id, raw.as_deref());
+                    if let Some(entry) = partial {
+                        state.partials.insert(id, entry);
+                    }
+                    state.slots.push(slot);
+                }
+                Some(state)
+            }
+            _ => None,
+        });
+    }
+
+    let mut third = redis::pipe();
+    let mut asked = false;
+    for (state, host) in states.iter().zip(&keys) {
+        if let Some(state) = state {
+            let ids = state.collector_ids();
+            if !ids.is_empty() {
+                let entry_keys: Vec<String> = ids.iter().map(|id| host.entry(id)).collect();
+                third.cmd("MGET").arg(entry_keys);
+                asked = true;
+            }
+        }
+    }
+    third.ignore_errors();
+    let mut entries = match asked {
+        false => Vec::new().into_iter(),
+        true => store
+            .call(|connection| third.query::<Vec<redis::Value>>(connection))?
+            .into_iter(),
+    };
+
+    let mut answers = Vec::with_capacity(names.len());
+    for ((name, view), state) in names.iter().zip(views).zip(states) {
+        let (pool, snapshot) = match view {
+            Ok(found) => found,
+            Err(err) => {
+                answers.push(Err(err));
+                continue;
+            }
+        };
+        let view = match state {
+            Some(mut state) => {
+                let ids = state.collector_ids();
+                if !ids.is_empty() {
+                    let raw: Vec<Option<String>> = entries
+                        .next()
+                        .map(|reply| decode(&reply))
+                        .transpose()?
+                        .unwrap_or_default();
+                    state.queue = ids
+                        .iter()
+                        .zip(raw)
+                        .filter_map(|(id, raw)| codec::decode_entry(id, raw.as_deref()?))
+                        .collect();
+                }
+                state.link_partials();
+                Ok(PoolView {
+                    slots: state.slots,
+                    collecting: state.queue,
+                })
+            }
+            None => {
+                let selected = store.selected.clone();
+                crate::store::Store::select_host(store, name)?;
+                let view = crate::store::Store::pool_view(store);
+                crate::store::Store::select_host(store, &selected)?;
+                view
+            }
+        };
+        answers.push(view.map(|view| HostData {
+            pool,
+            view,
+            snapshot,
+        }));
+    }
+    Ok(answers)
 }

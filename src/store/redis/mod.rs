@@ -20,7 +20,8 @@ use std::time::Duration;
 use redis::{Connection, RedisResult};
 
 use super::{
-    DEFAULT_HISTORY_RETENTION_DAYS, PoolView, QueueBeat, RedisConfig, RedisLayout, Store, Wake,
+    DEFAULT_HISTORY_RETENTION_DAYS, HostData, PoolView, QueueBeat, RedisConfig, RedisLayout, Store,
+    Wake,
 };
 use crate::error::{Error, Result};
 use crate::fleet::{HostRecord, HostSnapshot};
@@ -328,6 +329,27 @@ impl Store for RedisStore {
 
     fn host_snapshot(&mut self) -> Result<Option<HostSnapshot>> {
         self.patiently(fleet::snapshot)
+    }
+
+    fn host_views(&mut self, names: &[String]) -> Result<Vec<Result<HostData>>> {
+        match self.layout {
+            RedisLayout::Fleet => self.patiently(|store| fleet::host_views(store, names)),
+            // This host only (`hosts` names no other): nothing to batch.
+            RedisLayout::Upstream => names
+                .iter()
+                .map(|name| {
+                    self.select_host(name)?;
+                    Ok(match self.pool()? {
+                        None => Err(self.missing_pool()),
+                        Some(pool) => self.pool_view().map(|view| HostData {
+                            pool,
+                            view,
+                            snapshot: None,
+                        }),
+                    })
+                })
+                .collect(),
+        }
     }
 
     fn missing_pool(&mut self) -> Error {

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use super::{Lost, RedisStore, codec, fleet};
+use super::{Keys, Lost, RedisStore, codec, fleet};
 use crate::error::{Error, Result};
 use crate::gpu::procinfo;
 use crate::pool::{self, Changes, Operation, Outcome, PoolState, SlotWrite};
@@ -221,33 +221,7 @@ impl RedisStore {
         count: Option<String>,
         provider: Option<String>,
     ) -> Result<Option<Pool>> {
-        let Some(count) = count else {
-            return Ok(None);
-        };
-        let gpu_count = count
-            .parse()
-            .ok()
-            .filter(|count| (1..=pool::MAX_GPUS).contains(count))
-            .ok_or_else(|| {
-                Error::Store(format!(
-                    "invalid {} in Redis: '{count}'",
-                    self.keys.gpu_count()
-                ))
-            })?;
-        // Pools created before upstream recorded the provider are NVIDIA pools.
-        let provider = match provider {
-            None => ProviderKind::Nvidia,
-            Some(name) => ProviderKind::parse(&name).ok_or_else(|| {
-                Error::Store(format!(
-                    "unknown GPU provider '{name}' in {}",
-                    self.keys.provider()
-                ))
-            })?,
-        };
-        Ok(Some(Pool {
-            gpu_count,
-            provider,
-        }))
+        decode_pool(&self.keys, count, provider)
     }
 
     /// Runs one operation of the pool core as an optimistic transaction, again and
@@ -441,8 +415,39 @@ impl RedisStore {
     }
 }
 
+/// The pool named by `keys` from its count and provider, validated with the limits
+/// `admin` enforces.
+pub(super) fn decode_pool(
+    keys: &Keys,
+    count: Option<String>,
+    provider: Option<String>,
+) -> Result<Option<Pool>> {
+    let Some(count) = count else {
+        return Ok(None);
+    };
+    let gpu_count = count
+        .parse()
+        .ok()
+        .filter(|count| (1..=pool::MAX_GPUS).contains(count))
+        .ok_or_else(|| Error::Store(format!("invalid {} in Redis: '{count}'", keys.gpu_count())))?;
+    // Pools created before upstream recorded the provider are NVIDIA pools.
+    let provider = match provider {
+        None => ProviderKind::Nvidia,
+        Some(name) => ProviderKind::parse(&name).ok_or_else(|| {
+            Error::Store(format!(
+                "unknown GPU provider '{name}' in {}",
+                keys.provider()
+            ))
+        })?,
+    };
+    Ok(Some(Pool {
+        gpu_count,
+        provider,
+    }))
+}
+
 /// One reply of a pipeline that ignores errors, converted.
-fn decode<T: redis::FromRedisValue>(value: &redis::Value) -> Result<T> {
+pub(super) fn decode<T: redis::FromRedisValue>(value: &redis::Value) -> Result<T> {
     redis::FromRedisValue::from_redis_value(value.clone())
         .map_err(|err| Error::Store(format!("unexpected reply from Redis: {err}")))
 }
