@@ -6,6 +6,7 @@
 # --summary` and `find --gpus 4`; `/api/hosts/status` requests per second at 64
 # clients; allocations per second with every host reserving and releasing at once
 # (benches/fleet_alloc.rs); Redis memory per host; the agent's CPU share at 10 s.
+cargo_home=$HOME    # common.sh moves HOME; cargo needs the real one
 source "$(dirname "$0")/common.sh"
 hosts=${1:-256}
 tick=$(getconf CLK_TCK)
@@ -57,7 +58,7 @@ sleep 60
 set -- $(sed 's/^.*) //' "/proc/$agent/stat")
 echo "agent CPU at a 10 s interval: $(python3 -c "print(f'{(${12} + ${13}) / $tick / 60 * 100:.3f} %')") of one core over 60 s"
 
-cargo bench --quiet --bench fleet_alloc -- "$CANHAZGPU_REDIS_URL" "$hosts" 10 2>/dev/null |
+HOME=$cargo_home cargo bench --quiet --bench fleet_alloc -- "$CANHAZGPU_REDIS_URL" "$hosts" 10 2>/dev/null |
     tail -1 | sed 's/^/allocations: /'
 # Afterwards, every host still has exactly its 4 reservations.
 held=$(for i in $(seq 0 $((hosts - 1))); do redis_cli --raw mget $(for g in 0 1 2 3 4 5 6 7; do printf 'canhazgpu:{h%03d}:gpu:%d ' "$i" "$g"; done); done | grep -c '"type":"manual"' || true)
