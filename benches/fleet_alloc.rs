@@ -65,11 +65,13 @@ fn main() {
                             expiry_time: Some(i64::MAX / 2),
                             note: None,
                             owner: None,
+                            adopted: None,
                         },
                         selection: Selection::Count(1),
                         unreserved: Vec::new(),
                         dead_ids: Vec::new(),
                         now: now(),
+                        force: None,
                     };
                     let Ok(gpus) = store.allocate(&request) else {
                         continue;

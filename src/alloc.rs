@@ -35,6 +35,8 @@ pub struct PlanInput<'a> {
     pub dead_ids: &'a [String],
     /// When the requesting user last used each GPU.
     pub user_last_used: &'a HashMap<u32, UnixTime>,
+    /// The requesting Unix user, told apart from other holders.
+    pub requester: &'a str,
     pub now: UnixTime,
 }
 
@@ -108,10 +110,13 @@ pub fn plan(slots: &[GpuSlot], input: &PlanInput) -> Result<Plan> {
                         )));
                     }
                     GpuSlot::Held(r) if !free.iter().any(|(f, _)| *f == id) => {
-                        return Err(Error::GpuTaken {
-                            gpu: id,
-                            holder: Holder::User(r.user.clone()),
-                        });
+                        let holder =
+                            if crate::pool::account(&r.user, &r.actual_user) == input.requester {
+                                Holder::Yourself
+                            } else {
+                                Holder::User(r.user.clone())
+                            };
+                        return Err(Error::GpuTaken { gpu: id, holder });
                     }
                     _ => {}
                 }
@@ -176,6 +181,7 @@ mod tests {
             expiry_time: expiry,
             note: None,
             owner: None,
+            adopted: None,
         })
     }
 
@@ -189,6 +195,7 @@ mod tests {
             unreserved,
             dead_ids: &[],
             user_last_used: used,
+            requester: "carol",
             now: 200,
         }
     }

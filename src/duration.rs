@@ -62,6 +62,16 @@ pub fn parse_duration(input: &str) -> Result<u64> {
     Ok(seconds)
 }
 
+/// A limit as it was most likely written: `365d`, `24h`, `90m`, `45s`.
+pub fn format_limit(seconds: i64) -> String {
+    match seconds {
+        s if s % 86400 == 0 => format!("{}d", s / 86400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
 /// Formats seconds as `0h 15m 30s` (hours unbounded), as the reference shows.
 pub fn format_duration(seconds: i64) -> String {
     let s = seconds.max(0);

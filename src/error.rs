@@ -12,6 +12,9 @@ pub mod exit {
     pub const UNAVAILABLE: u8 = 3;
     /// The pool has not been initialised with `canhazgpu admin`.
     pub const NOT_INITIALIZED: u8 = 4;
+    /// `release`, `extend`, `transfer`: a named GPU is not the caller's reservation
+    /// (held by someone else, not reserved, or of a kind the command cannot change).
+    pub const NOT_YOURS: u8 = 5;
     /// `run`: the command was stopped because `--timeout` expired (as `timeout(1)`).
     pub const TIMEOUT: u8 = 124;
     /// `run`: the command exists but cannot be executed (as a shell).
@@ -46,6 +49,10 @@ pub enum Error {
     /// No host of the fleet can serve a request now (`find`).
     #[error("{0}")]
     NoHost(String),
+    /// GPUs named by the caller that are not the caller's to change: one clause per
+    /// GPU (`GPU 0 is reserved by alice, not by you`).
+    #[error("{}", .0.join("; "))]
+    NotYours(Vec<String>),
     /// `admin` without `--force` on a pool of this many GPUs.
     #[error("GPU pool already initialized with {0} GPUs. Use --force to reinitialize")]
     AlreadyInitialized(u32),
@@ -86,12 +93,22 @@ pub enum Holder {
     User(String),
     /// A process that holds memory on it without any reservation.
     Unreserved,
+    /// The requester's own reservation.
+    Yourself,
+    /// Processes of these users, without reservation (`reserve --force`, `adopt`).
+    ProcessesOf(Vec<String>),
 }
 
 fn gpu_taken_message(gpu: u32, holder: &Holder) -> String {
     match holder {
         Holder::User(user) => format!("GPU {gpu} is already reserved by user '{user}'"),
         Holder::Unreserved => format!("GPU {gpu} is in use without reservation"),
+        Holder::Yourself => format!("you already hold GPU {gpu}"),
+        Holder::ProcessesOf(users) => format!(
+            "GPU {gpu} is in use without reservation by processes of {} - only a GPU whose \
+             processes are all yours can be taken over",
+            users.join(", ")
+        ),
     }
 }
 
@@ -117,6 +134,7 @@ impl Error {
             // As a shell reports a process ended by a signal.
             Error::Interrupted { signal, .. } => crate::signals::exit_status(*signal),
             Error::NotInitialized | Error::NoPool(_) => exit::NOT_INITIALIZED,
+            Error::NotYours(_) => exit::NOT_YOURS,
             Error::CommandNotFound(_) => exit::NOT_FOUND,
             Error::CommandNotExecutable(_) => exit::NOT_EXECUTABLE,
             Error::Store(_) | Error::Gpu(_) | Error::Runtime(_) => exit::FAILURE,

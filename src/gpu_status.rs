@@ -357,6 +357,7 @@ mod tests {
             expiry_time: Some(expiry),
             note: None,
             owner: None,
+            adopted: None,
         })
     }
 

@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::alloc::{self, PlanInput};
-use crate::error::{Error, Result};
+use crate::error::{Error, Holder, Result};
 use crate::queue::{self, DistributionInput, QueueEntry};
 pub use crate::state::NewReservation;
 use crate::state::{
@@ -132,7 +132,7 @@ pub enum SlotWrite {
     /// Free; `None` means never used (a store may delete the record).
     Free { last_released: Option<UnixTime> },
     Held {
-        reservation: Reservation,
+        reservation: Box<Reservation>,
         /// Set for a partial reservation: the queue entry it was collected for.
         collected_for: Option<String>,
     },
@@ -325,6 +325,76 @@ impl Work {
         }
     }
 
+    /// Why `gpu`, named by `account`, is not one of its reservations.
+    fn not_yours(&self, gpu: u32, account: &str, now: UnixTime) -> String {
+        match &self.state.slots[gpu as usize] {
+            GpuSlot::Held(r) if r.liveness(now, &self.dead_ids).is_active() => {
+                if crate::pool::account(&r.user, &r.actual_user) == account {
+                    format!("GPU {gpu} is yours but was not released")
+                } else {
+                    format!("GPU {gpu} is reserved by {}, not by you", r.user_label())
+                }
+            }
+            GpuSlot::Corrupt(reason) => format!("GPU {gpu} has unreadable state: {reason}"),
+            _ => format!("GPU {gpu} is not reserved"),
+        }
+    }
+
+    /// The active manual reservations of `account` on `ids` (all of them when
+    /// `None`), ascending; refused as a whole, one clause per GPU, when any named GPU
+    /// is not one (`action` completes "a run reservation ... cannot be").
+    fn own_manual(
+        &self,
+        ids: Option<&[u32]>,
+        account: &str,
+        pool: Pool,
+        now: UnixTime,
+        action: &str,
+    ) -> Result<Vec<u32>> {
+        let owned = |gpu: u32| match &self.state.slots[gpu as usize] {
+            GpuSlot::Held(r) => {
+                crate::pool::account(&r.user, &r.actual_user) == account
+                    && r.liveness(now, &self.dead_ids).is_active()
+            }
+            _ => false,
+        };
+        let Some(ids) = ids else {
+            let gpus: Vec<u32> = (0..self.state.slots.len() as u32)
+                .filter(|&gpu| owned(gpu) && !self.state.partials.contains_key(&gpu))
+                .filter(|&gpu| {
+                    matches!(&self.state.slots[gpu as usize],
+                        GpuSlot::Held(r) if r.kind == ReservationKind::Manual)
+                })
+                .collect();
+            if gpus.is_empty() {
+                return Err(Error::Usage(format!(
+                    "you have no manual reservations to be {action}"
+                )));
+            }
+            return Ok(gpus);
+        };
+        alloc::validate_selection(&Selection::Ids(ids.to_vec()), pool.gpu_count)?;
+        let mut gpus = ids.to_vec();
+        gpus.sort_unstable();
+        let refused: Vec<String> = gpus
+            .iter()
+            .filter_map(|&gpu| match &self.state.slots[gpu as usize] {
+                _ if !owned(gpu) => Some(self.not_yours(gpu, account, now)),
+                _ if self.state.partials.contains_key(&gpu) => Some(format!(
+                    "GPU {gpu} is collected by your queued request, not reserved yet"
+                )),
+                GpuSlot::Held(r) if r.kind == ReservationKind::Run => Some(format!(
+                    "GPU {gpu} is a run reservation, which ends with its command: it cannot be {action}"
+                )),
+                _ => None,
+            })
+            .collect();
+        match refused.is_empty() {
+            true => Ok(gpus),
+            false => Err(Error::NotYours(refused)),
+        }
+    }
+
     /// Plans `request` on what the waiters left and claims it.
     fn claim(&mut self, request: &AllocRequest) -> Result<Vec<u32>> {
         let reservation = &request.reservation;
@@ -341,6 +411,7 @@ impl Work {
                 unreserved: &request.unreserved,
                 dead_ids: &self.dead_ids,
                 user_last_used: used,
+                requester: &reservation.actual_user,
                 now: request.now,
             },
         )?;
@@ -395,7 +466,7 @@ impl Work {
                     last_released: *last_released,
                 },
                 GpuSlot::Held(reservation) => SlotWrite::Held {
-                    reservation: reservation.clone(),
+                    reservation: Box::new(reservation.clone()),
                     collected_for: new_marker.cloned(),
                 },
                 // Never produced by an operation: corrupt slots are only freed.
@@ -453,7 +524,92 @@ pub struct AllocRequest {
     pub unreserved: Vec<u32>,
     /// Reservation and queue entry IDs whose process on this host is known to be gone.
     pub dead_ids: Vec<String>,
+    /// Take over GPUs in use without reservation (`reserve --force`, `adopt`).
+    pub force: Option<Force>,
     pub now: UnixTime,
+}
+
+/// Who runs the processes on the GPUs in use without reservation, for a request
+/// that may take them over: only GPUs whose processes all belong to the requester,
+/// or any for root.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Force {
+    /// The users of the processes on each GPU in use without reservation (a process
+    /// whose user could not be told counts as someone else's).
+    pub process_users: BTreeMap<u32, Vec<String>>,
+    /// The requester is root: every such GPU may be taken.
+    pub any_user: bool,
+}
+
+impl Force {
+    /// The GPUs in use without reservation that `requester` may not take, with the
+    /// other users on each.
+    fn foreign(&self, requester: &str) -> BTreeMap<u32, Vec<String>> {
+        if self.any_user {
+            return BTreeMap::new();
+        }
+        self.process_users
+            .iter()
+            .filter_map(|(gpu, users)| {
+                let others: Vec<String> = users
+                    .iter()
+                    .filter(|user| *user != requester)
+                    .cloned()
+                    .collect();
+                (!others.is_empty() || users.is_empty()).then(|| {
+                    let mut others = others;
+                    others.sort();
+                    others.dedup();
+                    if others.is_empty() {
+                        others.push(crate::gpu::procinfo::UNKNOWN.to_string());
+                    }
+                    (*gpu, others)
+                })
+            })
+            .collect()
+    }
+}
+
+/// How `extend` moves the end of a manual reservation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NewEnd {
+    /// This many seconds later than it ends now.
+    By(i64),
+    /// At this time.
+    At(UnixTime),
+}
+
+/// `extend`: lengthen the requester's manual reservations in place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExtendRequest {
+    pub actual_user: String,
+    /// These GPUs; every manual reservation of the requester when `None`.
+    pub ids: Option<Vec<u32>>,
+    pub end: NewEnd,
+    /// The longest a reservation may last from now, in seconds.
+    pub max_seconds: i64,
+    pub now: UnixTime,
+}
+
+/// `transfer`: hand manual reservations to another Unix user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransferRequest {
+    pub actual_user: String,
+    pub ids: Vec<u32>,
+    pub to_user: String,
+    /// The ID of the receiver's reservation.
+    pub new_id: String,
+    pub now: UnixTime,
+}
+
+/// What a release did: the GPUs it freed, and why each other named GPU was left.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Released {
+    /// Ascending.
+    pub freed: Vec<u32>,
+    /// One line per named GPU that is not the caller's (`GPU 0 is reserved by
+    /// alice, not by you`), in ID order.
+    pub refused: Vec<String>,
 }
 
 /// One turn of a waiter: refresh its entry when due (`QueueEntry::heartbeat_due`),
@@ -653,8 +809,32 @@ pub fn retire(state: &PoolState, force: bool, now: UnixTime) -> Transition<u32> 
 pub fn allocate(state: &PoolState, request: &AllocRequest) -> Transition<Vec<u32>> {
     let mut work = Work::new(state, &request.dead_ids);
     let outcome = state.require_pool().and_then(|_| {
+        // Waiters never get a busy GPU, not even one the requester may take over.
         waiters_first(&mut work, &request.unreserved, request.now);
-        work.claim(request)
+        match &request.force {
+            None => work.claim(request),
+            Some(force) => {
+                let foreign = force.foreign(&request.reservation.actual_user);
+                if let Selection::Ids(ids) = &request.selection
+                    && let Some((gpu, users)) = foreign.iter().find(|(gpu, _)| ids.contains(gpu))
+                {
+                    return Err(Error::GpuTaken {
+                        gpu: *gpu,
+                        holder: Holder::ProcessesOf(users.clone()),
+                    });
+                }
+                let forced = AllocRequest {
+                    unreserved: request
+                        .unreserved
+                        .iter()
+                        .copied()
+                        .filter(|gpu| foreign.contains_key(gpu))
+                        .collect(),
+                    ..request.clone()
+                };
+                work.claim(&forced)
+            }
+        }
     });
     work.finish(state, outcome)
 }
@@ -737,8 +917,9 @@ pub fn leave(state: &PoolState, entry_id: &str, now: UnixTime) -> Transition<Vec
     work.finish(state, outcome)
 }
 
-/// Ends the reservations in `scope`, recording history. Returns the freed IDs.
-pub fn release(state: &PoolState, scope: &ReleaseScope, now: UnixTime) -> Transition<Vec<u32>> {
+/// Ends the reservations in `scope`, recording history. Answers the freed IDs and,
+/// for the GPUs it names, why each one left alone was not the caller's.
+pub fn release(state: &PoolState, scope: &ReleaseScope, now: UnixTime) -> Transition<Released> {
     let mut work = Work::new(state, &[]);
     let outcome = state.require_pool().and_then(|pool| {
         if let ReleaseScope::OwnIds { ids, .. } | ReleaseScope::AnyIds { ids } = scope {
@@ -746,13 +927,13 @@ pub fn release(state: &PoolState, scope: &ReleaseScope, now: UnixTime) -> Transi
         }
         // Dead waiters go first, so that the wake-up reaches a live head.
         work.settle(now);
-        let mut freed = Vec::new();
+        let mut released = Released::default();
         for gpu in 0..work.state.slots.len() as u32 {
             match &work.state.slots[gpu as usize] {
                 GpuSlot::Held(reservation) if scope.covers(gpu, reservation) => {
                     let ended_at = release_time(reservation, now);
                     work.end(gpu, ended_at, now);
-                    freed.push(gpu);
+                    released.freed.push(gpu);
                 }
                 // An unreadable GPU has no owner to check; only an explicit
                 // any-holder release (root) resets it.
@@ -760,12 +941,120 @@ pub fn release(state: &PoolState, scope: &ReleaseScope, now: UnixTime) -> Transi
                     if matches!(scope, ReleaseScope::AnyIds { ids } if ids.contains(&gpu)) =>
                 {
                     work.end(gpu, now, now);
-                    freed.push(gpu);
+                    released.freed.push(gpu);
                 }
                 _ => {}
             }
         }
-        Ok(freed)
+        let named = match scope {
+            ReleaseScope::OwnIds { ids, actual_user } => Some((ids, actual_user.as_str())),
+            // Root freed every held one: what is left was not reserved.
+            ReleaseScope::AnyIds { ids } => Some((ids, "")),
+            _ => None,
+        };
+        if let Some((ids, actual_user)) = named {
+            let mut left: Vec<u32> = ids
+                .iter()
+                .copied()
+                .filter(|gpu| !released.freed.contains(gpu))
+                .collect();
+            left.sort_unstable();
+            released.refused = left
+                .into_iter()
+                .map(|gpu| work.not_yours(gpu, actual_user, now))
+                .collect();
+        }
+        Ok(released)
+    });
+    work.finish(state, outcome)
+}
+
+/// Lengthens manual reservations of the requester in place (`ExtendRequest`), all
+/// or nothing. Answers each GPU with its new end, ascending.
+pub fn extend(state: &PoolState, request: &ExtendRequest) -> Transition<Vec<(u32, UnixTime)>> {
+    let mut work = Work::new(state, &[]);
+    let now = request.now;
+    let outcome = state.require_pool().and_then(|pool| {
+        let gpus = work.own_manual(
+            request.ids.as_deref(),
+            &request.actual_user,
+            pool,
+            now,
+            "extended",
+        )?;
+        let latest = now.saturating_add(request.max_seconds);
+        let mut ends = Vec::new();
+        let mut refused = Vec::new();
+        for gpu in gpus {
+            let GpuSlot::Held(reservation) = &work.state.slots[gpu as usize] else {
+                continue;
+            };
+            let current = reservation.expiry_time.unwrap_or(now);
+            let end = match request.end {
+                NewEnd::By(seconds) => current.saturating_add(seconds),
+                NewEnd::At(at) => at,
+            };
+            if end <= current {
+                refused.push(format!(
+                    "GPU {gpu} is already reserved for longer (expires in {})",
+                    crate::duration::format_duration(current - now)
+                ));
+            } else if end > latest {
+                refused.push(format!(
+                    "GPU {gpu} would stay reserved for more than {} from now, the longest a \
+                     reservation may last",
+                    crate::duration::format_limit(request.max_seconds)
+                ));
+            } else {
+                ends.push((gpu, end));
+            }
+        }
+        if !refused.is_empty() {
+            return Err(Error::NotYours(refused));
+        }
+        for &(gpu, end) in &ends {
+            if let GpuSlot::Held(reservation) = &mut work.state.slots[gpu as usize] {
+                reservation.expiry_time = Some(end);
+            }
+        }
+        Ok(ends)
+    });
+    work.finish(state, outcome)
+}
+
+/// Hands manual reservations of the requester to another user in one change: the
+/// giver's part ends now in the history, the receiver's starts now and keeps the
+/// expiry. Answers the GPUs, ascending.
+pub fn transfer(state: &PoolState, request: &TransferRequest) -> Transition<Vec<u32>> {
+    let mut work = Work::new(state, &[]);
+    let now = request.now;
+    let outcome = state.require_pool().and_then(|pool| {
+        if request.to_user == request.actual_user {
+            return Err(Error::Usage("the reservation is yours already".into()));
+        }
+        let gpus = work.own_manual(
+            Some(&request.ids),
+            &request.actual_user,
+            pool,
+            now,
+            "transferred",
+        )?;
+        for &gpu in &gpus {
+            let GpuSlot::Held(given) = &work.state.slots[gpu as usize] else {
+                continue;
+            };
+            let received = Reservation {
+                id: request.new_id.clone(),
+                user: request.to_user.clone(),
+                actual_user: request.to_user.clone(),
+                start_time: now,
+                ..given.clone()
+            };
+            work.end(gpu, now, now);
+            work.hold(gpu, received, None);
+            work.touch(&request.to_user, gpu, now);
+        }
+        Ok(gpus)
     });
     work.finish(state, outcome)
 }
@@ -876,6 +1165,8 @@ pub enum Operation<'a> {
         force: bool,
         now: UnixTime,
     },
+    Extend(&'a ExtendRequest),
+    Transfer(&'a TransferRequest),
 }
 
 /// What an operation answers.
@@ -888,6 +1179,9 @@ pub enum Outcome {
     Reasserted(Reasserted),
     /// Reservations a retirement ended.
     Retired(u32),
+    Released(Released),
+    /// GPU IDs, ascending, each with its new end.
+    Extended(Vec<(u32, UnixTime)>),
 }
 
 impl Operation<'_> {
@@ -902,6 +1196,8 @@ impl Operation<'_> {
             Operation::Allocate(request) => request.now,
             Operation::Step(tick) => tick.now,
             Operation::Reassert(request) => request.now,
+            Operation::Extend(request) => request.now,
+            Operation::Transfer(request) => request.now,
         }
     }
 
@@ -936,7 +1232,7 @@ pub fn apply(state: &PoolState, operation: &Operation) -> Transition<Outcome> {
         Operation::Allocate(request) => allocate(state, request).map(Outcome::Gpus),
         Operation::Step(tick) => step(state, tick).map(Outcome::Step),
         Operation::Leave { entry_id, now } => leave(state, entry_id, now).map(Outcome::Gpus),
-        Operation::Release { scope, now } => release(state, scope, now).map(Outcome::Gpus),
+        Operation::Release { scope, now } => release(state, scope, now).map(Outcome::Released),
         Operation::Heartbeat {
             reservation_id,
             gpus,
@@ -944,6 +1240,8 @@ pub fn apply(state: &PoolState, operation: &Operation) -> Transition<Outcome> {
         } => heartbeat(state, reservation_id, gpus, now).map(Outcome::Gpus),
         Operation::Reassert(request) => reassert(state, request).map(Outcome::Reasserted),
         Operation::Retire { force, now } => retire(state, force, now).map(Outcome::Retired),
+        Operation::Extend(request) => extend(state, request).map(Outcome::Extended),
+        Operation::Transfer(request) => transfer(state, request).map(Outcome::Gpus),
     }
 }
 

@@ -123,6 +123,7 @@ impl QueueEntry {
             expiry_time: None,
             note: self.note.clone(),
             owner: self.owner.clone(),
+            adopted: None,
         }
     }
 
@@ -427,6 +428,7 @@ mod tests {
             expiry_time: Some(expiry),
             note: None,
             owner: None,
+            adopted: None,
         })
     }
 

@@ -539,6 +539,7 @@ mod tests {
                 expiry_time: expiry,
                 note: None,
                 owner: None,
+                adopted: None,
             })
         };
         let slots = [

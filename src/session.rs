@@ -165,6 +165,7 @@ impl Session {
             unreserved,
             dead_ids: obs.dead_ids,
             now: obs.now,
+            force: None,
         })
     }
 }

@@ -96,6 +96,8 @@ pub struct Reservation {
     pub expiry_time: Option<UnixTime>,
     pub note: Option<String>,
     pub owner: Option<RunOwner>,
+    /// For a job adopted with `adopt`: the name of the adopted process (`owner`).
+    pub adopted: Option<String>,
 }
 
 /// Whether a reservation still holds its GPU, and if not, when it ended.
@@ -211,8 +213,10 @@ pub struct NewReservation {
     /// Manual reservations only.
     pub expiry_time: Option<UnixTime>,
     pub note: Option<String>,
-    /// Run reservations only: the supervising process.
+    /// Run reservations only: the supervising process (the job itself when adopted).
     pub owner: Option<RunOwner>,
+    /// The adopted process's name (`adopt`).
+    pub adopted: Option<String>,
 }
 
 impl NewReservation {
@@ -228,6 +232,7 @@ impl NewReservation {
             expiry_time: self.expiry_time,
             note: self.note,
             owner: self.owner,
+            adopted: self.adopted,
         }
     }
 }
@@ -293,6 +298,7 @@ mod tests {
                 pid: 1,
                 pid_start: 1,
             }),
+            adopted: None,
         }
     }
 

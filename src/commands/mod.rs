@@ -43,7 +43,7 @@ pub fn execute(command: Command, config: &Config) -> Result<u8> {
         Command::Agent(args) => agent::execute(&args, config).map(|()| 0),
         Command::Reserve(args) => reserve::execute(&args, config).map(|()| 0),
         Command::Queue(args) => queue::execute(&args, config).map(|()| 0),
-        Command::Release(args) => release::execute(&args, config).map(|()| 0),
+        Command::Release(args) => release::execute(&args, config),
         Command::Run(args) => run::execute(&args, config),
         Command::Report(args) => report::execute(&args, config).map(|()| 0),
         Command::Web(args) => web::execute(&args, config).map(|()| 0),

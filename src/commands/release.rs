@@ -17,7 +17,8 @@ pub struct ReleaseArgs {
     pub host: Option<String>,
 }
 
-pub fn execute(args: &ReleaseArgs, config: &Config) -> Result<()> {
+/// Answers the exit code: `exit::NOT_YOURS` when a named GPU was not the caller's.
+pub fn execute(args: &ReleaseArgs, config: &Config) -> Result<u8> {
     let mut session = Session::open_on(config, args.host.as_deref())?;
     if let Some(ids) = &args.gpu_ids {
         // The same checks (range, duplicates) and messages as `reserve --gpu-ids`.
@@ -44,20 +45,30 @@ pub fn execute(args: &ReleaseArgs, config: &Config) -> Result<()> {
         }
     };
     let released = session.store.release(&scope, now())?;
-    let mut message = match (&args.gpu_ids, released.is_empty()) {
-        (None, true) => "No manually reserved GPUs found for current user".to_string(),
-        (Some(ids), true) => format!(
-            "No reservations found for current user on GPU(s): {}",
-            crate::output::id_list(ids)
-        ),
-        (_, false) => format!(
-            "Released {} GPU(s): {}",
-            released.len(),
-            crate::output::id_list(&released)
-        ),
+    let on_host = match &session.remote {
+        Some(remote) => format!(" on {}", remote.name),
+        None => String::new(),
     };
-    if let Some(remote) = &session.remote {
-        message.push_str(&format!(" on {}", remote.name));
+    if !released.freed.is_empty() {
+        output::print(&format!(
+            "Released {} GPU(s): {}{on_host}",
+            released.freed.len(),
+            crate::output::id_list(&released.freed)
+        ))?;
+    } else if args.gpu_ids.is_none() {
+        output::print(&format!(
+            "No manually reserved GPUs found for current user{on_host}"
+        ))?;
     }
-    output::print(&message)
+    // The GPUs that were the caller's are released; each other one named is an error.
+    for refused in &released.refused {
+        match &session.remote {
+            Some(remote) => eprintln!("Error: {refused} (on {})", remote.name),
+            None => eprintln!("Error: {refused}"),
+        }
+    }
+    Ok(match released.refused.is_empty() {
+        true => 0,
+        false => crate::error::exit::NOT_YOURS,
+    })
 }

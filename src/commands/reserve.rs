@@ -42,6 +42,7 @@ pub fn execute(args: &ReserveArgs, config: &Config) -> Result<()> {
         expiry_time: Some(now() + seconds as i64),
         note,
         owner: None,
+        adopted: None,
     };
     let doorbell = signals
         .as_ref()

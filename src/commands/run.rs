@@ -90,6 +90,7 @@ pub fn execute(args: &RunArgs, config: &Config) -> Result<u8> {
         note,
         // This process supervises the command (and waits in the queue before).
         owner: Some(session.this_process()?),
+        adopted: None,
     };
     let claimed = wait::claim(
         &mut session,

@@ -38,7 +38,7 @@ fn apply(state: &PoolState, changes: &Changes) -> PoolState {
                 if let Some(entry) = collected_for {
                     next.partials.insert(*gpu, entry.clone());
                 }
-                GpuSlot::Held(reservation.clone())
+                GpuSlot::Held((**reservation).clone())
             }
         };
     }
@@ -76,6 +76,8 @@ enum Op {
     Heartbeat { reservation: usize },
     Kill { entry: usize },
     Wait { seconds: i64 },
+    Extend { user: u8, seconds: i64 },
+    Transfer { user: u8, gpu: u32, to: u8 },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -98,6 +100,8 @@ fn op() -> impl Strategy<Value = Op> {
         (0usize..8).prop_map(|reservation| Op::Heartbeat { reservation }),
         (0usize..8).prop_map(|entry| Op::Kill { entry }),
         (1i64..40).prop_map(|seconds| Op::Wait { seconds }),
+        (0u8..3, 1i64..100).prop_map(|(user, seconds)| Op::Extend { user, seconds }),
+        (0u8..3, 0u32..4, 0u8..3).prop_map(|(user, gpu, to)| Op::Transfer { user, gpu, to }),
     ]
 }
 
@@ -119,6 +123,7 @@ fn reservation(id: &str, user: u8, run: bool, now: UnixTime) -> NewReservation {
             pid: 7,
             pid_start: 7,
         }),
+        adopted: None,
     }
 }
 
@@ -134,6 +139,7 @@ fn request(
         unreserved: Vec::new(),
         dead_ids: dead.to_vec(),
         now,
+        force: None,
     }
 }
 
@@ -144,6 +150,19 @@ fn check<T: std::fmt::Debug>(
     dead: &[String],
     now: UnixTime,
     recorded: &mut HashMap<(String, u32, UnixTime), u32>,
+) -> Result<PoolState, TestCaseError> {
+    check_handover(before, transition, dead, now, recorded, false)
+}
+
+/// `check`, where `handover` allows a live manual reservation to pass to another
+/// user in place, its expiry kept (`transfer`).
+fn check_handover<T: std::fmt::Debug>(
+    before: &PoolState,
+    transition: &Transition<T>,
+    dead: &[String],
+    now: UnixTime,
+    recorded: &mut HashMap<(String, u32, UnixTime), u32>,
+    handover: bool,
 ) -> Result<PoolState, TestCaseError> {
     let applied = apply(before, &transition.changes);
     let after = &transition.after;
@@ -178,7 +197,13 @@ fn check<T: std::fmt::Debug>(
         } else {
             prop_assert_eq!(records, 1, "an ended reservation is recorded once");
             // Taken over only once it had ended: never two live holders.
-            if matches!(&after.slots[gpu], GpuSlot::Held(_)) {
+            if let GpuSlot::Held(new) = &after.slots[gpu] {
+                if handover && old.liveness(now, dead).is_active() {
+                    prop_assert_eq!(new.expiry_time, old.expiry_time);
+                    prop_assert_eq!(new.kind, ReservationKind::Manual);
+                    prop_assert_eq!(new.start_time, now);
+                    continue;
+                }
                 let entry_gone = before
                     .partials
                     .get(&(gpu as u32))
@@ -324,6 +349,44 @@ proptest! {
                     }
                 }
                 Op::Wait { seconds } => now += seconds,
+                Op::Extend { user, seconds } => {
+                    let request = ExtendRequest {
+                        actual_user: format!("user{user}"),
+                        ids: None,
+                        end: NewEnd::By(seconds),
+                        max_seconds: 120,
+                        now,
+                    };
+                    let t = extend(&state, &request);
+                    let next = check(&state, &t, &dead, now, &mut recorded)?;
+                    match &t.outcome {
+                        Ok(ends) => for (gpu, end) in ends {
+                            let extended = matches!(&next.slots[*gpu as usize],
+                                GpuSlot::Held(r) if r.expiry_time == Some(*end) && *end <= now + 120);
+                            prop_assert!(extended, "GPU {} not extended", gpu);
+                        },
+                        // All or nothing: a refusal changes no reservation.
+                        Err(_) => prop_assert_eq!(&next.slots, &state.slots),
+                    }
+                    state = next;
+                }
+                Op::Transfer { user, gpu, to } => {
+                    let request = TransferRequest {
+                        actual_user: format!("user{user}"),
+                        ids: vec![gpu],
+                        to_user: format!("user{to}"),
+                        new_id: id.clone(),
+                        now,
+                    };
+                    let t = transfer(&state, &request);
+                    let next = check_handover(&state, &t, &dead, now, &mut recorded, true)?;
+                    if t.outcome.is_ok() {
+                        let received = matches!(&next.slots[gpu as usize],
+                            GpuSlot::Held(r) if r.actual_user == request.to_user && r.id == id);
+                        prop_assert!(received, "GPU {} not handed over", gpu);
+                    }
+                    state = next;
+                }
             }
         }
         // Long after everyone went silent, one change frees every collected GPU.
@@ -388,4 +451,221 @@ fn init_refuses_out_of_range_sizes_and_existing_pools() {
     );
     let forced = init(&state, 2, ProviderKind::Fake, true, T);
     assert_eq!(forced.changes.removed_gpus, vec![2]);
+}
+
+fn held(user: &str, kind: ReservationKind, expiry: Option<UnixTime>) -> GpuSlot {
+    GpuSlot::Held(Reservation {
+        id: format!("id-{user}"),
+        user: user.into(),
+        actual_user: user.into(),
+        kind,
+        start_time: T,
+        last_heartbeat: Some(T),
+        expiry_time: expiry,
+        note: None,
+        owner: None,
+        adopted: None,
+    })
+}
+
+fn pool_of(slots: Vec<GpuSlot>) -> PoolState {
+    PoolState {
+        pool: Some(Pool {
+            gpu_count: slots.len() as u32,
+            provider: ProviderKind::Fake,
+        }),
+        slots,
+        ..PoolState::default()
+    }
+}
+
+#[test]
+fn extend_lengthens_only_own_manual_reservations_all_or_nothing() {
+    let state = pool_of(vec![
+        held("alice", ReservationKind::Manual, Some(T + 3600)),
+        held("bob", ReservationKind::Manual, Some(T + 3600)),
+        held("alice", ReservationKind::Run, None),
+        GpuSlot::Free {
+            last_released: None,
+        },
+    ]);
+    let request = |ids: Option<Vec<u32>>, end| ExtendRequest {
+        actual_user: "alice".into(),
+        ids,
+        end,
+        max_seconds: 86400,
+        now: T + 10,
+    };
+    let t = extend(&state, &request(None, NewEnd::By(7200)));
+    assert_eq!(t.outcome.unwrap(), vec![(0, T + 3600 + 7200)]);
+    assert_eq!(t.changes.history, Vec::new(), "never freed in between");
+    let t = extend(&state, &request(Some(vec![0, 1, 2, 3]), NewEnd::By(60)));
+    assert_eq!(
+        t.outcome.unwrap_err(),
+        Error::NotYours(vec![
+            "GPU 1 is reserved by bob, not by you".into(),
+            "GPU 2 is a run reservation, which ends with its command: it cannot be extended".into(),
+            "GPU 3 is not reserved".into(),
+        ])
+    );
+    assert!(t.changes.gpus.is_empty());
+    let t = extend(&state, &request(Some(vec![0]), NewEnd::At(T + 60)));
+    assert!(
+        matches!(t.outcome, Err(Error::NotYours(_))),
+        "shortening is refused"
+    );
+    let t = extend(&state, &request(Some(vec![0]), NewEnd::At(T + 10 + 86401)));
+    assert_eq!(
+        t.outcome.unwrap_err().to_string(),
+        "GPU 0 would stay reserved for more than 1d from now, the longest a reservation may last"
+    );
+}
+
+#[test]
+fn transfer_hands_over_in_place_and_splits_the_history() {
+    let state = pool_of(vec![
+        held("alice", ReservationKind::Manual, Some(T + 3600)),
+        held("alice", ReservationKind::Run, None),
+    ]);
+    let request = TransferRequest {
+        actual_user: "alice".into(),
+        ids: vec![0],
+        to_user: "bob".into(),
+        new_id: "new".into(),
+        now: T + 600,
+    };
+    let t = transfer(&state, &request);
+    assert_eq!(t.outcome.unwrap(), vec![0]);
+    let GpuSlot::Held(received) = &t.after.slots[0] else {
+        panic!("GPU 0 freed");
+    };
+    assert_eq!(
+        (received.actual_user.as_str(), received.start_time),
+        ("bob", T + 600)
+    );
+    assert_eq!(received.expiry_time, Some(T + 3600));
+    assert_eq!(t.changes.gpus.len(), 1, "one write: never free in between");
+    assert_eq!(t.changes.history.len(), 1);
+    let given = &t.changes.history[0].record;
+    assert_eq!(
+        (given.actual_user.as_str(), given.start_time, given.end_time),
+        ("alice", T, T + 600)
+    );
+    let run = TransferRequest {
+        ids: vec![1],
+        ..request.clone()
+    };
+    assert!(matches!(
+        transfer(&state, &run).outcome,
+        Err(Error::NotYours(_))
+    ));
+    let by_bob = TransferRequest {
+        actual_user: "bob".into(),
+        to_user: "carol".into(),
+        ..request
+    };
+    assert_eq!(
+        transfer(&state, &by_bob).outcome.unwrap_err().to_string(),
+        "GPU 0 is reserved by alice, not by you"
+    );
+}
+
+#[test]
+fn release_names_each_gpu_that_is_not_yours() {
+    let state = pool_of(vec![
+        held("alice", ReservationKind::Manual, Some(T + 3600)),
+        held("bob", ReservationKind::Manual, Some(T + 3600)),
+        GpuSlot::Free {
+            last_released: None,
+        },
+    ]);
+    let scope = ReleaseScope::OwnIds {
+        actual_user: "alice".into(),
+        ids: vec![2, 1, 0],
+    };
+    let released = release(&state, &scope, T + 5).outcome.unwrap();
+    assert_eq!(released.freed, vec![0]);
+    assert_eq!(
+        released.refused,
+        vec![
+            "GPU 1 is reserved by bob, not by you".to_string(),
+            "GPU 2 is not reserved".to_string()
+        ]
+    );
+}
+
+#[test]
+fn force_takes_only_gpus_whose_processes_are_all_the_requesters() {
+    let state = pool_of(vec![
+        GpuSlot::Free {
+            last_released: None,
+        },
+        GpuSlot::Free {
+            last_released: None,
+        },
+    ]);
+    let mut own = reservation("f", 0, false, T);
+    own.actual_user = "alice".into();
+    let force = |any_user| Force {
+        process_users: BTreeMap::from([
+            (0, vec!["alice".to_string()]),
+            (1, vec!["alice".to_string(), "bob".to_string()]),
+        ]),
+        any_user,
+    };
+    let forced = |ids: Vec<u32>, any_user| AllocRequest {
+        unreserved: vec![0, 1],
+        force: Some(force(any_user)),
+        ..request(own.clone(), Selection::Ids(ids), &[], T)
+    };
+    assert_eq!(
+        allocate(&state, &forced(vec![0], false)).outcome.unwrap(),
+        vec![0]
+    );
+    assert_eq!(
+        allocate(&state, &forced(vec![0, 1], false))
+            .outcome
+            .unwrap_err()
+            .to_string(),
+        "GPU 1 is in use without reservation by processes of bob - only a GPU whose \
+         processes are all yours can be taken over"
+    );
+    assert_eq!(
+        allocate(&state, &forced(vec![1], true)).outcome.unwrap(),
+        vec![1]
+    );
+    let unforced = AllocRequest {
+        force: None,
+        ..forced(vec![0], false)
+    };
+    assert!(matches!(
+        allocate(&state, &unforced).outcome,
+        Err(Error::GpuTaken {
+            gpu: 0,
+            holder: Holder::Unreserved
+        })
+    ));
+    let by_count = AllocRequest {
+        selection: Selection::Count(2),
+        ..forced(vec![0], false)
+    };
+    assert!(matches!(
+        allocate(&state, &by_count).outcome,
+        Err(Error::NotEnough { available: 1, .. })
+    ));
+}
+
+#[test]
+fn reserving_your_own_gpu_again_says_so() {
+    let state = pool_of(vec![held("user0", ReservationKind::Manual, Some(T + 3600))]);
+    let again = request(
+        reservation("x", 0, false, T),
+        Selection::Ids(vec![0]),
+        &[],
+        T,
+    );
+    assert_eq!(
+        allocate(&state, &again).outcome.unwrap_err().to_string(),
+        "you already hold GPU 0"
+    );
 }

@@ -75,8 +75,8 @@ impl std::fmt::Debug for RedisConfig {
 }
 
 pub use crate::pool::{
-    AllocRequest, InitOutcome, NewReservation, Operation, Outcome, QueueStep, QueueTick,
-    ReassertRequest, Reasserted, ReleaseScope,
+    AllocRequest, ExtendRequest, Force, InitOutcome, NewEnd, NewReservation, Operation, Outcome,
+    QueueStep, QueueTick, ReassertRequest, Reasserted, ReleaseScope, Released, TransferRequest,
 };
 
 /// What a waiter's cheap periodic refresh learns (`Store::queue_beat`).
@@ -215,9 +215,27 @@ pub trait Store: Send {
     /// Stops what `watch_entry` started.
     fn stop_watching(&mut self);
 
-    /// Ends the reservations in `scope`, recording history. Returns the freed IDs.
-    fn release(&mut self, scope: &ReleaseScope, now: UnixTime) -> Result<Vec<u32>> {
-        gpu_ids(self.run(&Operation::Release { scope, now })?)
+    /// Ends the reservations in `scope`, recording history. Answers the freed IDs
+    /// and why each other GPU named by the scope was not the caller's.
+    fn release(&mut self, scope: &ReleaseScope, now: UnixTime) -> Result<Released> {
+        match self.run(&Operation::Release { scope, now })? {
+            Outcome::Released(released) => Ok(released),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Lengthens manual reservations in place, as `pool::extend` decides. Answers
+    /// each GPU with its new end.
+    fn extend(&mut self, request: &ExtendRequest) -> Result<Vec<(u32, UnixTime)>> {
+        match self.run(&Operation::Extend(request))? {
+            Outcome::Extended(ends) => Ok(ends),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Hands manual reservations to another user in one change (`pool::transfer`).
+    fn transfer(&mut self, request: &TransferRequest) -> Result<Vec<u32>> {
+        gpu_ids(self.run(&Operation::Transfer(request))?)
     }
 
     /// Refreshes the heartbeat of a run reservation on `gpus`. Returns the GPUs it

@@ -252,7 +252,7 @@ impl KeeperState {
         for &delay in attempts {
             std::thread::sleep(delay);
             match self.store().and_then(|store| store.release(&scope, now())) {
-                Ok(freed) => return Ok(freed),
+                Ok(released) => return Ok(released.freed),
                 Err(e) => {
                     self.store = None;
                     last_error = e;

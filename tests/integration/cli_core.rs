@@ -178,10 +178,8 @@ fn reserve_case(env: &CliEnv) {
 
     let taken = env.run(["reserve", "--gpu-ids", "1"]);
     taken.assert_code(3);
-    assert!(
-        taken.stderr.contains("GPU 1 is already reserved by user"),
-        "{taken:?}"
-    );
+    // The caller's own reservation is named as theirs, not as a third party's.
+    assert_eq!(taken.stderr.trim(), "Error: you already hold GPU 1");
     let range = env.run(["reserve", "--gpu-ids", "9"]);
     range.assert_code(2);
     assert_eq!(range.stderr.trim(), "Error: GPU ID 9 is out of range (0-3)");
@@ -229,10 +227,17 @@ fn release_case(env: &CliEnv) {
     duplicate.assert_code(2);
     assert_eq!(duplicate.stderr.trim(), "Error: duplicate GPU ID: 1");
     let again = env.run(["release", "--gpu-ids", "0,2"]);
+    again.assert_code(5);
     assert_eq!(
-        again.stdout.trim(),
-        "No reservations found for current user on GPU(s): [0, 2]"
+        again.stderr,
+        "Error: GPU 0 is not reserved\nError: GPU 2 is not reserved\n"
     );
+    // The caller's GPUs among them are still released.
+    let mixed = env.run(["release", "--gpu-ids", "0,1"]);
+    mixed.assert_code(5);
+    assert_eq!(mixed.stdout.trim(), "Released 1 GPU(s): [1]");
+    assert_eq!(mixed.stderr.trim(), "Error: GPU 0 is not reserved");
+    env.run(["reserve", "--gpu-ids", "1"]).assert_ok();
     // $USER is not an identity: pretending to be someone else releases nothing of theirs
     // and still releases the caller's own reservations.
     let spoof = env

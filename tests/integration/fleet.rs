@@ -448,8 +448,12 @@ fn two_users_across_hosts_keep_their_own_reservations() {
     };
     as_user("chg_alice", &["reserve", "--host", "b", "--gpu-ids", "0"]).assert_ok();
     let run = as_user("chg_bob", &["release", "--host", "b", "--gpu-ids", "0"]);
-    run.assert_ok();
-    assert!(run.stdout.starts_with("No reservations found"), "{run:?}");
+    run.assert_code(5);
+    assert_eq!(
+        run.stderr.trim(),
+        "Error: GPU 0 is reserved by chg_alice, not by you (on b)",
+        "{run:?}"
+    );
     let rows = json(&as_user("chg_bob", &["status", "-r", "b", "--json"]));
     assert_eq!(rows[0]["user"], "chg_alice");
     let run = as_user("chg_alice", &["release", "--host", "b"]);

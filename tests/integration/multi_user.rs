@@ -111,9 +111,11 @@ fn two_users_share_the_embedded_store() {
 
     // bob cannot release alice's GPU, not even by claiming to be her.
     let denied = as_user(Some("chg_bob"), &state, &["release", "--gpu-ids", "0"]);
+    denied.assert_code(5);
+    assert_eq!(denied.stdout, "");
     assert_eq!(
-        denied.stdout.trim(),
-        "No reservations found for current user on GPU(s): [0]"
+        denied.stderr.trim(),
+        "Error: GPU 0 is reserved by chg_alice, not by you"
     );
     let spoof = as_user_with(
         Some("chg_bob"),

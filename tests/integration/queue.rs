@@ -331,10 +331,7 @@ fn errors_that_waiting_cannot_fix_fail_at_once(setup: &Setup) {
     );
     let busy = setup.run(&["reserve", "-G", "0"]);
     busy.assert_code(3);
-    assert!(
-        busy.stderr.contains("GPU 0 is already reserved by user"),
-        "{busy:?}"
-    );
+    assert_eq!(busy.stderr.trim(), "Error: you already hold GPU 0", "{busy:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(setup.queue(), []);
 }
@@ -623,10 +620,10 @@ fn display_names_do_not_grant_release() {
     as_user("root", &["admin", "--gpus", "1", "--provider", "fake"]).assert_ok();
     as_user("chg_alice", &["reserve", "--user", "chg_bob"]).assert_ok();
     let bob = as_user("chg_bob", &["release", "-G", "0"]);
-    bob.assert_ok();
+    bob.assert_code(5);
     assert_eq!(
-        bob.stdout,
-        "No reservations found for current user on GPU(s): [0]\n"
+        bob.stderr,
+        "Error: GPU 0 is reserved by chg_alice (chg_bob), not by you\n"
     );
     let status = as_user("chg_bob", &["status", "--json"]);
     let rows: Value = serde_json::from_str(&status.stdout).unwrap();

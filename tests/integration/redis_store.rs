@@ -90,6 +90,7 @@ fn reads_upstream_states_and_pool() {
         expiry_time,
         note: None,
         owner: None,
+        adopted: None,
     };
     assert_eq!(
         store.slots().unwrap(),
@@ -121,7 +122,7 @@ fn reads_upstream_states_and_pool() {
     let scope = ReleaseScope::OwnManual {
         actual_user: "bob".into(),
     };
-    assert_eq!(store.release(&scope, T + 60).unwrap(), vec![3]);
+    assert_eq!(store.release(&scope, T + 60).unwrap().freed, vec![3]);
     let history = store.history(T, T + 60).unwrap();
     assert_eq!(history.len(), 1);
     assert_eq!(history[0].actual_user, "bob");
@@ -347,7 +348,7 @@ fn corrupt_state_affects_only_that_gpu() {
     );
     // Releasing by ID, whoever holds it, repairs a damaged GPU.
     let scope = ReleaseScope::AnyIds { ids: vec![1] };
-    assert_eq!(store.release(&scope, T + 1).unwrap(), vec![1]);
+    assert_eq!(store.release(&scope, T + 1).unwrap().freed, vec![1]);
     assert_eq!(
         store.slots().unwrap()[1],
         GpuSlot::Free {
@@ -542,7 +543,7 @@ fn wrongly_typed_keys_affect_only_their_record() {
             T + 5,
         )
         .unwrap();
-    assert_eq!(freed, vec![0, 1, 2]);
+    assert_eq!(freed.freed, vec![0, 1, 2]);
     assert_eq!(store.history(T, T + 5).unwrap().len(), 3);
     // A waiter replaces the damaged queue key.
     let busy = request(manual("b", "bo", T + 60), Selection::Count(3), T + 6);
@@ -569,7 +570,7 @@ fn wrongly_typed_keys_affect_only_their_record() {
     let reset = store
         .release(&ReleaseScope::AnyIds { ids: vec![3] }, T + 8)
         .unwrap();
-    assert_eq!(reset, vec![3]);
+    assert_eq!(reset.freed, vec![3]);
     assert!(matches!(
         store.slots().unwrap()[3],
         GpuSlot::Held(_) | GpuSlot::Free { .. }

@@ -39,6 +39,7 @@ fn run(id: &str, user: &str) -> NewReservation {
             pid: 4242,
             pid_start: 99,
         }),
+        adopted: None,
     }
 }
 
@@ -109,14 +110,14 @@ fn manual_reservation_lifecycle() {
     let mine = ReleaseScope::OwnManual {
         actual_user: "alice".into(),
     };
-    assert_eq!(store.release(&mine, 300).unwrap(), vec![0, 1]);
+    assert_eq!(store.release(&mine, 300).unwrap().freed, vec![0, 1]);
     assert_eq!(
         store.slots().unwrap()[0],
         GpuSlot::Free {
             last_released: Some(300)
         }
     );
-    assert_eq!(store.release(&mine, 301).unwrap(), Vec::<u32>::new());
+    assert_eq!(store.release(&mine, 301).unwrap().freed, Vec::<u32>::new());
     let manual = ReservationKind::Manual;
     assert_eq!(
         history(&mut store, 0, 1000),
@@ -304,7 +305,7 @@ fn heartbeat_refreshes_only_the_own_run_reservation() {
     assert_eq!(store.heartbeat("m1", &[2], 120).unwrap(), Vec::<u32>::new());
     assert_eq!(store.heartbeat("", &[0], 120).unwrap(), Vec::<u32>::new());
     let end = ReleaseScope::Reservation { id: "r1".into() };
-    assert_eq!(store.release(&end, 130).unwrap(), vec![0, 1]);
+    assert_eq!(store.release(&end, 130).unwrap().freed, vec![0, 1]);
     assert_eq!(
         store.heartbeat("r1", &[0, 1], 140).unwrap(),
         Vec::<u32>::new()
@@ -335,20 +336,20 @@ fn release_scopes() {
     let own_manual = ReleaseScope::OwnManual {
         actual_user: alice(),
     };
-    assert_eq!(store.release(&own_manual, 200).unwrap(), vec![0]);
+    assert_eq!(store.release(&own_manual, 200).unwrap().freed, vec![0]);
     // By ID: only where alice holds the GPU, run or manual.
     let own_ids = ReleaseScope::OwnIds {
         actual_user: alice(),
         ids: vec![1, 2],
     };
-    assert_eq!(store.release(&own_ids, 120).unwrap(), vec![1]);
+    assert_eq!(store.release(&own_ids, 120).unwrap().freed, vec![1]);
     assert_eq!(holder(&mut store, 2).as_deref(), Some("b-m"));
     // Root's override: whoever holds it.
     let any = ReleaseScope::AnyIds { ids: vec![2] };
-    assert_eq!(store.release(&any, 300).unwrap(), vec![2]);
+    assert_eq!(store.release(&any, 300).unwrap().freed, vec![2]);
     assert_eq!(holder(&mut store, 3).as_deref(), Some("b-m"));
     let reservation = ReleaseScope::Reservation { id: "b-m".into() };
-    assert_eq!(store.release(&reservation, 310).unwrap(), vec![3]);
+    assert_eq!(store.release(&reservation, 310).unwrap().freed, vec![3]);
 
     let (manual, run) = (ReservationKind::Manual, ReservationKind::Run);
     assert_eq!(
@@ -550,10 +551,10 @@ fn corrupt_row_affects_only_that_gpu() {
         actual_user: "eve".into(),
         ids: vec![1],
     };
-    assert_eq!(store.release(&own, 200).unwrap(), Vec::<u32>::new());
+    assert_eq!(store.release(&own, 200).unwrap().freed, Vec::<u32>::new());
     // Root's explicit release resets it, without inventing history.
     let any = ReleaseScope::AnyIds { ids: vec![1] };
-    assert_eq!(store.release(&any, 200).unwrap(), vec![1]);
+    assert_eq!(store.release(&any, 200).unwrap().freed, vec![1]);
     assert_eq!(
         store.slots().unwrap()[1],
         GpuSlot::Free {

@@ -91,6 +91,7 @@ pub mod cases {
             expiry_time: Some(expiry),
             note: None,
             owner: None,
+            adopted: None,
         }
     }
 
@@ -127,6 +128,7 @@ pub mod cases {
             unreserved: Vec::new(),
             dead_ids: Vec::new(),
             now,
+            force: None,
         }
     }
 
@@ -313,7 +315,7 @@ pub mod cases {
                 actual_user: "bob".into(),
                 ids: vec![gpu],
             };
-            assert_eq!(store.release(&scope, at).unwrap(), vec![gpu]);
+            assert_eq!(store.release(&scope, at).unwrap().freed, vec![gpu]);
         }
 
         // Never-used GPUs first (ties by ID), then the least recently released.
@@ -559,12 +561,15 @@ pub mod cases {
             actual_user: user.into(),
         };
         assert_eq!(
-            store.release(&mine("svc"), T + 10).unwrap(),
+            store.release(&mine("svc"), T + 10).unwrap().freed,
             Vec::<u32>::new()
         );
-        assert_eq!(store.release(&mine("alice"), T + 10).unwrap(), vec![0, 3]);
         assert_eq!(
-            store.release(&mine("alice"), T + 11).unwrap(),
+            store.release(&mine("alice"), T + 10).unwrap().freed,
+            vec![0, 3]
+        );
+        assert_eq!(
+            store.release(&mine("alice"), T + 11).unwrap().freed,
             Vec::<u32>::new()
         );
         let slots = store.slots().unwrap();
@@ -603,7 +608,10 @@ pub mod cases {
             actual_user: "alice".into(),
             ids: ids.to_vec(),
         };
-        assert_eq!(store.release(&scope(&[1, 2]), T + 5).unwrap(), vec![1]);
+        assert_eq!(
+            store.release(&scope(&[1, 2]), T + 5).unwrap().freed,
+            vec![1]
+        );
         assert_eq!(holders(&mut *store), ["alice", "", "bob"]);
         assert!(matches!(
             store.release(&scope(&[0, 9]), T + 5),
@@ -623,16 +631,19 @@ pub mod cases {
         allocate(&mut *store, manual("", "carol", T + 999), ids(&[3]), T).unwrap();
 
         let any = ReleaseScope::AnyIds { ids: vec![2, 1] };
-        assert_eq!(store.release(&any, T + 5).unwrap(), vec![1, 2]);
+        assert_eq!(store.release(&any, T + 5).unwrap().freed, vec![1, 2]);
         let reservation = |id: &str| ReleaseScope::Reservation { id: id.into() };
         // An empty ID (upstream reservations have none) names no reservation.
         assert_eq!(
-            store.release(&reservation(""), T + 6).unwrap(),
+            store.release(&reservation(""), T + 6).unwrap().freed,
             Vec::<u32>::new()
         );
-        assert_eq!(store.release(&reservation("r1"), T + 6).unwrap(), vec![0]);
         assert_eq!(
-            store.release(&reservation("r1"), T + 7).unwrap(),
+            store.release(&reservation("r1"), T + 6).unwrap().freed,
+            vec![0]
+        );
+        assert_eq!(
+            store.release(&reservation("r1"), T + 7).unwrap().freed,
             Vec::<u32>::new()
         );
         assert_eq!(holders(&mut *store), ["", "", "", "carol"]);
@@ -645,7 +656,7 @@ pub mod cases {
         let scope = ReleaseScope::OwnManual {
             actual_user: "bob".into(),
         };
-        assert_eq!(store.release(&scope, T + 100).unwrap(), vec![0]);
+        assert_eq!(store.release(&scope, T + 100).unwrap().freed, vec![0]);
         assert_eq!(
             all_history(&mut *store),
             vec![record("bob", 0, T, T + 50, ReservationKind::Manual)]
@@ -761,7 +772,7 @@ pub mod cases {
         let released = store
             .release(&ReleaseScope::Reservation { id: "r1".into() }, T + 50)
             .unwrap();
-        assert_eq!(released, vec![1, 3]);
+        assert_eq!(released.freed, vec![1, 3]);
         assert!(all_history(&mut *store).contains(&record(
             "alice",
             3,
@@ -777,7 +788,7 @@ pub mod cases {
         for id in ["first", "second"] {
             allocate(&mut *store, run(id, "alice"), ids(&[0]), T).unwrap();
             let scope = ReleaseScope::Reservation { id: id.into() };
-            assert_eq!(store.release(&scope, T).unwrap(), vec![0]);
+            assert_eq!(store.release(&scope, T).unwrap().freed, vec![0]);
         }
         assert_eq!(all_history(&mut *store).len(), 2);
     }
@@ -935,6 +946,7 @@ pub mod cases {
             let before = store.slots().unwrap();
             let history_before = all_history(&mut *store).len();
             let user_last_used = HashMap::new();
+            let requester = format!("newcomer{round}");
             let expected = plan(
                 &before,
                 &PlanInput {
@@ -942,10 +954,10 @@ pub mod cases {
                     unreserved: &unreserved,
                     dead_ids: &dead_ids,
                     user_last_used: &user_last_used,
+                    requester: &requester,
                     now,
                 },
             );
-            let requester = format!("newcomer{round}");
             let mut wanted = request(manual("new", &requester, now + 60), selection, now);
             wanted.unreserved = unreserved;
             wanted.dead_ids = dead_ids;
@@ -1090,7 +1102,9 @@ pub mod cases {
                     let mut store = open();
                     barrier.wait();
                     if client % 2 == 0 {
-                        store.release(&ReleaseScope::AnyIds { ids: vec![0] }, T + 20)
+                        store
+                            .release(&ReleaseScope::AnyIds { ids: vec![0] }, T + 20)
+                            .map(|released| released.freed)
                     } else {
                         let wanted = manual(&format!("c{client}"), "carol", T + 99);
                         allocate(&mut *store, wanted, ids(&[0]), T + 20)

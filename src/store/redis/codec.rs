@@ -100,6 +100,7 @@ fn decode_state(raw: &str) -> Result<(GpuSlot, Option<String>), String> {
     let actual_user = text(&doc, "actual_user")?;
     let kind = text(&doc, "type")?;
     let note = text(&doc, "note")?;
+    let adopted = text(&doc, "adopted")?;
     let reservation_id = text(&doc, "reservation_id")?;
     let host = text(&doc, "host")?;
     let partial = text(&doc, "partial_queue_id")?;
@@ -135,6 +136,7 @@ fn decode_state(raw: &str) -> Result<(GpuSlot, Option<String>), String> {
         expiry_time,
         note: note.map(str::to_string),
         owner,
+        adopted: adopted.map(str::to_string),
     };
     Ok((GpuSlot::Held(reservation), partial.map(str::to_string)))
 }
@@ -177,6 +179,9 @@ struct StoredReservation<'a> {
     /// The run owner, as `host`, `pid` and `pid_start_time`.
     #[serde(flatten)]
     owner: Option<StoredOwner<'a>>,
+    /// The adopted process's name (`adopt`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    adopted: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     partial_queue_id: Option<&'a str>,
 }
@@ -193,6 +198,7 @@ pub(super) fn encode_held(reservation: &Reservation, collected_for: Option<&str>
         note: reservation.note.as_deref().filter(|note| !note.is_empty()),
         reservation_id: Some(reservation.id.as_str()).filter(|id| !id.is_empty()),
         owner: StoredOwner::of(owner),
+        adopted: reservation.adopted.as_deref(),
         partial_queue_id: collected_for,
     };
     serde_json::to_string(&stored).unwrap_or_default()

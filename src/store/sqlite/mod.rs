@@ -470,12 +470,12 @@ mod tests {
                 provider: ProviderKind::Fake
             })
         );
-        set_meta(&store.conn, "schema_version", "3").unwrap();
+        set_meta(&store.conn, "schema_version", "4").unwrap();
         drop(store);
         let err = SqliteStore::open(&path).err().unwrap();
         assert_eq!(
             err.to_string(),
-            "the canhazgpu store has schema version 3, newer than this canhazgpu understands (2) - upgrade canhazgpu"
+            "the canhazgpu store has schema version 4, newer than this canhazgpu understands (3) - upgrade canhazgpu"
         );
     }
 
@@ -488,6 +488,7 @@ mod tests {
             .conn
             .execute_batch(
                 "DROP TABLE queue; ALTER TABLE gpus DROP COLUMN queue_id;
+                 ALTER TABLE gpus DROP COLUMN adopted;
                  UPDATE meta SET value = '1' WHERE key = 'schema_version';",
             )
             .unwrap();
@@ -497,7 +498,7 @@ mod tests {
             meta_value(&store.conn, "schema_version")
                 .unwrap()
                 .as_deref(),
-            Some("2")
+            Some("3")
         );
         assert_eq!(store.slots().unwrap().len(), 2);
         assert_eq!(store.queue().unwrap(), Vec::new());

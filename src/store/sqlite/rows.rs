@@ -15,7 +15,7 @@ use crate::queue::QueueEntry;
 use crate::state::{GpuSlot, Reservation, ReservationKind, RunOwner, Selection, UnixTime};
 
 const GPU_COLUMNS: &str = "id, user, actual_user, type, start_time, last_heartbeat, \
-     expiry_time, last_released, note, reservation_id, host, pid, pid_start, queue_id";
+     expiry_time, last_released, note, reservation_id, host, pid, pid_start, queue_id, adopted";
 
 const QUEUE_COLUMNS: &str = "id, user, actual_user, type, requested_count, requested_ids, \
      duration, note, host, pid, pid_start, waiter_host, waiter_pid, waiter_pid_start, \
@@ -128,6 +128,7 @@ fn slot_from_row(row: &Row) -> Result<GpuSlot, String> {
         expiry_time: column(row, "expiry_time")?,
         note: column(row, "note")?,
         owner,
+        adopted: column(row, "adopted")?,
     }))
 }
 
@@ -312,7 +313,7 @@ fn write_slot(conn: &Connection, gpu: u32, write: &SlotWrite) -> SqlResult<()> {
             let owner = reservation.owner.as_ref();
             conn.prepare_cached(&format!(
                 "INSERT OR REPLACE INTO gpus ({GPU_COLUMNS})
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8, ?9, ?10, ?11, ?12, ?13)"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
             ))?
             .execute(params![
                 gpu,
@@ -328,6 +329,7 @@ fn write_slot(conn: &Connection, gpu: u32, write: &SlotWrite) -> SqlResult<()> {
                 owner.map(|owner| owner.pid),
                 process_start(owner)?,
                 collected_for,
+                reservation.adopted,
             ])?;
         }
     }

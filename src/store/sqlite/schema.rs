@@ -8,8 +8,9 @@ use crate::error::Error;
 use crate::state::{Pool, ProviderKind};
 
 /// The version of the schema below; stored as `schema_version` in `meta`.
-/// Version 2 added the wait queue (`queue` table, `gpus.queue_id`).
-pub(super) const SCHEMA_VERSION: i64 = 2;
+/// Version 2 added the wait queue (`queue` table, `gpus.queue_id`), version 3 the
+/// adopted process's name (`gpus.adopted`).
+pub(super) const SCHEMA_VERSION: i64 = 3;
 
 /// A `gpus` row with a NULL `user` is a free GPU; a GPU without a row is free too.
 /// `gpus.queue_id` marks a partial reservation collected for that queue entry. The
@@ -33,7 +34,8 @@ CREATE TABLE IF NOT EXISTS gpus (
     host TEXT,
     pid INTEGER,
     pid_start INTEGER,
-    queue_id TEXT
+    queue_id TEXT,
+    adopted TEXT
 ) STRICT;
 CREATE TABLE IF NOT EXISTS user_last_used (
     actual_user TEXT NOT NULL,
@@ -78,6 +80,8 @@ CREATE TABLE IF NOT EXISTS queue (
 ) STRICT;
 ";
 
+const ADOPTED_COLUMN: &str = "ALTER TABLE gpus ADD COLUMN adopted TEXT";
+
 /// Creates the schema on first use, upgrades an older one, and refuses a store
 /// written by a newer canhazgpu.
 pub(super) fn ensure_schema(conn: &Connection) -> SqlResult<()> {
@@ -98,7 +102,9 @@ pub(super) fn ensure_schema(conn: &Connection) -> SqlResult<()> {
         Some(1) => {
             tx.execute_batch("ALTER TABLE gpus ADD COLUMN queue_id TEXT")?;
             tx.execute_batch(QUEUE_SCHEMA)?;
+            tx.execute_batch(ADOPTED_COLUMN)?;
         }
+        Some(2) => tx.execute_batch(ADOPTED_COLUMN)?,
         Some(version) => return check_version(version),
     }
     set_meta(&tx, "schema_version", &SCHEMA_VERSION.to_string())?;

@@ -76,6 +76,7 @@ impl History {
             expiry_time: expiry.filter(|_| kind == ReservationKind::Manual),
             note: None,
             owner: None,
+            adopted: None,
         };
         let claimed = self
             .store
@@ -85,6 +86,7 @@ impl History {
                 unreserved: Vec::new(),
                 dead_ids: Vec::new(),
                 now: start,
+                force: None,
             })
             .expect("allocate");
         assert_eq!(claimed, [gpu]);

@@ -55,7 +55,7 @@ fn waiting(position: u32, collected: &[u32]) -> QueueStep {
 
 fn release(store: &mut dyn Store, gpus: &[u32], now: UnixTime) {
     let scope = ReleaseScope::AnyIds { ids: gpus.to_vec() };
-    assert_eq!(store.release(&scope, now).unwrap(), gpus);
+    assert_eq!(store.release(&scope, now).unwrap().freed, gpus);
 }
 
 /// The queue as (entry ID, collected GPUs), in order.
