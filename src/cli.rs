@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::commands::{
-    Command, admin, agent, find, queue, release, report, reserve, run, status, web,
+    Command, admin, adopt, agent, extend, find, queue, release, report, reserve, run, status,
+    transfer, web,
 };
 use crate::config::Overrides;
 use crate::state::ProviderKind;
@@ -117,11 +118,19 @@ pub enum CliCommand {
         #[arg(short, long, value_parser = whole_number)]
         gpus: Option<u32>,
         /// Specific GPU IDs to reserve (comma-separated, e.g. 1,3,5)
-        #[arg(short = 'G', long, value_delimiter = ',', num_args = 1.., value_parser = whole_number)]
+        #[arg(short = 'G', long, value_delimiter = ',', num_args = 1.., value_parser = gpu_id)]
         gpu_ids: Option<Vec<u32>>,
-        /// Duration to reserve GPUs: 30s, 30m, 2h, 1d, 0.5h, 1h30m
+        /// Duration to reserve GPUs: 30s, 30m, 2h, 1d, 1w, .5h, 1h30m (at most 365d)
         #[arg(short, long, default_value = "8h", allow_hyphen_values = true)]
         duration: String,
+        /// Reserve until a clock time instead: 18:00 (today, or tomorrow once past),
+        /// '2026-12-02 09:00' (local time) or RFC 3339
+        #[arg(long, value_name = "TIME", conflicts_with = "duration")]
+        until: Option<String>,
+        /// Also take GPUs in use without reservation, when every process on them is
+        /// yours (root: anyone's); never waits
+        #[arg(short, long, conflicts_with = "wait")]
+        force: bool,
         #[command(flatten)]
         request: RequestArgs,
         /// Print only the reserved IDs (`1,3`), for `$(canhazgpu reserve --short)`
@@ -129,6 +138,55 @@ pub enum CliCommand {
         short: bool,
         #[command(flatten)]
         target: HostArg,
+    },
+    /// Lengthen your manual reservations in place (all of them unless --gpu-ids)
+    Extend {
+        /// Specific GPU IDs to extend (comma-separated)
+        #[arg(short = 'G', long, value_delimiter = ',', num_args = 1, value_parser = gpu_id)]
+        gpu_ids: Option<Vec<u32>>,
+        /// How much longer: 30m, 2h, 1d, 1h 30m
+        #[arg(
+            value_name = "DURATION",
+            required_unless_present = "until",
+            conflicts_with = "until"
+        )]
+        duration: Option<String>,
+        /// Until a clock time instead: 18:00, '2026-12-02 09:00' or RFC 3339
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
+        #[command(flatten)]
+        target: HostArg,
+    },
+    /// Hand your manual reservations to another user, keeping their expiry
+    Transfer {
+        /// The GPU IDs to hand over (comma-separated)
+        #[arg(short = 'G', long, value_delimiter = ',', num_args = 1.., value_parser = gpu_id, required = true)]
+        gpu_ids: Vec<u32>,
+        /// The Unix user who receives them
+        #[arg(long, value_name = "USER")]
+        to: String,
+        #[command(flatten)]
+        target: HostArg,
+    },
+    /// Turn a job started without canhazgpu into a run reservation of the GPUs it uses;
+    /// the reservation ends when the process exits
+    Adopt {
+        /// The job's process ID (its descendants' GPUs count too)
+        #[arg(value_parser = pid)]
+        pid: u32,
+        /// A note shown with the reservation
+        #[arg(short, long, value_name = "TEXT")]
+        note: Option<String>,
+    },
+    /// Keeps an adopted job's reservation alive while the job runs (started by `adopt`)
+    #[command(name = "keep-adopted", hide = true)]
+    KeepAdopted {
+        reservation_id: String,
+        #[arg(value_parser = pid)]
+        pid: u32,
+        pid_start: u64,
+        #[arg(value_delimiter = ',', value_parser = gpu_id)]
+        gpus: Vec<u32>,
     },
     /// Show the requests waiting for GPUs, in the order they will be served
     Queue {
@@ -144,7 +202,7 @@ pub enum CliCommand {
         #[arg(short, long, value_parser = whole_number)]
         gpus: Option<u32>,
         /// Specific GPU IDs to reserve (comma-separated, e.g. 1,3,5)
-        #[arg(short = 'G', long, value_delimiter = ',', num_args = 1.., value_parser = whole_number)]
+        #[arg(short = 'G', long, value_delimiter = ',', num_args = 1.., value_parser = gpu_id)]
         gpu_ids: Option<Vec<u32>>,
         /// Maximum time to run the command before stopping it: 30s, 30m, 2h, 1d, 0.5h (default: none)
         #[arg(short, long)]
@@ -167,7 +225,7 @@ pub enum CliCommand {
     /// Release manually reserved GPUs held by the current user
     Release {
         /// Specific GPU IDs to release (comma-separated); includes run reservations
-        #[arg(short = 'G', long, value_delimiter = ',', num_args = 1.., value_parser = whole_number)]
+        #[arg(short = 'G', long, value_delimiter = ',', num_args = 1.., value_parser = gpu_id)]
         gpu_ids: Option<Vec<u32>>,
         /// Release the given GPUs whoever holds them (root only)
         #[arg(long)]
@@ -215,6 +273,19 @@ fn whole_number(text: &str) -> Result<u32, String> {
         return Err(format!("'{text}' is not a whole number"));
     }
     text.parse().map_err(|_| format!("'{text}' is too large"))
+}
+
+/// One GPU ID of a comma-separated list: spaces around it are fine (`"1, 2"`).
+fn gpu_id(text: &str) -> Result<u32, String> {
+    whole_number(text.trim())
+}
+
+/// A process ID.
+fn pid(text: &str) -> Result<u32, String> {
+    match whole_number(text)? {
+        0 => Err("PID 0 is not a process".into()),
+        pid => Ok(pid),
+    }
 }
 
 /// A port: digits only, at most 65535.
@@ -349,6 +420,8 @@ impl Cli {
                 gpus,
                 gpu_ids,
                 duration,
+                until,
+                force,
                 request,
                 short,
                 target,
@@ -356,9 +429,45 @@ impl Cli {
                 gpus,
                 gpu_ids,
                 duration,
+                until,
+                force,
                 request: request.into(),
                 short,
                 host: target.host,
+            }),
+            CliCommand::Extend {
+                gpu_ids,
+                duration,
+                until,
+                target,
+            } => Command::Extend(extend::ExtendArgs {
+                gpu_ids,
+                by: match (duration, until) {
+                    (_, Some(time)) => extend::End::Until(time),
+                    (duration, None) => extend::End::By(duration.unwrap_or_default()),
+                },
+                host: target.host,
+            }),
+            CliCommand::Transfer {
+                gpu_ids,
+                to,
+                target,
+            } => Command::Transfer(transfer::TransferArgs {
+                gpu_ids,
+                to,
+                host: target.host,
+            }),
+            CliCommand::Adopt { pid, note } => Command::Adopt(adopt::AdoptArgs { pid, note }),
+            CliCommand::KeepAdopted {
+                reservation_id,
+                pid,
+                pid_start,
+                gpus,
+            } => Command::KeepAdopted(adopt::Adopted {
+                reservation_id,
+                pid,
+                pid_start,
+                gpus,
             }),
             CliCommand::Queue { json, target } => Command::Queue(queue::QueueArgs {
                 json,

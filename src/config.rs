@@ -144,10 +144,7 @@ impl Key {
     }
 
     pub fn env_var(&self) -> String {
-        format!(
-            "{ENV_PREFIX}{}",
-            self.name.to_ascii_uppercase().replace('.', "_")
-        )
+        env_var_for(self.name)
     }
 
     const fn secret(self) -> Self {
@@ -303,6 +300,35 @@ impl fmt::Display for Source {
             Source::Env(name) => f.write_str(name),
             Source::File { path, key } => write!(f, "{}: key '{key}'", path.display()),
         }
+    }
+}
+
+/// The environment variable of key `name` (`redis.port` → `CANHAZGPU_REDIS_PORT`).
+fn env_var_for(name: &str) -> String {
+    format!(
+        "{ENV_PREFIX}{}",
+        name.to_ascii_uppercase().replace('.', "_")
+    )
+}
+
+impl Config {
+    /// The environment that gives another canhazgpu started by this one the same
+    /// settings: the values given as flags, as their variables, and the configuration
+    /// file that was read. (Variables and files it finds by itself.)
+    pub fn child_environment(&self) -> Vec<(String, String)> {
+        let mut env = Vec::new();
+        let mut file = None;
+        for (name, setting) in &self.settings {
+            match &setting.source {
+                Source::Flag(_) => env.push((env_var_for(name), setting.value.clone())),
+                Source::File { path, .. } => file = Some(path.clone()),
+                Source::Env(_) => {}
+            }
+        }
+        if let Some(path) = file {
+            env.push((CONFIG_ENV.to_string(), path.display().to_string()));
+        }
+        env
     }
 }
 

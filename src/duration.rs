@@ -1,15 +1,20 @@
-//! Parsing user-given durations (`30s`, `2h`, `0.5h`, `1h30m`) and formatting them.
+//! Parsing user-given durations (`30s`, `2h`, `.5h`, `1h 30m`, `1w`) and formatting them.
 
 use crate::error::{Error, Result};
 
-/// Parses a duration into whole seconds. Accepts `s`, `m`, `h`, `d` units with
-/// optional decimals, and compounds such as `1h30m`. Zero, negative and malformed
-/// inputs are rejected.
+/// The longest duration anything accepts (a reservation, a wait, a timeout): 365 days.
+/// Longer is a typo, and would outlive any machine's maintenance window.
+pub const MAX_DURATION_SECS: u64 = 365 * 86400;
+
+/// Parses a duration into whole seconds. Accepts `s`, `m`, `h`, `d` and `w` units
+/// with optional decimals (`0.5h`, `.5h`), and compounds such as `1h30m` or `1h 30m`.
+/// Zero, negative and malformed inputs are rejected, and so is anything longer than
+/// `MAX_DURATION_SECS`.
 pub fn parse_duration(input: &str) -> Result<u64> {
     let text = input.trim();
     let invalid = || {
         Error::Usage(format!(
-            "invalid duration '{input}' (use formats like 30s, 30m, 2h, 1d, 0.5h or 1h30m)"
+            "invalid duration '{input}' (use formats like 30s, 30m, 2h, 1d, 1w, .5h or 1h 30m)"
         ))
     };
     if text.is_empty() {
@@ -26,7 +31,7 @@ pub fn parse_duration(input: &str) -> Result<u64> {
             return Err(invalid());
         }
         let (number, tail) = rest.split_at(number_len);
-        if number.starts_with('.') || number.ends_with('.') || number.matches('.').count() > 1 {
+        if number == "." || number.ends_with('.') || number.matches('.').count() > 1 {
             return Err(invalid());
         }
         let value: f64 = number.parse().map_err(|_| invalid())?;
@@ -39,6 +44,7 @@ pub fn parse_duration(input: &str) -> Result<u64> {
             "m" => 60.0,
             "h" => 3600.0,
             "d" => 86400.0,
+            "w" => 7.0 * 86400.0,
             _ => return Err(invalid()),
         };
         // `1d1d` is a typo, not two days.
@@ -47,11 +53,14 @@ pub fn parse_duration(input: &str) -> Result<u64> {
         }
         units_seen.push_str(unit);
         total += value * factor;
-        rest = tail;
+        // Components may be separated by spaces (`1h 30m`), but a unit never.
+        rest = tail.trim_start();
     }
-    // Reject absurd values (more than ~100 years) rather than overflow later.
-    if !total.is_finite() || total > 3.2e9 {
-        return Err(invalid());
+    if !total.is_finite() || total > MAX_DURATION_SECS as f64 {
+        return Err(Error::Usage(format!(
+            "duration '{input}' is too long (at most {})",
+            format_limit(MAX_DURATION_SECS as i64)
+        )));
     }
     let seconds = total.round() as u64;
     if seconds == 0 {
@@ -93,30 +102,27 @@ mod tests {
         assert_eq!(parse_duration("1.5d").unwrap(), 129600);
         assert_eq!(parse_duration("1h30m").unwrap(), 5400);
         assert_eq!(parse_duration(" 2h ").unwrap(), 7200);
+        assert_eq!(parse_duration(".5h").unwrap(), 1800);
+        assert_eq!(parse_duration("1h 30m").unwrap(), 5400);
+        assert_eq!(parse_duration("1w").unwrap(), 604800);
+        assert_eq!(parse_duration("365d").unwrap(), MAX_DURATION_SECS);
+    }
+
+    #[test]
+    fn absurd_lengths_are_too_long_not_malformed() {
+        for long in ["100000000d", "99999999999d", "366d", "53w"] {
+            assert_eq!(
+                parse_duration(long).unwrap_err().to_string(),
+                format!("duration '{long}' is too long (at most 365d)")
+            );
+        }
     }
 
     #[test]
     fn rejects_bad_input() {
         for bad in [
-            "",
-            "0",
-            "0m",
-            "0s",
-            "-5m",
-            "5",
-            "h",
-            "1x",
-            "1.2.3h",
-            ".5h",
-            "5.h",
-            "1h-",
-            "abc",
-            "1 h",
-            "NaNh",
-            "1e9d",
-            "99999999999d",
-            "1d1d",
-            "1h30m2h",
+            "", "0", "0m", "0s", "-5m", "5", "h", "1x", "1.2.3h", ".h", "5.h", "1h-", "abc", "1 h",
+            "NaNh", "1e9d", "1d1d", "1h30m2h",
         ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
         }
@@ -130,9 +136,17 @@ mod tests {
         assert_eq!(format_duration(-4), "0h 0m 0s");
     }
 
+    #[test]
+    fn limits_read_as_written() {
+        assert_eq!(format_limit(86400), "1d");
+        assert_eq!(format_limit(7200), "2h");
+        assert_eq!(format_limit(90 * 60), "90m");
+        assert_eq!(format_limit(45), "45s");
+    }
+
     proptest! {
         #[test]
-        fn single_units_roundtrip(n in 1u64..10_000, unit in prop::sample::select(vec![('s', 1u64), ('m', 60), ('h', 3600), ('d', 86400)])) {
+        fn single_units_roundtrip(n in 1u64..52, unit in prop::sample::select(vec![('s', 1u64), ('m', 60), ('h', 3600), ('d', 86400), ('w', 604800)])) {
             let text = format!("{n}{}", unit.0);
             prop_assert_eq!(parse_duration(&text).unwrap(), n * unit.1);
         }

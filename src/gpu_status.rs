@@ -60,6 +60,12 @@ pub struct GpuStatus {
     pub gpu_model: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_used_mb: Option<u64>,
+    /// A manual reservation's end, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry_time: Option<UnixTime>,
+    /// An adopted job's process ID (`adopt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
 }
 
 /// The GPUs' observed usage, or why it could not be read.
@@ -177,6 +183,8 @@ fn empty_row(gpu_id: u32, status: StatusKind, details: String) -> GpuStatus {
         error: None,
         gpu_model: None,
         memory_used_mb: None,
+        expiry_time: None,
+        pid: None,
     }
 }
 
@@ -246,12 +254,17 @@ fn reserved_row(
     now: UnixTime,
 ) -> GpuStatus {
     let details = match r.kind {
-        ReservationKind::Run => match r.last_heartbeat {
-            Some(hb) => format!("heartbeat {} ago", format_duration(now - hb)),
-            None => "active".into(),
+        ReservationKind::Run => match (&r.adopted, &r.owner, r.last_heartbeat) {
+            (Some(name), Some(owner), _) => format!("adopted PID {} ({name})", owner.pid),
+            (_, _, Some(hb)) => format!("heartbeat {} ago", format_duration(now - hb)),
+            _ => "active".into(),
         },
         ReservationKind::Manual => match r.expiry_time {
-            Some(exp) => format!("expires in {}", format_duration(exp - now)),
+            Some(exp) => format!(
+                "expires in {} (at {})",
+                format_duration(exp - now),
+                crate::clock::format_clock(exp, &crate::clock::local_zone())
+            ),
             None => "manual reservation".into(),
         },
     };
@@ -266,6 +279,12 @@ fn reserved_row(
         .to_string(),
     );
     row.note = r.note.clone();
+    row.expiry_time = r.expiry_time;
+    row.pid = r
+        .adopted
+        .as_ref()
+        .and(r.owner.as_ref())
+        .map(|owner| owner.pid);
     row.validation = Some(match usage {
         Some(u) if !u.processes.is_empty() => format!(
             "{}MB, {} processes",
@@ -386,7 +405,11 @@ mod tests {
         assert_eq!(rows[0].validation.as_deref(), Some("45MB used"));
         assert_eq!(rows[1].status, StatusKind::InUse);
         assert_eq!(rows[1].duration.as_deref(), Some("1h 2m 15s"));
-        assert_eq!(rows[1].details, "expires in 3h 15m 45s");
+        assert!(
+            rows[1].details.starts_with("expires in 3h 15m 45s (at "),
+            "{}",
+            rows[1].details
+        );
         assert_eq!(rows[1].validation.as_deref(), Some("no usage detected"));
         assert_eq!(rows[2].status, StatusKind::Unreserved);
         assert_eq!(rows[2].details, "WITHOUT RESERVATION");

@@ -10,7 +10,7 @@ use crate::gpu::{self, GpuProvider, procinfo};
 use crate::gpu_status::{self, GpuStatus, UsageSnapshot};
 use crate::queue::{self, QueueEntry};
 use crate::state::{GpuSlot, Pool, RunOwner, Selection, UnixTime};
-use crate::store::{self, AllocRequest, HostData, NewReservation, PoolView, Store};
+use crate::store::{self, AllocRequest, Force, HostData, NewReservation, PoolView, Store};
 
 pub struct Session {
     pub config: Config,
@@ -132,19 +132,34 @@ impl Session {
     /// handed out; a failed usage check is an error, since claiming blind could hand
     /// out a busy GPU.
     pub fn claim(&mut self, reservation: NewReservation, selection: Selection) -> Result<Vec<u32>> {
-        let request = self.alloc_request(reservation, selection)?;
+        let request = self.alloc_request(reservation, selection, false)?;
         self.store.allocate(&request)
     }
 
     /// The request `claim` makes: the selection checked against the pool, usage and
-    /// dead processes observed now.
+    /// dead processes observed now. With `take_over` (`reserve --force`, `adopt`) it
+    /// carries who runs the processes on each GPU in use without reservation, for
+    /// the pool core to decide which of them the requester may take.
     pub fn alloc_request(
         &mut self,
         reservation: NewReservation,
         selection: Selection,
+        take_over: bool,
     ) -> Result<AllocRequest> {
         crate::alloc::validate_selection(&selection, self.pool.gpu_count)?;
         let obs = self.observe()?;
+        self.request_from(obs, reservation, selection, take_over)
+    }
+
+    /// `alloc_request` on what was observed already.
+    pub fn request_from(
+        &self,
+        obs: Observation,
+        reservation: NewReservation,
+        selection: Selection,
+        take_over: bool,
+    ) -> Result<AllocRequest> {
+        crate::alloc::validate_selection(&selection, self.pool.gpu_count)?;
         let usage = obs.usage.map_err(|e| match &self.remote {
             None => Error::Gpu(format!("failed to validate GPU usage: {e}")),
             Some(remote) => Error::Gpu(format!(
@@ -159,13 +174,28 @@ impl Session {
             &obs.dead_ids,
             obs.now,
         );
+        let force = take_over.then(|| Force {
+            process_users: unreserved
+                .iter()
+                .map(|&gpu| {
+                    let users = usage
+                        .iter()
+                        .filter(|u| u.index == gpu)
+                        .flat_map(|u| &u.processes)
+                        .map(|p| p.user.clone().unwrap_or_else(|| procinfo::UNKNOWN.into()))
+                        .collect();
+                    (gpu, users)
+                })
+                .collect(),
+            any_user: nix::unistd::getuid().is_root(),
+        });
         Ok(AllocRequest {
             reservation,
             selection,
             unreserved,
             dead_ids: obs.dead_ids,
             now: obs.now,
-            force: None,
+            force,
         })
     }
 }

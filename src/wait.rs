@@ -77,7 +77,7 @@ pub fn claim(
     let entry_id = reservation.id.clone();
     let wanted = selection.len();
     let waiter = session.this_process()?;
-    let request = session.alloc_request(reservation, selection)?;
+    let request = session.alloc_request(reservation, selection, false)?;
     let (position, collected) = match session.store.join_queue(&request, &waiter)? {
         QueueStep::Served(gpus) => return Ok(gpus),
         QueueStep::Waiting {

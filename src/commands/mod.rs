@@ -1,7 +1,9 @@
 //! One file per command. `execute` dispatches a parsed, clap-free `Command`.
 
 pub mod admin;
+pub mod adopt;
 pub mod agent;
+pub mod extend;
 pub mod find;
 pub mod queue;
 pub mod release;
@@ -9,6 +11,7 @@ pub mod report;
 pub mod reserve;
 pub mod run;
 pub mod status;
+pub mod transfer;
 pub mod web;
 
 use std::time::Duration;
@@ -27,6 +30,10 @@ pub enum Command {
     Find(find::FindArgs),
     Agent(agent::AgentArgs),
     Reserve(reserve::ReserveArgs),
+    Extend(extend::ExtendArgs),
+    Transfer(transfer::TransferArgs),
+    Adopt(adopt::AdoptArgs),
+    KeepAdopted(adopt::Adopted),
     Queue(queue::QueueArgs),
     Release(release::ReleaseArgs),
     Run(run::RunArgs),
@@ -42,6 +49,10 @@ pub fn execute(command: Command, config: &Config) -> Result<u8> {
         Command::Find(args) => find::execute(&args, config).map(|()| 0),
         Command::Agent(args) => agent::execute(&args, config).map(|()| 0),
         Command::Reserve(args) => reserve::execute(&args, config).map(|()| 0),
+        Command::Extend(args) => extend::execute(&args, config).map(|()| 0),
+        Command::Transfer(args) => transfer::execute(&args, config).map(|()| 0),
+        Command::Adopt(args) => adopt::execute(&args, config).map(|()| 0),
+        Command::KeepAdopted(adopted) => adopt::keep(&adopted, config).map(|()| 0),
         Command::Queue(args) => queue::execute(&args, config).map(|()| 0),
         Command::Release(args) => release::execute(&args, config),
         Command::Run(args) => run::execute(&args, config),

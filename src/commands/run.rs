@@ -55,6 +55,7 @@ fn check(args: &RunArgs) -> Result<Checked> {
                 .into(),
         ));
     }
+    find_program(&args.command[0])?;
     let seconds = |text: &str| parse_duration(text).map(Duration::from_secs);
     let interval = seconds(&args.heartbeat_interval)?;
     if interval > keeper::MAX_INTERVAL {
@@ -67,7 +68,11 @@ fn check(args: &RunArgs) -> Result<Checked> {
         selection: super::selection(args.gpus, args.gpu_ids.clone())?,
         limits: Limits {
             timeout: args.timeout.as_deref().map(seconds).transpose()?,
-            kill_grace: seconds(&args.kill_grace)?,
+            kill_grace: match args.kill_grace.trim() {
+                // No grace at all: SIGKILL at once.
+                "0" | "0s" => Duration::ZERO,
+                text => seconds(text)?,
+            },
         },
         interval,
     })
@@ -206,6 +211,32 @@ pub fn visible_devices(provider: ProviderKind, gpus: &[u32]) -> Vec<EnvChange> {
         vars.push(("ROCR_VISIBLE_DEVICES", None));
     }
     vars
+}
+
+/// Looks the command up as `execvp` will (a name with a `/` as it is, else on PATH),
+/// so that a missing one fails before anything is reserved, as a shell says it.
+fn find_program(program: &OsString) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |path: &std::path::Path| {
+        std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let name = program.to_string_lossy();
+    if program.as_bytes().contains(&b'/') {
+        let path = std::path::Path::new(program);
+        return match (path.exists(), executable(path)) {
+            (false, _) => Err(Error::CommandNotFound(format!("command not found: {name}"))),
+            (true, false) => Err(Error::CommandNotExecutable(format!(
+                "command not executable: {name}"
+            ))),
+            (true, true) => Ok(()),
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    match std::env::split_paths(&path).any(|dir| executable(&dir.join(program))) {
+        true => Ok(()),
+        false => Err(Error::CommandNotFound(format!("command not found: {name}"))),
+    }
 }
 
 fn spawn_error(program: &OsString, error: SpawnError) -> Error {

@@ -178,6 +178,16 @@ impl Supervisor {
                     }
                     return Ok(Ending::TimedOut { killed });
                 }
+                None if !timed_out && limits.kill_grace.is_zero() => {
+                    // `--kill-grace 0`: no SIGINT first.
+                    timed_out = true;
+                    timeout_at = None;
+                    killed = true;
+                    let reached = kill_tree();
+                    eprintln!(
+                        "canhazgpu: timeout reached; sent SIGKILL to the command ({reached} process(es))"
+                    );
+                }
                 None if !timed_out => {
                     timed_out = true;
                     timeout_at = None;

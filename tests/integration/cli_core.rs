@@ -128,7 +128,8 @@ fn status_case(env: &CliEnv) {
     assert_eq!(rows[1]["validation"], "no usage detected");
     let details = rows[1]["details"].as_str().unwrap();
     assert!(
-        details == "expires in 2h 0m 0s" || details == "expires in 1h 59m 59s",
+        details.starts_with("expires in 2h 0m 0s (at 20")
+            || details.starts_with("expires in 1h 59m 59s (at 20"),
         "{details}"
     );
     assert!(rows[1]["duration"].as_str().unwrap().starts_with("0h 0m"));
@@ -143,9 +144,14 @@ fn reserve_case(env: &CliEnv) {
     env.init_fake(4);
     let run = env.run(["reserve", "--gpus", "2", "--duration", "30m"]);
     run.assert_ok();
+    let (first, rest) = run.stdout.split_once('\n').unwrap();
+    assert!(
+        first.starts_with("Reserved 2 GPU(s): [0, 1] for 0h 30m 0s (until 20"),
+        "{first}"
+    );
     assert_eq!(
-        run.stdout,
-        "Reserved 2 GPU(s): [0, 1] for 0h 30m 0s\n\nRun the following command to run only on these GPUs:\nexport CUDA_VISIBLE_DEVICES=0,1\n"
+        rest,
+        "\nRun the following command to run only on these GPUs:\nexport CUDA_VISIBLE_DEVICES=0,1\n"
     );
     let default = env.run(["reserve"]);
     default.assert_ok();
@@ -263,7 +269,8 @@ fn expiry_case(env: &CliEnv) {
         .unwrap()
         .to_string();
     assert!(
-        details == "expires in 1h 0m 0s" || details == "expires in 0h 59m 59s",
+        details.starts_with("expires in 1h 0m 0s (at ")
+            || details.starts_with("expires in 0h 59m 59s (at "),
         "{details}"
     );
 }

@@ -5,6 +5,7 @@ mod cli_config;
 mod cli_core;
 mod cli_gpu;
 mod fleet;
+mod follow;
 mod gpu_providers;
 mod multi_user;
 mod queue;

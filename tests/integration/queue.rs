@@ -331,7 +331,11 @@ fn errors_that_waiting_cannot_fix_fail_at_once(setup: &Setup) {
     );
     let busy = setup.run(&["reserve", "-G", "0"]);
     busy.assert_code(3);
-    assert_eq!(busy.stderr.trim(), "Error: you already hold GPU 0", "{busy:?}");
+    assert_eq!(
+        busy.stderr.trim(),
+        "Error: you already hold GPU 0",
+        "{busy:?}"
+    );
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(setup.queue(), []);
 }

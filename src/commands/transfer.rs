@@ -1,0 +1,70 @@
+//! `canhazgpu transfer`: hand your manual reservations to another Unix user, with no
+//! moment in which the GPUs are free.
+
+use crate::clock::local_zone;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::output;
+use crate::session::{Session, new_reservation_id, now};
+use crate::state::{GpuSlot, UnixTime};
+use crate::store::TransferRequest;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransferArgs {
+    pub gpu_ids: Vec<u32>,
+    /// The receiving Unix user.
+    pub to: String,
+    /// Another host's pool (`--host`).
+    pub host: Option<String>,
+}
+
+pub fn execute(args: &TransferArgs, config: &Config) -> Result<()> {
+    // The system's user database decides who exists (on this host: fleets share it).
+    match nix::unistd::User::from_name(&args.to) {
+        Ok(Some(_)) => {}
+        Ok(None) => return Err(Error::Usage(format!("no such user: {}", args.to))),
+        Err(e) => {
+            return Err(Error::Runtime(format!(
+                "cannot look up user {}: {e}",
+                args.to
+            )));
+        }
+    }
+    let mut session = Session::open_on(config, args.host.as_deref())?;
+    let now = now();
+    let gpus = session.store.transfer(&TransferRequest {
+        actual_user: session.user.clone(),
+        ids: args.gpu_ids.clone(),
+        to_user: args.to.clone(),
+        new_id: new_reservation_id(),
+        now,
+    })?;
+    let on_host = session
+        .remote
+        .as_ref()
+        .map_or_else(String::new, |remote| format!(" on {}", remote.name));
+    let expiry = latest_expiry(&session.store.slots()?, &gpus);
+    let mut message = format!(
+        "Transferred {} GPU(s): {}{on_host} to {}",
+        gpus.len(),
+        output::id_list(&gpus),
+        args.to
+    );
+    if let Some(end) = expiry {
+        message.push_str(&format!(
+            "; {}",
+            super::extend::expires(end, now, &local_zone())
+        ));
+    }
+    output::print(&message)
+}
+
+/// The latest expiry among `gpus` as stored now (the transfer keeps each one's).
+fn latest_expiry(slots: &[GpuSlot], gpus: &[u32]) -> Option<UnixTime> {
+    gpus.iter()
+        .filter_map(|&gpu| match slots.get(gpu as usize) {
+            Some(GpuSlot::Held(r)) => r.expiry_time,
+            _ => None,
+        })
+        .max()
+}
