@@ -310,6 +310,7 @@ fn unreserved_row(id: u32, usage: &GpuUsage) -> GpuStatus {
     if users.is_empty() {
         users.push("unknown".into());
     }
+    users.sort();
     let memory = usage.memory_used_mb.unwrap_or(0);
     let process_info = if usage.processes.is_empty() {
         format!("{memory}MB used")
@@ -332,14 +333,10 @@ fn process_label(name: &str) -> &str {
     name.rsplit('/').next().unwrap_or(name)
 }
 
-/// `a`, `a and b`, `a, b and 3 more`.
+/// Several users on one GPU, as the table, the JSON and the dashboard all list them:
+/// each once, by name, comma-separated.
 pub fn join_users(users: &[String]) -> String {
-    match users {
-        [] => String::new(),
-        [one] => one.clone(),
-        [a, b] => format!("{a} and {b}"),
-        [a, b, rest @ ..] => format!("{a}, {b} and {} more", rest.len()),
-    }
+    users.join(", ")
 }
 
 #[cfg(test)]
@@ -446,10 +443,9 @@ mod tests {
     }
 
     #[test]
-    fn user_lists_read_naturally() {
+    fn several_users_are_listed_alike() {
         let u = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(join_users(&u(&["a"])), "a");
-        assert_eq!(join_users(&u(&["a", "b"])), "a and b");
-        assert_eq!(join_users(&u(&["a", "b", "c", "d"])), "a, b and 2 more");
+        assert_eq!(join_users(&u(&["a", "b"])), "a, b");
     }
 }

@@ -396,3 +396,26 @@ fn kill_grace_zero_kills_at_once() {
     assert!(run.stderr.contains("sent SIGKILL"), "{run:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+#[test]
+fn several_users_on_one_gpu_are_listed_alike() {
+    ensure_user("chg_bob");
+    let mut env = CliEnv::sqlite();
+    let mut smi = FakeSmi::nvidia(env.dir.path(), 1);
+    env.path_prefix.push(smi.path_dir());
+    env.run(["admin", "--gpus", "1"]).assert_ok();
+    let bobs = BobsJob::start();
+    let mine = GpuJob::start(&[]);
+    smi.set_memory(0, 30_000)
+        .add_process(0, mine.pid(), "python3", 10_000)
+        .add_process(0, bobs.pid(), "sleep", 10_000);
+    let me = crate::cli_core::current_user();
+    let mut users = vec![me.clone(), "chg_bob".to_string()];
+    users.sort();
+    assert_eq!(row(&env, 0)["unreserved_users"], serde_json::json!(users));
+    let table = env.run(["status"]);
+    assert!(
+        table.stdout.contains(&format!("user {}", users.join(", "))),
+        "{table:?}"
+    );
+}
