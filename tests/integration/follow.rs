@@ -419,3 +419,39 @@ fn several_users_on_one_gpu_are_listed_alike() {
         "{table:?}"
     );
 }
+
+#[test]
+fn extend_and_transfer_act_on_another_host() {
+    ensure_user("chg_bob");
+    let server = crate::support::redis::TestRedis::launch();
+    let on = |name: &str| {
+        let mut env = CliEnv::redis(&server.url());
+        env.set_var("CANHAZGPU_HOST_NAME", name);
+        env
+    };
+    let (b, login) = (on("b"), on("login"));
+    b.init_fake(2);
+    b.run(["status"]).assert_ok(); // publishes b's snapshot
+    login
+        .run(["reserve", "--host", "b", "-G", "1", "-d", "1h"])
+        .assert_ok();
+    let before = expiry(&b, 1);
+    let extended = login.run(["extend", "--host", "b", "30m"]);
+    extended.assert_ok();
+    assert!(
+        extended
+            .stdout
+            .starts_with("Extended 1 GPU(s): [1] on b; expires in "),
+        "{extended:?}"
+    );
+    assert_eq!(expiry(&b, 1), before + 1800);
+    let given = login.run(["transfer", "--host", "b", "-G", "1", "--to", "chg_bob"]);
+    given.assert_ok();
+    assert!(
+        given
+            .stdout
+            .starts_with("Transferred 1 GPU(s): [1] on b to chg_bob"),
+        "{given:?}"
+    );
+    assert_eq!(row(&b, 1)["user"], "chg_bob");
+}
