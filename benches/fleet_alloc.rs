@@ -72,6 +72,7 @@ fn main() {
                         dead_ids: Vec::new(),
                         now: now(),
                         force: None,
+                        policy: Default::default(),
                     };
                     let Ok(gpus) = store.allocate(&request) else {
                         continue;

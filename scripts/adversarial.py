@@ -105,8 +105,11 @@ try:
     for n in numbers:
         # 0 is a valid GPU ID, memory threshold, and (for `web`) "any free port";
         # 4294967296 MB is a valid (if silly) memory threshold.
-        if n != "0":
-            command_lines += [["reserve", "-G", n], ["release", "-G", n]]
+        # 0 is a GPU ID, and ID lists may have spaces (`-G "1, 2"`).
+        if n not in ("0", " 1"):
+            command_lines += [["reserve", "-G", n], ["release", "-G", n],
+                              ["extend", "-G", n, "1h"], ["transfer", "-G", n, "--to", "root"]]
+        command_lines += [["adopt", n]]
         if n not in ("0", "4294967296"):
             command_lines += [["--memory-threshold", n, "status"]]
         command_lines += [["reserve", "--gpus", n],
@@ -118,10 +121,21 @@ try:
     for d in durations:
         command_lines += [["reserve", "-d", d], ["reserve", "--wait", d, "--gpus", "9"],
                           ["run", "--timeout", d, "--", "true"],
-                          ["run", "--kill-grace", d, "--", "true"],
+                          # `--kill-grace 0` is valid: SIGKILL at once.
+                          *([["run", "--kill-grace", d, "--", "true"]] if d != "0" else []),
+                          ["extend", d], ["extend", "-G", "0", d],
                           ["run", "--heartbeat-interval", d, "--", "true"]]
     for t in texts:
-        command_lines += [["reserve", "--note", t], ["reserve", "--user", t]]
+        command_lines += [["reserve", "--note", t], ["reserve", "--user", t],
+                          ["transfer", "-G", "0", "--to", t]]
+    for when in ["", "25:00", "yesterday", "2001-01-01 10:00", "2999-01-01 10:00", "2026-13-01 10:00",
+                 "18h"]:
+        command_lines += [["reserve", "--until", when], ["extend", "--until", when]]
+    command_lines += [["extend"], ["extend", "1h"], ["extend", "1h", "--until", "18:00"],
+                      ["transfer", "-G", "0"], ["transfer", "--to", "root"],
+                      ["transfer", "-G", "0", "--to", "no_such_user_x"], ["transfer", "-G", "0", "--to", ""],
+                      ["adopt"], ["adopt", "1"], ["adopt", "999999999"], ["adopt", str(os.getpid())],
+                      ["reserve", "--force", "--wait"], ["keep-adopted"], ["keep-adopted", "x", "0", "0", "0"]]
     command_lines += [["frobnicate"], ["reserve", "--gpu"], ["run", "true"], ["run", "--"],
                       ["release", "--force"], ["status", "--json", "extra"],
                       ["--redis-url", "http://x", "status"], ["--redis-url", "redis://:pw@h:x", "status"],

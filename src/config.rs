@@ -99,6 +99,8 @@ pub struct Config {
     /// `remote_hosts`: hosts shown by `status --all` in this order; those that are not
     /// in the shared Redis are read over SSH.
     pub remote_hosts: Vec<String>,
+    /// The administrator's rules (`policy.*`, system configuration file only).
+    pub policy: Policy,
     /// Non-fatal findings (unknown keys, flags a Redis URL overrides) to print on stderr.
     pub warnings: Vec<String>,
     /// The raw value of every registered key some layer gave, by key name. Commands
@@ -118,6 +120,8 @@ pub struct Key {
     secret: bool,
     /// A config file may give a list, kept comma-joined like its environment variable.
     list: bool,
+    /// Only the system configuration file may set it (the administrator's policy).
+    system: bool,
 }
 
 struct Flag {
@@ -133,6 +137,14 @@ impl Key {
             flag: None,
             secret: false,
             list: false,
+            system: false,
+        }
+    }
+
+    const fn system(self) -> Self {
+        Key {
+            system: true,
+            ..self
         }
     }
 
@@ -238,7 +250,17 @@ pub static KEYS: &[Key] = &[
         "a list of SSH host names (letters, digits, '.', '_', '-', '@')",
     )
     .list(),
+    Key::new("policy.max_duration", "a duration such as 24h").system(),
+    Key::new("policy.max_gpus_per_user", "a whole number of GPUs from 1").system(),
+    Key::new("policy.caps_only_when_contended", "true or false").system(),
 ];
+
+/// The environment variable naming another system configuration directory (tests,
+/// staging). Ignored while canhazgpu runs with privileges it was given (setgid or
+/// setuid), so a user cannot point the policy elsewhere.
+pub const SYSTEM_CONFIG_DIR_ENV: &str = "CANHAZGPU_SYSTEM_CONFIG_DIR";
+
+pub use crate::pool::Policy;
 
 /// What to do when the GPUs are not available yet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -249,6 +271,14 @@ pub enum WaitPolicy {
     Forever,
     /// Wait in the queue, giving up after this long.
     Limit(std::time::Duration),
+}
+
+fn boolean(text: &str) -> Option<bool> {
+    match text.trim() {
+        "1" | "true" | "yes" => Some(true),
+        "0" | "false" | "no" => Some(false),
+        _ => None,
+    }
 }
 
 /// `true` or `yes` (no limit), `false` or `no`, or a duration.
@@ -272,12 +302,7 @@ fn gpu_settings(settings: &BTreeMap<&'static str, Setting>) -> Result<GpuSetting
         }
         Some(setting) => setting.parse(|v| crate::gpu::tool::parse_timeout(Some(v)).ok())?,
     };
-    let nvml = parsed(settings, "nvml", |v| match v.trim() {
-        "1" | "true" | "yes" => Some(true),
-        "0" | "false" | "no" => Some(false),
-        _ => None,
-    })?
-    .unwrap_or(true);
+    let nvml = parsed(settings, "nvml", boolean)?.unwrap_or(true);
     Ok(GpuSettings { smi_timeout, nvml })
 }
 
@@ -378,12 +403,13 @@ fn invalid(source: &Source, expected: &str, got: &str) -> Error {
 pub fn resolve(overrides: &Overrides) -> Result<Config> {
     let env = |name: &str| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned());
     let home = std::env::home_dir().filter(|home| !home.as_os_str().is_empty());
-    resolve_with(
-        overrides,
-        &env,
-        home.as_deref(),
-        Path::new(SYSTEM_CONFIG_DIR),
-    )
+    let privileged = nix::unistd::getegid() != nix::unistd::getgid()
+        || nix::unistd::geteuid() != nix::unistd::getuid();
+    let system_dir = match env(SYSTEM_CONFIG_DIR_ENV).filter(|dir| !dir.is_empty()) {
+        Some(dir) if !privileged => PathBuf::from(dir),
+        _ => PathBuf::from(SYSTEM_CONFIG_DIR),
+    };
+    resolve_with(overrides, &env, home.as_deref(), &system_dir)
 }
 
 /// `resolve` with the environment, home directory and system config directory given.
@@ -395,10 +421,29 @@ pub fn resolve_with(
 ) -> Result<Config> {
     let env = |name: &str| env(name).filter(|value| !value.is_empty());
     let mut warnings = Vec::new();
-    let file = match find_config_file(overrides, &env, home, system_dir)? {
-        Some(path) => load_file(&path, &mut warnings)?,
+    let path = find_config_file(overrides, &env, home, system_dir)?;
+    let mut file = match &path {
+        Some(path) => load_file(path, &mut warnings)?,
         None => BTreeMap::new(),
     };
+    // The policy comes from the system file alone, whichever file holds the rest.
+    let system_path = system_file(system_dir);
+    let mut policy = match (&system_path, &path) {
+        (Some(system), Some(path)) if system == path => file.clone(),
+        (Some(system), _) => load_file(system, &mut warnings)?,
+        (None, _) => BTreeMap::new(),
+    };
+    policy.retain(|name, _| is_system_key(name));
+    for (name, setting) in file.iter().filter(|(name, _)| is_system_key(name)) {
+        if !policy.contains_key(name) || path != system_path {
+            warnings.push(format!(
+                "warning: {}: '{name}' is the administrator's, set only in {}/config.*; ignored here",
+                setting.source,
+                system_dir.display()
+            ));
+        }
+    }
+    file.retain(|name, _| !is_system_key(name));
     let (mut from_env, mut from_flags) = (BTreeMap::new(), BTreeMap::new());
     for key in KEYS {
         if let Some(setting) = key.flag_setting(overrides)? {
@@ -406,6 +451,14 @@ pub fn resolve_with(
         }
         let env_var = key.env_var();
         if let Some(value) = env(&env_var) {
+            if key.system {
+                warnings.push(format!(
+                    "warning: {env_var}: '{}' is the administrator's, set only in {}/config.*; ignored here",
+                    key.name,
+                    system_dir.display()
+                ));
+                continue;
+            }
             from_env.insert(key.name, key.setting(value, Source::Env(env_var)));
         }
     }
@@ -417,6 +470,7 @@ pub fn resolve_with(
     let mut settings = file;
     settings.append(&mut from_env);
     settings.append(&mut from_flags);
+    settings.append(&mut policy);
     let mut config = typed(settings, &mut warnings)?;
     config.warnings = warnings;
     Ok(config)
@@ -453,6 +507,16 @@ fn typed(settings: BTreeMap<&'static str, Setting>, warnings: &mut Vec<String>) 
         hosts.iter().all(|h| valid_ssh_host(h)).then_some(hosts)
     })?
     .unwrap_or_default();
+    let policy = Policy {
+        max_duration: parsed(&settings, "policy.max_duration", |v| {
+            crate::duration::parse_duration(v).ok()
+        })?,
+        max_gpus_per_user: parsed(&settings, "policy.max_gpus_per_user", |v| {
+            digits(v)?.parse().ok().filter(|n| *n >= 1)
+        })?,
+        caps_only_when_contended: parsed(&settings, "policy.caps_only_when_contended", boolean)?
+            .unwrap_or(false),
+    };
 
     let redis_given = REDIS_KEYS.iter().any(|key| settings.contains_key(key));
     let store = match backend {
@@ -471,6 +535,7 @@ fn typed(settings: BTreeMap<&'static str, Setting>, warnings: &mut Vec<String>) 
         gpu,
         host_name,
         remote_hosts,
+        policy,
         warnings: Vec::new(),
         settings,
     })
@@ -617,6 +682,18 @@ fn sentinel_nodes(value: &str) -> Option<Vec<(String, u16)>> {
         .collect()
 }
 
+fn is_system_key(name: &str) -> bool {
+    KEYS.iter().any(|key| key.name == name && key.system)
+}
+
+/// The system configuration file: the first existing `SYSTEM_DIR/config.EXT`.
+fn system_file(system_dir: &Path) -> Option<PathBuf> {
+    EXTENSIONS
+        .map(|ext| system_dir.join(format!("config.{ext}")))
+        .into_iter()
+        .find(|path| path.exists())
+}
+
 /// The explicitly named file (`--config`, then `CANHAZGPU_CONFIG`), else the first
 /// existing `~/.canhazgpu.EXT`, else the first existing `SYSTEM_DIR/config.EXT`.
 fn find_config_file(
@@ -641,8 +718,10 @@ fn find_config_file(
     let in_home = home
         .into_iter()
         .flat_map(|home| EXTENSIONS.map(|ext| home.join(format!(".canhazgpu.{ext}"))));
-    let in_system = EXTENSIONS.map(|ext| system_dir.join(format!("config.{ext}")));
-    Ok(in_home.chain(in_system).find(|path| path.exists()))
+    Ok(in_home
+        .into_iter()
+        .find(|path| path.exists())
+        .or_else(|| system_file(system_dir)))
 }
 
 #[derive(Clone, Copy)]
@@ -943,6 +1022,7 @@ mod tests {
                 remote_hosts: vec![],
                 warnings: vec![],
                 settings: BTreeMap::new(),
+                policy: Policy::default(),
             }
         );
     }
@@ -992,7 +1072,44 @@ mod tests {
                 "CANHAZGPU_HOST_NAME",
                 "CANHAZGPU_REDIS_LAYOUT",
                 "CANHAZGPU_REMOTE_HOSTS",
+                "CANHAZGPU_POLICY_MAX_DURATION",
+                "CANHAZGPU_POLICY_MAX_GPUS_PER_USER",
+                "CANHAZGPU_POLICY_CAPS_ONLY_WHEN_CONTENDED",
             ]
+        );
+    }
+
+    #[test]
+    fn policy_comes_from_the_system_file_alone() {
+        let world = World::new();
+        world.system_file(
+            "config.yaml",
+            "policy:\n  max_duration: 24h\n  max_gpus_per_user: 2\nmemory:\n  threshold: 10\n",
+        );
+        let config = world.config();
+        assert_eq!(config.policy.max_duration, Some(86400));
+        assert_eq!(config.policy.max_gpus_per_user, Some(2));
+        assert_eq!(config.warnings, Vec::<String>::new());
+        // A user file takes over the ordinary keys, never the policy.
+        world.home_file(".canhazgpu.yaml", "policy:\n  max_duration: 30d\n");
+        let world = world.env("CANHAZGPU_POLICY_MAX_GPUS_PER_USER", "9");
+        let config = world.config();
+        assert_eq!(config.policy.max_duration, Some(86400));
+        assert_eq!(config.policy.max_gpus_per_user, Some(2));
+        assert_eq!(config.memory_threshold_mb, DEFAULT_MEMORY_THRESHOLD_MB);
+        assert_eq!(config.warnings.len(), 2, "{:?}", config.warnings);
+        assert!(
+            config
+                .warnings
+                .iter()
+                .all(|w| w.contains("is the administrator's"))
+        );
+        let world = World::new();
+        world.system_file("config.yaml", "policy:\n  max_gpus_per_user: 0\n");
+        assert!(
+            world
+                .error(&Overrides::default())
+                .contains("policy.max_gpus_per_user")
         );
     }
 
@@ -1211,7 +1328,7 @@ mod tests {
     }
 
     /// A valid value per layer (file, env, flag) for every registered key.
-    const LAYER_VALUES: [(&str, [&str; 3]); 18] = [
+    const LAYER_VALUES: [(&str, [&str; 3]); 21] = [
         ("backend", ["sqlite", "redis", "sqlite"]),
         ("state_dir", ["/f", "/e", "/c"]),
         ("redis.host", ["f", "e", "c"]),
@@ -1230,6 +1347,9 @@ mod tests {
         ("host_name", ["f", "e", "c"]),
         ("redis.layout", ["fleet", "upstream", "fleet"]),
         ("remote_hosts", ["f", "e", "c"]),
+        ("policy.max_duration", ["1h", "2h", "3h"]),
+        ("policy.max_gpus_per_user", ["1", "2", "3"]),
+        ("policy.caps_only_when_contended", ["true", "false", "true"]),
     ];
 
     /// Flags giving `key` the value, or `None` for keys only files and the
@@ -1268,6 +1388,9 @@ mod tests {
         assert_eq!(names, registered);
 
         for (key, [in_file, in_env, in_flag]) in LAYER_VALUES {
+            if is_system_key(key) {
+                continue; // not layered: see `policy_comes_from_the_system_file_alone`
+            }
             let world = World::new();
             let path = world.home_file(".canhazgpu.json", &format!(r#"{{"{key}": "{in_file}"}}"#));
             let setting = world.config().settings[key].clone();

@@ -53,6 +53,9 @@ pub enum Error {
     /// GPU (`GPU 0 is reserved by alice, not by you`).
     #[error("{}", .0.join("; "))]
     NotYours(Vec<String>),
+    /// The administrator's policy forbids the request now (`policy.max_gpus_per_user`).
+    #[error("{0}")]
+    PolicyLimit(String),
     /// `admin` without `--force` on a pool of this many GPUs.
     #[error("GPU pool already initialized with {0} GPUs. Use --force to reinitialize")]
     AlreadyInitialized(u32),
@@ -130,6 +133,7 @@ impl Error {
             Error::NotEnough { .. }
             | Error::GpuTaken { .. }
             | Error::WaitTimeout(_)
+            | Error::PolicyLimit(_)
             | Error::NoHost(_) => exit::UNAVAILABLE,
             // As a shell reports a process ended by a signal.
             Error::Interrupted { signal, .. } => crate::signals::exit_status(*signal),

@@ -325,6 +325,58 @@ impl Work {
         }
     }
 
+    /// Refuses `request` where the policy forbids it: a manual reservation longer than
+    /// `max_duration`, or more GPUs than `max_gpus_per_user` for its account (what it
+    /// holds, what its waiters still miss, and the request), while the cap applies.
+    fn within_policy(&self, request: &AllocRequest) -> Result<()> {
+        let policy = &request.policy;
+        let reservation = &request.reservation;
+        if let Some(expiry) = reservation.expiry_time {
+            policy.check_duration((expiry - request.now).max(0) as u64)?;
+        }
+        let Some(cap) = policy.max_gpus_per_user else {
+            return Ok(());
+        };
+        let account = &reservation.actual_user;
+        let contended = self.state.queue.iter().any(|e| e.actual_user != *account);
+        if policy.caps_only_when_contended && !contended {
+            return Ok(());
+        }
+        let held = self
+            .state
+            .slots
+            .iter()
+            .filter(|slot| {
+                matches!(slot, GpuSlot::Held(r)
+                if crate::pool::account(&r.user, &r.actual_user) == *account
+                    && r.liveness(request.now, &self.dead_ids).is_active())
+            })
+            .count() as u32;
+        let missing: u32 = self
+            .state
+            .queue
+            .iter()
+            .filter(|e| e.actual_user == *account)
+            .map(|e| e.missing() as u32)
+            .sum();
+        if held + missing + request.selection.len() > cap {
+            let waiting = match missing {
+                0 => String::new(),
+                n => format!(" and wait for {n} more"),
+            };
+            return Err(Error::PolicyLimit(format!(
+                "at most {cap} GPU(s) per user{} (policy.max_gpus_per_user): you hold {held}{waiting} and asked for {}",
+                if policy.caps_only_when_contended {
+                    " while others wait"
+                } else {
+                    ""
+                },
+                request.selection.len()
+            )));
+        }
+        Ok(())
+    }
+
     /// Why `gpu`, named by `account`, is not one of its reservations.
     fn not_yours(&self, gpu: u32, account: &str, now: UnixTime) -> String {
         match &self.state.slots[gpu as usize] {
@@ -526,7 +578,41 @@ pub struct AllocRequest {
     pub dead_ids: Vec<String>,
     /// Take over GPUs in use without reservation (`reserve --force`, `adopt`).
     pub force: Option<Force>,
+    pub policy: Policy,
     pub now: UnixTime,
+}
+
+/// What the administrator allows (`policy.*` in the system configuration file); every
+/// rule is off by default. The pool core applies it to every request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// `policy.max_duration`: the longest a manual reservation may last, in seconds.
+    pub max_duration: Option<u64>,
+    /// `policy.max_gpus_per_user`: GPUs one Unix user may hold at once (run, manual
+    /// and collected by a waiter together, counting what its waiters still miss).
+    pub max_gpus_per_user: Option<u32>,
+    /// `policy.caps_only_when_contended`: the cap applies only while someone else waits.
+    pub caps_only_when_contended: bool,
+}
+
+impl Policy {
+    /// The longest a reservation may last from now, in seconds.
+    pub fn longest(&self) -> u64 {
+        self.max_duration
+            .unwrap_or(crate::duration::MAX_DURATION_SECS)
+            .min(crate::duration::MAX_DURATION_SECS)
+    }
+
+    /// Refuses a reservation of `seconds` beyond `policy.max_duration`.
+    pub fn check_duration(&self, seconds: u64) -> Result<()> {
+        match self.max_duration {
+            Some(max) if seconds > max => Err(Error::Usage(format!(
+                "the longest reservation allowed here is {} (policy.max_duration)",
+                crate::duration::format_limit(max as i64)
+            ))),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Who runs the processes on the GPUs in use without reservation, for a request
@@ -811,6 +897,7 @@ pub fn allocate(state: &PoolState, request: &AllocRequest) -> Transition<Vec<u32
     let outcome = state.require_pool().and_then(|_| {
         // Waiters never get a busy GPU, not even one the requester may take over.
         waiters_first(&mut work, &request.unreserved, request.now);
+        work.within_policy(request)?;
         match &request.force {
             None => work.claim(request),
             Some(force) => {

@@ -196,6 +196,7 @@ impl Session {
             dead_ids: obs.dead_ids,
             now: obs.now,
             force,
+            policy: self.config.policy,
         })
     }
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use crate::clock::{format_clock, local_zone, parse_until};
 use crate::config::Config;
-use crate::duration::{MAX_DURATION_SECS, format_duration, parse_duration};
+use crate::duration::{format_duration, parse_duration};
 use crate::error::Result;
 use crate::output;
 use crate::session::{Session, now};
@@ -39,7 +39,7 @@ pub fn execute(args: &ExtendArgs, config: &Config) -> Result<()> {
         actual_user: session.user.clone(),
         ids: args.gpu_ids.clone(),
         end,
-        max_seconds: MAX_DURATION_SECS as i64,
+        max_seconds: config.policy.longest() as i64,
         now,
     })?;
     let on_host = session

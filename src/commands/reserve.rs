@@ -37,6 +37,7 @@ pub fn execute(args: &ReserveArgs, config: &Config) -> Result<()> {
         Some(time) => (parse_until(time, started, &tz)? - started) as u64,
         None => parse_duration(&args.duration)?,
     };
+    config.policy.check_duration(seconds)?;
     let policy = match args.force {
         // Taking over a busy GPU is now or never: the queue hands out only free ones.
         true => WaitPolicy::FailAtOnce,

@@ -19,6 +19,14 @@ pub struct TransferArgs {
 }
 
 pub fn execute(args: &TransferArgs, config: &Config) -> Result<()> {
+    if args.to.is_empty()
+        || !args
+            .to
+            .chars()
+            .all(|c| c.is_ascii_graphic() && c != ':' && c != '/')
+    {
+        return Err(Error::Usage(format!("invalid user name {:?}", args.to)));
+    }
     // The system's user database decides who exists (on this host: fleets share it).
     match nix::unistd::User::from_name(&args.to) {
         Ok(Some(_)) => {}

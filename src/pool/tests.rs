@@ -140,6 +140,7 @@ fn request(
         dead_ids: dead.to_vec(),
         now,
         force: None,
+        policy: Default::default(),
     }
 }
 

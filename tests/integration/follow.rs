@@ -15,7 +15,7 @@ use crate::support::fake_smi::FakeSmi;
 use crate::support::{BackendKind, backend_matrix, cli_env};
 
 /// The binary as Unix user `user`, with `env`'s settings.
-fn user_command(env: &CliEnv, user: &str, args: &[&str]) -> Command {
+pub fn user_command(env: &CliEnv, user: &str, args: &[&str]) -> Command {
     let inner = env.command(args);
     let mut cmd = Command::new("runuser");
     cmd.args(["-u", user, "--", "env"]);
@@ -40,7 +40,7 @@ fn as_user(env: &CliEnv, user: &str, args: &[&str]) -> Run {
 }
 
 /// An environment that other Unix users can reach too.
-fn shared_env(backend: BackendKind) -> (CliEnv, Option<crate::support::redis::TestRedis>) {
+pub fn shared_env(backend: BackendKind) -> (CliEnv, Option<crate::support::redis::TestRedis>) {
     let (env, server) = cli_env(backend);
     let mut dirs = vec![env.dir.path().to_path_buf()];
     dirs.extend(

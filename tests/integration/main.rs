@@ -8,6 +8,7 @@ mod fleet;
 mod follow;
 mod gpu_providers;
 mod multi_user;
+mod policy;
 mod queue;
 mod redis_store;
 mod redis_tls;

@@ -129,6 +129,7 @@ pub mod cases {
             dead_ids: Vec::new(),
             now,
             force: None,
+            policy: Default::default(),
         }
     }
 

@@ -87,6 +87,7 @@ impl History {
                 dead_ids: Vec::new(),
                 now: start,
                 force: None,
+                policy: Default::default(),
             })
             .expect("allocate");
         assert_eq!(claimed, [gpu]);
