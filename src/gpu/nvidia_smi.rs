@@ -11,7 +11,7 @@ use super::{GpuProcess, GpuProvider, GpuUsage, procinfo};
 use crate::error::{Error, Result};
 
 pub const GPU_QUERY: [&str; 2] = [
-    "--query-gpu=index,gpu_uuid,name,memory.used",
+    "--query-gpu=index,gpu_uuid,name,memory.used,utilization.gpu",
     "--format=csv,noheader,nounits",
 ];
 pub const APPS_QUERY: [&str; 2] = [
@@ -30,6 +30,7 @@ struct GpuRow {
     uuid: String,
     name: String,
     memory_used_mb: Option<u64>,
+    utilization_percent: Option<u32>,
 }
 
 /// One row of the compute-apps query.
@@ -102,7 +103,7 @@ fn parse_gpu_rows(text: &str) -> Result<Vec<GpuRow>> {
     data_lines(text)
         .map(|line| {
             let fields: Vec<&str> = line.split(',').map(str::trim).collect();
-            let [index, uuid, name @ .., memory] = fields.as_slice() else {
+            let [index, uuid, name @ .., memory, utilization] = fields.as_slice() else {
                 return Err(bad_line(line));
             };
             if name.is_empty() {
@@ -113,6 +114,13 @@ fn parse_gpu_rows(text: &str) -> Result<Vec<GpuRow>> {
                 uuid: (*uuid).to_owned(),
                 name: strip_vendor(&name.join(",")).to_owned(),
                 memory_used_mb: parse_mib(memory),
+                // `[N/A]` or `[Not Supported]` on some devices.
+                utilization_percent: utilization
+                    .trim_end_matches('%')
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|percent| *percent <= 100),
             })
         })
         .collect()
@@ -178,6 +186,7 @@ fn combine(gpus: Vec<GpuRow>, apps: Vec<AppRow>) -> Vec<GpuUsage> {
             index: gpu.index,
             name: Some(gpu.name),
             memory_used_mb: gpu.memory_used_mb,
+            utilization_percent: gpu.utilization_percent,
             ..GpuUsage::default()
         })
         .collect();
@@ -230,9 +239,11 @@ mod tests {
                 uuid: "GPU-6f2b1c3e-8a41-4b7e-9d52-0c1f7a3e9b10".into(),
                 name: "H100 80GB HBM3".into(),
                 memory_used_mb: Some(4),
+                utilization_percent: Some(0),
             }
         );
         assert_eq!(rows[1].memory_used_mb, Some(71234));
+        assert_eq!(rows[1].utilization_percent, Some(87));
         assert_eq!(rows[3].index, 3);
     }
 
@@ -252,6 +263,7 @@ mod tests {
                 index: 0,
                 name: Some("H200".into()),
                 memory_used_mb: Some(2575),
+                utilization_percent: Some(0),
                 processes: vec![GpuProcess {
                     pid: 542,
                     name: "python3".into(),
@@ -266,18 +278,19 @@ mod tests {
     #[test]
     fn unknown_memory_keeps_the_gpu() {
         let rows = parse_gpu_rows(
-            "0, GPU-a, NVIDIA A100-SXM4-40GB, [N/A]\n1, GPU-b, Tesla T4, [Not Supported]\n",
+            "0, GPU-a, NVIDIA A100-SXM4-40GB, [N/A], [N/A]\n1, GPU-b, Tesla T4, [Not Supported], [Not Supported]\n",
         )
         .unwrap();
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].memory_used_mb, None);
         assert_eq!(rows[1].memory_used_mb, None);
+        assert_eq!(rows[1].utilization_percent, None);
         assert_eq!(rows[1].name, "Tesla T4");
     }
 
     #[test]
     fn odd_spacing_and_units_are_tolerated() {
-        let rows = parse_gpu_rows("\n  2 ,GPU-c,   NVIDIA L4  ,  512 MiB  \r\n\n").unwrap();
+        let rows = parse_gpu_rows("\n  2 ,GPU-c,   NVIDIA L4  ,  512 MiB  , 12 %\r\n\n").unwrap();
         assert_eq!(
             rows,
             vec![GpuRow {
@@ -285,6 +298,7 @@ mod tests {
                 uuid: "GPU-c".into(),
                 name: "L4".into(),
                 memory_used_mb: Some(512),
+                utilization_percent: Some(12),
             }]
         );
     }
@@ -359,14 +373,14 @@ mod tests {
 
     #[test]
     fn processes_on_unlisted_gpus_are_dropped() {
-        let gpus = parse_gpu_rows("0, GPU-a, H100, 10").unwrap();
+        let gpus = parse_gpu_rows("0, GPU-a, H100, 10, 0").unwrap();
         let apps = parse_app_rows("7, python, GPU-zzz, 10").unwrap();
         assert!(combine(gpus, apps)[0].processes.is_empty());
     }
 
     #[test]
     fn usage_is_ordered_by_index() {
-        let gpus = parse_gpu_rows("1, GPU-b, H100, 10\n0, GPU-a, H100, 20").unwrap();
+        let gpus = parse_gpu_rows("1, GPU-b, H100, 10, 5\n0, GPU-a, H100, 20, 0").unwrap();
         let indexes: Vec<u32> = combine(gpus, Vec::new()).iter().map(|g| g.index).collect();
         assert_eq!(indexes, vec![0, 1]);
     }

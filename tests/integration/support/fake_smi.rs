@@ -40,6 +40,8 @@ pub struct FakeSmi {
     root: PathBuf,
     /// Used memory per GPU; `None` is reported as not available.
     memory: Vec<Option<u64>>,
+    /// GPU utilization per GPU, percent (nvidia-smi's `utilization.gpu`).
+    utilization: Vec<u32>,
     processes: Vec<FakeProcess>,
 }
 
@@ -74,6 +76,7 @@ impl FakeSmi {
             vendor,
             root,
             memory: vec![Some(0); gpus as usize],
+            utilization: vec![0; gpus as usize],
             processes: Vec::new(),
         };
         smi.write_script();
@@ -83,6 +86,11 @@ impl FakeSmi {
 
     pub fn set_memory(&mut self, gpu: u32, mb: u64) -> &mut Self {
         self.memory[gpu as usize] = Some(mb);
+        self.write_data()
+    }
+
+    pub fn set_utilization(&mut self, gpu: u32, percent: u32) -> &mut Self {
+        self.utilization[gpu as usize] = percent;
         self.write_data()
     }
 
@@ -235,7 +243,11 @@ esac
             .enumerate()
             .map(|(index, memory)| {
                 let memory = memory.map_or_else(|| "[N/A]".to_owned(), |mb| mb.to_string());
-                format!("{index}, {}, {NVIDIA_NAME}, {memory}\n", nvidia_uuid(index))
+                let utilization = self.utilization[index];
+                format!(
+                    "{index}, {}, {NVIDIA_NAME}, {memory}, {utilization}\n",
+                    nvidia_uuid(index)
+                )
             })
             .collect()
     }
