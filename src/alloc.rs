@@ -182,6 +182,7 @@ mod tests {
             note: None,
             owner: None,
             adopted: None,
+            activity: None,
         })
     }
 

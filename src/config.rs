@@ -253,6 +253,11 @@ pub static KEYS: &[Key] = &[
     Key::new("policy.max_duration", "a duration such as 24h").system(),
     Key::new("policy.max_gpus_per_user", "a whole number of GPUs from 1").system(),
     Key::new("policy.caps_only_when_contended", "true or false").system(),
+    Key::new(
+        "policy.idle_utilization_percent",
+        "a whole percentage from 0 to 100",
+    )
+    .system(),
 ];
 
 /// The environment variable naming another system configuration directory (tests,
@@ -516,6 +521,10 @@ fn typed(settings: BTreeMap<&'static str, Setting>, warnings: &mut Vec<String>) 
         })?,
         caps_only_when_contended: parsed(&settings, "policy.caps_only_when_contended", boolean)?
             .unwrap_or(false),
+        idle_utilization_percent: parsed(&settings, "policy.idle_utilization_percent", |v| {
+            digits(v)?.parse().ok().filter(|percent| *percent <= 100)
+        })?
+        .unwrap_or(crate::pool::DEFAULT_IDLE_UTILIZATION_PERCENT),
     };
 
     let redis_given = REDIS_KEYS.iter().any(|key| settings.contains_key(key));
@@ -1075,6 +1084,7 @@ mod tests {
                 "CANHAZGPU_POLICY_MAX_DURATION",
                 "CANHAZGPU_POLICY_MAX_GPUS_PER_USER",
                 "CANHAZGPU_POLICY_CAPS_ONLY_WHEN_CONTENDED",
+                "CANHAZGPU_POLICY_IDLE_UTILIZATION_PERCENT",
             ]
         );
     }
@@ -1328,7 +1338,7 @@ mod tests {
     }
 
     /// A valid value per layer (file, env, flag) for every registered key.
-    const LAYER_VALUES: [(&str, [&str; 3]); 21] = [
+    const LAYER_VALUES: [(&str, [&str; 3]); 22] = [
         ("backend", ["sqlite", "redis", "sqlite"]),
         ("state_dir", ["/f", "/e", "/c"]),
         ("redis.host", ["f", "e", "c"]),
@@ -1350,6 +1360,7 @@ mod tests {
         ("policy.max_duration", ["1h", "2h", "3h"]),
         ("policy.max_gpus_per_user", ["1", "2", "3"]),
         ("policy.caps_only_when_contended", ["true", "false", "true"]),
+        ("policy.idle_utilization_percent", ["1", "2", "3"]),
     ];
 
     /// Flags giving `key` the value, or `None` for keys only files and the

@@ -66,7 +66,21 @@ pub struct GpuStatus {
     /// An adopted job's process ID (`adopt`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// The GPU's utilization now, where the provider reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utilization_percent: Option<u32>,
+    /// A reservation's measurements by the agent: seconds since the GPU was last busy,
+    /// mean utilization and peak memory while held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_seconds: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_utilization_percent: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory_mb: Option<u64>,
 }
+
+/// A manual reservation idle for longer than this says so in `status`.
+pub const SHOW_IDLE_AFTER_SECS: i64 = 15 * 60;
 
 /// The GPUs' observed usage, or why it could not be read.
 pub type UsageSnapshot = Result<Vec<GpuUsage>, String>;
@@ -185,6 +199,10 @@ fn empty_row(gpu_id: u32, status: StatusKind, details: String) -> GpuStatus {
         memory_used_mb: None,
         expiry_time: None,
         pid: None,
+        utilization_percent: None,
+        idle_seconds: None,
+        mean_utilization_percent: None,
+        peak_memory_mb: None,
     }
 }
 
@@ -239,6 +257,7 @@ fn build_one(
     if let Some(u) = usage {
         row.gpu_model = u.name.clone();
         row.memory_used_mb = u.memory_used_mb;
+        row.utilization_percent = u.utilization_percent;
         if row.model.is_none() {
             row.model = u.processes.iter().find_map(|p| p.model.clone());
         }
@@ -285,6 +304,16 @@ fn reserved_row(
         .as_ref()
         .and(r.owner.as_ref())
         .map(|owner| owner.pid);
+    if let Some(activity) = &r.activity {
+        let idle = (now - activity.last_active).max(0);
+        row.idle_seconds = Some(idle);
+        row.mean_utilization_percent = activity.mean_utilization_percent();
+        row.peak_memory_mb = Some(activity.peak_memory_mb);
+        if r.kind == ReservationKind::Manual && idle > SHOW_IDLE_AFTER_SECS {
+            row.details
+                .push_str(&format!(", idle {}", format_hours_minutes(idle)));
+        }
+    }
     row.validation = Some(match usage {
         Some(u) if !u.processes.is_empty() => format!(
             "{}MB, {} processes",
@@ -296,7 +325,47 @@ fn reserved_row(
         }
         _ => "no usage detected".into(),
     });
+    if let (Some(validation), Some(percent)) = (
+        row.validation.as_mut(),
+        usage.and_then(|u| u.utilization_percent),
+    ) {
+        validation.push_str(&format!(", {percent}% util"));
+    }
     row
+}
+
+/// `GPU 1: held 2h 3m, mean utilization 87%, peak memory 71.2 GB`: what a
+/// reservation's end reports, with only what was measured.
+pub fn receipt(gpu: u32, reservation: &Reservation, ended_at: UnixTime) -> String {
+    let mut text = format!(
+        "GPU {gpu}: held {}",
+        format_hours_minutes(ended_at - reservation.start_time)
+    );
+    if let Some(activity) = &reservation.activity {
+        if let Some(mean) = activity.mean_utilization_percent() {
+            text.push_str(&format!(", mean utilization {mean}%"));
+        }
+        if activity.peak_memory_mb > 0 {
+            text.push_str(&format!(
+                ", peak memory {:.1} GB",
+                activity.peak_memory_mb as f64 / 1024.0
+            ));
+        }
+    }
+    text
+}
+
+/// The receipts of a release, on stderr.
+pub fn print_receipts(released: &crate::store::Released, now: UnixTime) {
+    for (gpu, reservation) in &released.ended {
+        eprintln!("{}", receipt(*gpu, reservation, now));
+    }
+}
+
+/// `1h 20m`: an idle time or a holding time, to the minute.
+pub fn format_hours_minutes(seconds: i64) -> String {
+    let minutes = seconds.max(0) / 60;
+    format!("{}h {}m", minutes / 60, minutes % 60)
 }
 
 fn unreserved_row(id: u32, usage: &GpuUsage) -> GpuStatus {
@@ -374,7 +443,45 @@ mod tests {
             note: None,
             owner: None,
             adopted: None,
+            activity: None,
         })
+    }
+
+    #[test]
+    fn measured_reservations_show_idleness_and_receipts() {
+        let now = 100_000;
+        let mut slot = manual("alice", now - 7200, now + 3600);
+        if let GpuSlot::Held(r) = &mut slot {
+            r.activity = Some(Box::new(crate::state::Activity {
+                last_active: now - 4800,
+                samples: 10,
+                utilization_sum: 870,
+                utilization_samples: 10,
+                peak_memory_mb: 72_908,
+                ..Default::default()
+            }));
+        }
+        let mut busy = usage(0, 100, &[]);
+        busy.utilization_percent = Some(3);
+        let rows = build(&[slot.clone()], &Ok(vec![busy]), 1024, &[], now);
+        assert!(
+            rows[0].details.ends_with(", idle 1h 20m"),
+            "{}",
+            rows[0].details
+        );
+        assert_eq!(
+            rows[0].validation.as_deref(),
+            Some("no usage detected, 3% util")
+        );
+        assert_eq!(rows[0].idle_seconds, Some(4800));
+        assert_eq!(rows[0].mean_utilization_percent, Some(87));
+        let GpuSlot::Held(r) = &slot else {
+            unreachable!()
+        };
+        assert_eq!(
+            receipt(1, r, now - 7200 + 7380),
+            "GPU 1: held 2h 3m, mean utilization 87%, peak memory 71.2 GB"
+        );
     }
 
     #[test]

@@ -584,7 +584,7 @@ pub struct AllocRequest {
 
 /// What the administrator allows (`policy.*` in the system configuration file); every
 /// rule is off by default. The pool core applies it to every request.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Policy {
     /// `policy.max_duration`: the longest a manual reservation may last, in seconds.
     pub max_duration: Option<u64>,
@@ -593,6 +593,22 @@ pub struct Policy {
     pub max_gpus_per_user: Option<u32>,
     /// `policy.caps_only_when_contended`: the cap applies only while someone else waits.
     pub caps_only_when_contended: bool,
+    /// `policy.idle_utilization_percent`: at or above it a GPU counts as busy.
+    pub idle_utilization_percent: u32,
+}
+
+/// `policy.idle_utilization_percent` when unset.
+pub const DEFAULT_IDLE_UTILIZATION_PERCENT: u32 = 5;
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            max_duration: None,
+            max_gpus_per_user: None,
+            caps_only_when_contended: false,
+            idle_utilization_percent: DEFAULT_IDLE_UTILIZATION_PERCENT,
+        }
+    }
 }
 
 impl Policy {
@@ -688,11 +704,32 @@ pub struct TransferRequest {
     pub now: UnixTime,
 }
 
+/// One GPU as the agent read it (`sample`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GpuReading {
+    pub gpu: u32,
+    pub utilization_percent: Option<u32>,
+    pub memory_used_mb: Option<u64>,
+    /// Memory of the processes on it, per Unix user.
+    pub memory_by_user: BTreeMap<String, u64>,
+}
+
+/// `sample`: the agent's readings of every GPU, and what counts as busy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SampleRequest {
+    pub readings: Vec<GpuReading>,
+    /// `policy.idle_utilization_percent`: at or above it, a GPU is busy.
+    pub idle_utilization_percent: u32,
+    pub now: UnixTime,
+}
+
 /// What a release did: the GPUs it freed, and why each other named GPU was left.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Released {
     /// Ascending.
     pub freed: Vec<u32>,
+    /// What each freed GPU held, with its measurements (for the receipt).
+    pub ended: Vec<(u32, Reservation)>,
     /// One line per named GPU that is not the caller's (`GPU 0 is reserved by
     /// alice, not by you`), in ID order.
     pub refused: Vec<String>,
@@ -1019,6 +1056,7 @@ pub fn release(state: &PoolState, scope: &ReleaseScope, now: UnixTime) -> Transi
             match &work.state.slots[gpu as usize] {
                 GpuSlot::Held(reservation) if scope.covers(gpu, reservation) => {
                     let ended_at = release_time(reservation, now);
+                    released.ended.push((gpu, reservation.clone()));
                     work.end(gpu, ended_at, now);
                     released.freed.push(gpu);
                 }
@@ -1054,6 +1092,51 @@ pub fn release(state: &PoolState, scope: &ReleaseScope, now: UnixTime) -> Transi
         Ok(released)
     });
     work.finish(state, outcome)
+}
+
+/// Records the agent's readings in the live reservations holding the GPUs (their
+/// `Activity`): busy when utilization reaches the threshold or the holder's
+/// processes' memory changed since the last sample.
+pub fn sample(state: &PoolState, request: &SampleRequest) -> Transition<()> {
+    let mut work = Work::new(state, &[]);
+    let now = request.now;
+    for reading in &request.readings {
+        let Some(GpuSlot::Held(reservation)) = work.state.slots.get_mut(reading.gpu as usize)
+        else {
+            continue;
+        };
+        if state.partials.contains_key(&reading.gpu)
+            || !reservation.liveness(now, &work.dead_ids).is_active()
+        {
+            continue;
+        }
+        let account = account(&reservation.user, &reservation.actual_user);
+        let holder_memory = reading.memory_by_user.get(&account).copied();
+        let activity = reservation.activity.get_or_insert_with(|| {
+            Box::new(crate::state::Activity {
+                last_active: reservation.start_time,
+                ..Default::default()
+            })
+        });
+        let busy = reading
+            .utilization_percent
+            .is_some_and(|percent| percent >= request.idle_utilization_percent)
+            || (activity.samples > 0 && holder_memory != activity.holder_memory_mb);
+        activity.samples += 1;
+        if let Some(percent) = reading.utilization_percent {
+            activity.utilization_sum += u64::from(percent);
+            activity.utilization_samples += 1;
+        }
+        activity.peak_memory_mb = activity
+            .peak_memory_mb
+            .max(reading.memory_used_mb.unwrap_or(0));
+        activity.holder_memory_mb = holder_memory;
+        if busy {
+            activity.last_active = now;
+            activity.idle_warned = false;
+        }
+    }
+    work.finish(state, Ok(()))
 }
 
 /// Lengthens manual reservations of the requester in place (`ExtendRequest`), all
@@ -1135,6 +1218,8 @@ pub fn transfer(state: &PoolState, request: &TransferRequest) -> Transition<Vec<
                 user: request.to_user.clone(),
                 actual_user: request.to_user.clone(),
                 start_time: now,
+                // The receiver's part is measured afresh.
+                activity: None,
                 ..given.clone()
             };
             work.end(gpu, now, now);
@@ -1254,6 +1339,7 @@ pub enum Operation<'a> {
     },
     Extend(&'a ExtendRequest),
     Transfer(&'a TransferRequest),
+    Sample(&'a SampleRequest),
 }
 
 /// What an operation answers.
@@ -1285,6 +1371,7 @@ impl Operation<'_> {
             Operation::Reassert(request) => request.now,
             Operation::Extend(request) => request.now,
             Operation::Transfer(request) => request.now,
+            Operation::Sample(request) => request.now,
         }
     }
 
@@ -1329,6 +1416,7 @@ pub fn apply(state: &PoolState, operation: &Operation) -> Transition<Outcome> {
         Operation::Retire { force, now } => retire(state, force, now).map(Outcome::Retired),
         Operation::Extend(request) => extend(state, request).map(Outcome::Extended),
         Operation::Transfer(request) => transfer(state, request).map(Outcome::Gpus),
+        Operation::Sample(request) => sample(state, request).map(|()| Outcome::Gpus(Vec::new())),
     }
 }
 

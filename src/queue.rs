@@ -429,6 +429,7 @@ mod tests {
             note: None,
             owner: None,
             adopted: None,
+            activity: None,
         })
     }
 

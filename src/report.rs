@@ -540,6 +540,7 @@ mod tests {
                 note: None,
                 owner: None,
                 adopted: None,
+                activity: None,
             })
         };
         let slots = [

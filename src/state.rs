@@ -98,6 +98,35 @@ pub struct Reservation {
     pub owner: Option<RunOwner>,
     /// For a job adopted with `adopt`: the name of the adopted process (`owner`).
     pub adopted: Option<String>,
+    /// What the agent measured on this GPU while the reservation held it.
+    pub activity: Option<Box<Activity>>,
+}
+
+/// The measurements of one GPU of a reservation, taken by the agent
+/// (`pool::sample`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Activity {
+    /// When the GPU was last busy: utilization at or above the idle threshold, or the
+    /// holder's processes' memory changed. The reservation's start until then.
+    pub last_active: UnixTime,
+    pub samples: u32,
+    /// Sum and number of the utilization readings (not every GPU reports one).
+    pub utilization_sum: u64,
+    pub utilization_samples: u32,
+    pub peak_memory_mb: u64,
+    /// The holder's processes' memory at the last sample, to notice a change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder_memory_mb: Option<u64>,
+    /// The idle warning was sent (once per fleet: this record says so).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub idle_warned: bool,
+}
+
+impl Activity {
+    pub fn mean_utilization_percent(&self) -> Option<u32> {
+        (self.utilization_samples > 0)
+            .then(|| (self.utilization_sum / u64::from(self.utilization_samples)) as u32)
+    }
 }
 
 /// Whether a reservation still holds its GPU, and if not, when it ended.
@@ -233,6 +262,7 @@ impl NewReservation {
             note: self.note,
             owner: self.owner,
             adopted: self.adopted,
+            activity: None,
         }
     }
 }
@@ -299,6 +329,7 @@ mod tests {
                 pid_start: 1,
             }),
             adopted: None,
+            activity: None,
         }
     }
 

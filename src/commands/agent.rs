@@ -1,16 +1,17 @@
 //! `canhazgpu agent`: keeps this host's GPU snapshot and heartbeat fresh for the rest
 //! of the fleet, until SIGTERM (or SIGINT, SIGHUP, SIGQUIT).
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::duration::{format_duration, parse_duration};
 use crate::error::{Error, Result};
 use crate::fleet::HostSnapshot;
-use crate::gpu::{self, GpuProvider};
+use crate::gpu::{self, GpuProvider, GpuUsage};
 use crate::gpu_status;
 use crate::session::now;
-use crate::store::{self, Store};
+use crate::store::{self, GpuReading, SampleRequest, Store};
 use crate::wait::WaitSignals;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,6 +59,25 @@ pub fn execute(args: &AgentArgs, config: &Config) -> Result<()> {
     }
 }
 
+/// What `pool::sample` needs of each GPU's usage.
+fn readings(gpus: &[GpuUsage]) -> Vec<GpuReading> {
+    gpus.iter()
+        .map(|gpu| {
+            let mut memory_by_user: BTreeMap<String, u64> = BTreeMap::new();
+            for process in &gpu.processes {
+                let user = process.user.clone().unwrap_or_default();
+                *memory_by_user.entry(user).or_default() += process.used_memory_mb.unwrap_or(0);
+            }
+            GpuReading {
+                gpu: gpu.index,
+                utilization_percent: gpu.utilization_percent,
+                memory_used_mb: gpu.memory_used_mb,
+                memory_by_user,
+            }
+        })
+        .collect()
+}
+
 /// The agent's store connection (reopened after a failure) and GPU provider.
 pub struct Agent {
     store: Option<Box<dyn Store>>,
@@ -93,8 +113,15 @@ impl Agent {
             None => store::open(config),
         }
         .and_then(|mut store| {
-            let published = store.publish_snapshot(&snapshot, Some(self.interval_secs));
-            published.map(|()| store)
+            store.publish_snapshot(&snapshot, Some(self.interval_secs))?;
+            if let Ok(gpus) = &usage {
+                store.sample(&SampleRequest {
+                    readings: readings(gpus),
+                    idle_utilization_percent: config.policy.idle_utilization_percent,
+                    now: snapshot.taken_at,
+                })?;
+            }
+            Ok(store)
         });
         match result {
             Ok(store) => {

@@ -60,6 +60,7 @@ pub fn execute(args: &ReleaseArgs, config: &Config) -> Result<u8> {
             "No manually reserved GPUs found for current user{on_host}"
         ))?;
     }
+    crate::gpu_status::print_receipts(&released, now());
     // The GPUs that were the caller's are released; each other one named is an error.
     for refused in &released.refused {
         match &session.remote {

@@ -176,15 +176,21 @@ pub fn execute(args: &RunArgs, config: &Config) -> Result<u8> {
     Ok(ending.exit_code())
 }
 
-/// Releases the reservation; a failure is a warning, since the command's own exit
-/// status must still come through.
+/// Releases the reservation, with a receipt of what was measured on stderr; a failure
+/// is a warning, since the command's own exit status must still come through.
 fn release(keeper: Keeper) -> Vec<u32> {
-    keeper.finish().unwrap_or_else(|e| {
-        eprintln!(
-            "canhazgpu: warning: could not release the reservation ({e}); it ends by itself: at once for canhazgpu on this host, after 60s elsewhere"
-        );
-        Vec::new()
-    })
+    match keeper.finish() {
+        Ok(released) => {
+            crate::gpu_status::print_receipts(&released, now());
+            released.freed
+        }
+        Err(e) => {
+            eprintln!(
+                "canhazgpu: warning: could not release the reservation ({e}); it ends by itself: at once for canhazgpu on this host, after 60s elsewhere"
+            );
+            Vec::new()
+        }
+    }
 }
 
 /// The environment that restricts the command to the reserved GPUs (`None` removes

@@ -270,7 +270,6 @@ mod tests {
                     used_memory_mb: Some(2566),
                     ..GpuProcess::default()
                 }],
-                ..GpuUsage::default()
             }]
         );
     }

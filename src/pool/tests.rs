@@ -466,6 +466,7 @@ fn held(user: &str, kind: ReservationKind, expiry: Option<UnixTime>) -> GpuSlot 
         note: None,
         owner: None,
         adopted: None,
+        activity: None,
     })
 }
 
@@ -669,4 +670,69 @@ fn reserving_your_own_gpu_again_says_so() {
         allocate(&state, &again).outcome.unwrap_err().to_string(),
         "you already hold GPU 0"
     );
+}
+
+#[test]
+fn samples_measure_each_held_gpu_and_notice_activity() {
+    let state = pool_of(vec![
+        held("alice", ReservationKind::Manual, Some(T + 3600)),
+        held("bob", ReservationKind::Manual, Some(T + 3600)),
+        GpuSlot::Free {
+            last_released: None,
+        },
+    ]);
+    let reading = |gpu, utilization, alice_mb| GpuReading {
+        gpu,
+        utilization_percent: utilization,
+        memory_used_mb: Some(alice_mb + 100),
+        memory_by_user: BTreeMap::from([("alice".to_string(), alice_mb)]),
+    };
+    let request = |readings, now| SampleRequest {
+        readings,
+        idle_utilization_percent: 5,
+        now,
+    };
+    let first = sample(
+        &state,
+        &request(
+            vec![
+                reading(0, Some(90), 1000),
+                reading(1, Some(2), 0),
+                reading(2, Some(50), 0),
+            ],
+            T + 10,
+        ),
+    );
+    let activity = |t: &Transition<()>, gpu: usize| match &t.after.slots[gpu] {
+        GpuSlot::Held(r) => r.activity.clone().unwrap(),
+        _ => panic!("GPU {gpu} not held"),
+    };
+    assert_eq!(
+        activity(&first, 0).last_active,
+        T + 10,
+        "busy by utilization"
+    );
+    assert_eq!(activity(&first, 1).last_active, T, "idle since its start");
+    assert!(matches!(first.after.slots[2], GpuSlot::Free { .. }));
+    // Utilization below the threshold, but alice's memory changed: still busy.
+    let second = sample(
+        &first.after,
+        &request(vec![reading(0, Some(1), 2000), reading(1, None, 0)], T + 20),
+    );
+    let alice = activity(&second, 0);
+    assert_eq!(alice.last_active, T + 20);
+    assert_eq!(
+        (alice.samples, alice.mean_utilization_percent()),
+        (2, Some(45))
+    );
+    assert_eq!(alice.peak_memory_mb, 2100);
+    let bob = activity(&second, 1);
+    assert_eq!((bob.last_active, bob.utilization_samples), (T, 1));
+    // Nothing changes: idle from now on.
+    let third = sample(
+        &second.after,
+        &request(vec![reading(0, Some(1), 2000)], T + 30),
+    );
+    assert_eq!(activity(&third, 0).last_active, T + 20);
+    assert!(third.changes.history.is_empty());
 }

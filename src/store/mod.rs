@@ -75,8 +75,9 @@ impl std::fmt::Debug for RedisConfig {
 }
 
 pub use crate::pool::{
-    AllocRequest, ExtendRequest, Force, InitOutcome, NewEnd, NewReservation, Operation, Outcome,
-    QueueStep, QueueTick, ReassertRequest, Reasserted, ReleaseScope, Released, TransferRequest,
+    AllocRequest, ExtendRequest, Force, GpuReading, InitOutcome, NewEnd, NewReservation, Operation,
+    Outcome, QueueStep, QueueTick, ReassertRequest, Reasserted, ReleaseScope, Released,
+    SampleRequest, TransferRequest,
 };
 
 /// What a waiter's cheap periodic refresh learns (`Store::queue_beat`).
@@ -231,6 +232,12 @@ pub trait Store: Send {
             Outcome::Extended(ends) => Ok(ends),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Records the agent's readings in the reservations holding the GPUs
+    /// (`pool::sample`).
+    fn sample(&mut self, request: &SampleRequest) -> Result<()> {
+        self.run(&Operation::Sample(request)).map(drop)
     }
 
     /// Hands manual reservations to another user in one change (`pool::transfer`).

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::output::id_list;
 use crate::session::now;
 use crate::state::{Pool, UnixTime};
-use crate::store::{self, NewReservation, ReassertRequest, ReleaseScope, Store};
+use crate::store::{self, NewReservation, ReassertRequest, ReleaseScope, Released, Store};
 
 /// The longest interval that still leaves room for a missed heartbeat or two.
 pub const MAX_INTERVAL: Duration = Duration::from_secs(30);
@@ -37,7 +37,7 @@ pub struct Kept {
 
 /// The handle of the keeper thread.
 pub struct Keeper {
-    finish: Sender<Sender<Result<Vec<u32>>>>,
+    finish: Sender<Sender<Result<Released>>>,
     thread: JoinHandle<()>,
 }
 
@@ -62,7 +62,7 @@ impl Keeper {
 
     /// Stops the heartbeats and ends the reservation (recording its history).
     /// Returns the GPUs freed.
-    pub fn finish(self) -> Result<Vec<u32>> {
+    pub fn finish(self) -> Result<Released> {
         let (reply, answer) = mpsc::channel();
         let result = match self.finish.send(reply) {
             Ok(()) => answer.recv().unwrap_or_else(|_| Err(keeper_gone())),
@@ -110,7 +110,7 @@ struct KeeperState {
 }
 
 impl KeeperState {
-    fn run(mut self, requests: Receiver<Sender<Result<Vec<u32>>>>) {
+    fn run(mut self, requests: Receiver<Sender<Result<Released>>>) {
         loop {
             let wait = self
                 .outage
@@ -239,7 +239,7 @@ impl KeeperState {
 
     /// Ends the reservation, retrying briefly when the store does not answer (once
     /// only if it has not been answering already, so the user is not kept waiting).
-    fn release(&mut self) -> Result<Vec<u32>> {
+    fn release(&mut self) -> Result<Released> {
         let scope = ReleaseScope::Reservation {
             id: self.kept.reservation.id.clone(),
         };
@@ -252,7 +252,7 @@ impl KeeperState {
         for &delay in attempts {
             std::thread::sleep(delay);
             match self.store().and_then(|store| store.release(&scope, now())) {
-                Ok(released) => return Ok(released.freed),
+                Ok(released) => return Ok(released),
                 Err(e) => {
                     self.store = None;
                     last_error = e;

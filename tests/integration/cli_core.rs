@@ -125,7 +125,9 @@ fn status_case(env: &CliEnv) {
     assert_eq!(rows[1]["status"], "IN_USE");
     assert_eq!(rows[1]["user"], me.as_str());
     assert_eq!(rows[1]["type"], "MANUAL");
-    assert_eq!(rows[1]["validation"], "no usage detected");
+    // The fake provider reports 0% utilization.
+    assert_eq!(rows[1]["validation"], "no usage detected, 0% util");
+    assert_eq!(rows[1]["utilization_percent"], 0);
     let details = rows[1]["details"].as_str().unwrap();
     assert!(
         details.starts_with("expires in 2h 0m 0s (at 20")
@@ -242,7 +244,11 @@ fn release_case(env: &CliEnv) {
     let mixed = env.run(["release", "--gpu-ids", "0,1"]);
     mixed.assert_code(5);
     assert_eq!(mixed.stdout.trim(), "Released 1 GPU(s): [1]");
-    assert_eq!(mixed.stderr.trim(), "Error: GPU 0 is not reserved");
+    // A receipt for the released GPU, then the refusal.
+    assert_eq!(
+        mixed.stderr,
+        "GPU 1: held 0h 0m\nError: GPU 0 is not reserved\n"
+    );
     env.run(["reserve", "--gpu-ids", "1"]).assert_ok();
     // $USER is not an identity: pretending to be someone else releases nothing of theirs
     // and still releases the caller's own reservations.

@@ -237,7 +237,10 @@ backend_matrix! {
         let bob_releases = as_user(&env, "chg_bob", &["release", "-G", "0,1"]);
         bob_releases.assert_code(5);
         assert_eq!(bob_releases.stdout.trim(), "Released 1 GPU(s): [1]");
-        assert_eq!(bob_releases.stderr.trim(), "Error: GPU 0 is reserved by chg_alice, not by you");
+        assert_eq!(
+            bob_releases.stderr,
+            "GPU 1: held 0h 0m\nError: GPU 0 is reserved by chg_alice, not by you\n"
+        );
         as_user(&env, "chg_alice", &["release"]).assert_ok();
 
         // Each person is credited with their own part.

@@ -1,5 +1,6 @@
 //! The integration tests, in one binary.
 
+mod activity;
 mod browser;
 mod cli_config;
 mod cli_core;

@@ -91,6 +91,7 @@ fn reads_upstream_states_and_pool() {
         note: None,
         owner: None,
         adopted: None,
+        activity: None,
     };
     assert_eq!(
         store.slots().unwrap(),

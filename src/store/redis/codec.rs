@@ -137,6 +137,10 @@ fn decode_state(raw: &str) -> Result<(GpuSlot, Option<String>), String> {
         note: note.map(str::to_string),
         owner,
         adopted: adopted.map(str::to_string),
+        // Measurements only: an unreadable one is dropped, not the reservation.
+        activity: doc
+            .get("activity")
+            .and_then(|value| serde_json::from_value(value.clone()).ok()),
     };
     Ok((GpuSlot::Held(reservation), partial.map(str::to_string)))
 }
@@ -182,6 +186,9 @@ struct StoredReservation<'a> {
     /// The adopted process's name (`adopt`).
     #[serde(skip_serializing_if = "Option::is_none")]
     adopted: Option<&'a str>,
+    /// The agent's measurements (`Activity`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    activity: Option<&'a crate::state::Activity>,
     #[serde(skip_serializing_if = "Option::is_none")]
     partial_queue_id: Option<&'a str>,
 }
@@ -199,6 +206,7 @@ pub(super) fn encode_held(reservation: &Reservation, collected_for: Option<&str>
         reservation_id: Some(reservation.id.as_str()).filter(|id| !id.is_empty()),
         owner: StoredOwner::of(owner),
         adopted: reservation.adopted.as_deref(),
+        activity: reservation.activity.as_deref(),
         partial_queue_id: collected_for,
     };
     serde_json::to_string(&stored).unwrap_or_default()

@@ -470,12 +470,12 @@ mod tests {
                 provider: ProviderKind::Fake
             })
         );
-        set_meta(&store.conn, "schema_version", "4").unwrap();
+        set_meta(&store.conn, "schema_version", "5").unwrap();
         drop(store);
         let err = SqliteStore::open(&path).err().unwrap();
         assert_eq!(
             err.to_string(),
-            "the canhazgpu store has schema version 4, newer than this canhazgpu understands (3) - upgrade canhazgpu"
+            "the canhazgpu store has schema version 5, newer than this canhazgpu understands (4) - upgrade canhazgpu"
         );
     }
 
@@ -489,6 +489,7 @@ mod tests {
             .execute_batch(
                 "DROP TABLE queue; ALTER TABLE gpus DROP COLUMN queue_id;
                  ALTER TABLE gpus DROP COLUMN adopted;
+                 ALTER TABLE gpus DROP COLUMN activity;
                  UPDATE meta SET value = '1' WHERE key = 'schema_version';",
             )
             .unwrap();
@@ -498,7 +499,7 @@ mod tests {
             meta_value(&store.conn, "schema_version")
                 .unwrap()
                 .as_deref(),
-            Some("3")
+            Some("4")
         );
         assert_eq!(store.slots().unwrap().len(), 2);
         assert_eq!(store.queue().unwrap(), Vec::new());

@@ -15,7 +15,7 @@ use crate::queue::QueueEntry;
 use crate::state::{GpuSlot, Reservation, ReservationKind, RunOwner, Selection, UnixTime};
 
 const GPU_COLUMNS: &str = "id, user, actual_user, type, start_time, last_heartbeat, \
-     expiry_time, last_released, note, reservation_id, host, pid, pid_start, queue_id, adopted";
+     expiry_time, last_released, note, reservation_id, host, pid, pid_start, queue_id, adopted, activity";
 
 const QUEUE_COLUMNS: &str = "id, user, actual_user, type, requested_count, requested_ids, \
      duration, note, host, pid, pid_start, waiter_host, waiter_pid, waiter_pid_start, \
@@ -129,6 +129,9 @@ fn slot_from_row(row: &Row) -> Result<GpuSlot, String> {
         note: column(row, "note")?,
         owner,
         adopted: column(row, "adopted")?,
+        // Measurements only: an unreadable one is dropped, not the reservation.
+        activity: column::<Option<String>>(row, "activity")?
+            .and_then(|text| serde_json::from_str(&text).ok()),
     }))
 }
 
@@ -313,7 +316,7 @@ fn write_slot(conn: &Connection, gpu: u32, write: &SlotWrite) -> SqlResult<()> {
             let owner = reservation.owner.as_ref();
             conn.prepare_cached(&format!(
                 "INSERT OR REPLACE INTO gpus ({GPU_COLUMNS})
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
             ))?
             .execute(params![
                 gpu,
@@ -330,6 +333,10 @@ fn write_slot(conn: &Connection, gpu: u32, write: &SlotWrite) -> SqlResult<()> {
                 process_start(owner)?,
                 collected_for,
                 reservation.adopted,
+                reservation
+                    .activity
+                    .as_ref()
+                    .and_then(|activity| serde_json::to_string(activity).ok()),
             ])?;
         }
     }

@@ -9,8 +9,9 @@ use crate::state::{Pool, ProviderKind};
 
 /// The version of the schema below; stored as `schema_version` in `meta`.
 /// Version 2 added the wait queue (`queue` table, `gpus.queue_id`), version 3 the
-/// adopted process's name (`gpus.adopted`).
-pub(super) const SCHEMA_VERSION: i64 = 3;
+/// adopted process's name (`gpus.adopted`), version 4 the agent's measurements
+/// (`gpus.activity`, JSON).
+pub(super) const SCHEMA_VERSION: i64 = 4;
 
 /// A `gpus` row with a NULL `user` is a free GPU; a GPU without a row is free too.
 /// `gpus.queue_id` marks a partial reservation collected for that queue entry. The
@@ -35,7 +36,8 @@ CREATE TABLE IF NOT EXISTS gpus (
     pid INTEGER,
     pid_start INTEGER,
     queue_id TEXT,
-    adopted TEXT
+    adopted TEXT,
+    activity TEXT
 ) STRICT;
 CREATE TABLE IF NOT EXISTS user_last_used (
     actual_user TEXT NOT NULL,
@@ -81,6 +83,7 @@ CREATE TABLE IF NOT EXISTS queue (
 ";
 
 const ADOPTED_COLUMN: &str = "ALTER TABLE gpus ADD COLUMN adopted TEXT";
+const ACTIVITY_COLUMN: &str = "ALTER TABLE gpus ADD COLUMN activity TEXT";
 
 /// Creates the schema on first use, upgrades an older one, and refuses a store
 /// written by a newer canhazgpu.
@@ -103,8 +106,13 @@ pub(super) fn ensure_schema(conn: &Connection) -> SqlResult<()> {
             tx.execute_batch("ALTER TABLE gpus ADD COLUMN queue_id TEXT")?;
             tx.execute_batch(QUEUE_SCHEMA)?;
             tx.execute_batch(ADOPTED_COLUMN)?;
+            tx.execute_batch(ACTIVITY_COLUMN)?;
         }
-        Some(2) => tx.execute_batch(ADOPTED_COLUMN)?,
+        Some(2) => {
+            tx.execute_batch(ADOPTED_COLUMN)?;
+            tx.execute_batch(ACTIVITY_COLUMN)?;
+        }
+        Some(3) => tx.execute_batch(ACTIVITY_COLUMN)?,
         Some(version) => return check_version(version),
     }
     set_meta(&tx, "schema_version", &SCHEMA_VERSION.to_string())?;
