@@ -258,6 +258,8 @@ pub static KEYS: &[Key] = &[
         "a whole percentage from 0 to 100",
     )
     .system(),
+    Key::new("policy.idle_release_after", "a duration such as 1h").system(),
+    Key::new("policy.idle_warning", "a duration such as 15m").system(),
 ];
 
 /// The environment variable naming another system configuration directory (tests,
@@ -525,6 +527,13 @@ fn typed(settings: BTreeMap<&'static str, Setting>, warnings: &mut Vec<String>) 
             digits(v)?.parse().ok().filter(|percent| *percent <= 100)
         })?
         .unwrap_or(crate::pool::DEFAULT_IDLE_UTILIZATION_PERCENT),
+        idle_release_after: parsed(&settings, "policy.idle_release_after", |v| {
+            crate::duration::parse_duration(v).ok()
+        })?,
+        idle_warning: parsed(&settings, "policy.idle_warning", |v| {
+            crate::duration::parse_duration(v).ok()
+        })?
+        .unwrap_or(crate::pool::DEFAULT_IDLE_WARNING_SECS),
     };
 
     let redis_given = REDIS_KEYS.iter().any(|key| settings.contains_key(key));
@@ -1085,6 +1094,8 @@ mod tests {
                 "CANHAZGPU_POLICY_MAX_GPUS_PER_USER",
                 "CANHAZGPU_POLICY_CAPS_ONLY_WHEN_CONTENDED",
                 "CANHAZGPU_POLICY_IDLE_UTILIZATION_PERCENT",
+                "CANHAZGPU_POLICY_IDLE_RELEASE_AFTER",
+                "CANHAZGPU_POLICY_IDLE_WARNING",
             ]
         );
     }
@@ -1338,7 +1349,7 @@ mod tests {
     }
 
     /// A valid value per layer (file, env, flag) for every registered key.
-    const LAYER_VALUES: [(&str, [&str; 3]); 22] = [
+    const LAYER_VALUES: [(&str, [&str; 3]); 24] = [
         ("backend", ["sqlite", "redis", "sqlite"]),
         ("state_dir", ["/f", "/e", "/c"]),
         ("redis.host", ["f", "e", "c"]),
@@ -1361,6 +1372,8 @@ mod tests {
         ("policy.max_gpus_per_user", ["1", "2", "3"]),
         ("policy.caps_only_when_contended", ["true", "false", "true"]),
         ("policy.idle_utilization_percent", ["1", "2", "3"]),
+        ("policy.idle_release_after", ["1h", "2h", "3h"]),
+        ("policy.idle_warning", ["1m", "2m", "3m"]),
     ];
 
     /// Flags giving `key` the value, or `None` for keys only files and the

@@ -124,6 +124,8 @@ pub fn account(user: &str, actual_user: &str) -> String {
 pub struct HistoryEntry {
     pub record: UsageRecord,
     pub reservation_id: String,
+    /// Why it ended, when not by its holder (`idle for 1h 0m (policy.idle_release_after)`).
+    pub reason: Option<String>,
 }
 
 /// What a store writes for one GPU.
@@ -215,6 +217,11 @@ impl Work {
     /// Ends whatever holds `gpu` (one history record, the account's last use) and
     /// frees it, released at `now`.
     fn end(&mut self, gpu: u32, ended_at: UnixTime, now: UnixTime) {
+        self.end_because(gpu, ended_at, now, None);
+    }
+
+    /// `end`, with the reason the history records.
+    fn end_because(&mut self, gpu: u32, ended_at: UnixTime, now: UnixTime, reason: Option<&str>) {
         let freed = GpuSlot::Free {
             last_released: Some(now),
         };
@@ -231,6 +238,7 @@ impl Work {
                     kind: reservation.kind,
                 },
                 reservation_id: reservation.id.clone(),
+                reason: reason.map(str::to_string),
             });
             self.touch(&account, gpu, ended_at);
         }
@@ -595,7 +603,14 @@ pub struct Policy {
     pub caps_only_when_contended: bool,
     /// `policy.idle_utilization_percent`: at or above it a GPU counts as busy.
     pub idle_utilization_percent: u32,
+    /// `policy.idle_release_after`: a manual reservation idle this long is released.
+    pub idle_release_after: Option<u64>,
+    /// `policy.idle_warning`: how long before that its holder is warned.
+    pub idle_warning: u64,
 }
+
+/// `policy.idle_warning` when unset: 15 minutes.
+pub const DEFAULT_IDLE_WARNING_SECS: u64 = 15 * 60;
 
 /// `policy.idle_utilization_percent` when unset.
 pub const DEFAULT_IDLE_UTILIZATION_PERCENT: u32 = 5;
@@ -607,6 +622,8 @@ impl Default for Policy {
             max_gpus_per_user: None,
             caps_only_when_contended: false,
             idle_utilization_percent: DEFAULT_IDLE_UTILIZATION_PERCENT,
+            idle_release_after: None,
+            idle_warning: DEFAULT_IDLE_WARNING_SECS,
         }
     }
 }
@@ -1139,6 +1156,66 @@ pub fn sample(state: &PoolState, request: &SampleRequest) -> Transition<()> {
     work.finish(state, Ok(()))
 }
 
+/// What `reclaim` did, each with the reservation as it was.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reclaimed {
+    /// Manual reservations warned now that they will be released.
+    pub warned: Vec<(u32, Reservation)>,
+    /// Manual reservations released for being idle.
+    pub released: Vec<(u32, Reservation)>,
+    /// `run` reservations idle for as long: never ended by policy, reported once.
+    pub flagged: Vec<(u32, Reservation)>,
+}
+
+/// Applies `policy.idle_release_after` to the measured reservations: warns a manual
+/// one `idle_warning` before (once: the warning is recorded in its `Activity`),
+/// releases it once idle that long (the history says why), and flags an idle `run`.
+pub fn reclaim(state: &PoolState, policy: &Policy, now: UnixTime) -> Transition<Reclaimed> {
+    let mut work = Work::new(state, &[]);
+    let mut reclaimed = Reclaimed::default();
+    let Some(release_after) = policy.idle_release_after.map(|secs| secs as i64) else {
+        return work.finish(state, Ok(reclaimed));
+    };
+    let warn_after = release_after - policy.idle_warning as i64;
+    for gpu in 0..work.state.slots.len() as u32 {
+        if state.partials.contains_key(&gpu) {
+            continue;
+        }
+        let GpuSlot::Held(reservation) = &mut work.state.slots[gpu as usize] else {
+            continue;
+        };
+        if !reservation.liveness(now, &work.dead_ids).is_active() {
+            continue;
+        }
+        let kind = reservation.kind;
+        let Some(activity) = reservation.activity.as_mut() else {
+            continue;
+        };
+        let idle = now - activity.last_active;
+        match kind {
+            ReservationKind::Manual if idle >= release_after => {
+                let held = reservation.clone();
+                let reason = format!(
+                    "idle for {} (policy.idle_release_after)",
+                    crate::gpu_status::format_hours_minutes(idle)
+                );
+                work.end_because(gpu, now, now, Some(&reason));
+                reclaimed.released.push((gpu, held));
+            }
+            ReservationKind::Manual if idle >= warn_after && !activity.idle_warned => {
+                activity.idle_warned = true;
+                reclaimed.warned.push((gpu, reservation.clone()));
+            }
+            ReservationKind::Run if idle >= release_after && !activity.idle_warned => {
+                activity.idle_warned = true;
+                reclaimed.flagged.push((gpu, reservation.clone()));
+            }
+            _ => {}
+        }
+    }
+    work.finish(state, Ok(reclaimed))
+}
+
 /// Lengthens manual reservations of the requester in place (`ExtendRequest`), all
 /// or nothing. Answers each GPU with its new end, ascending.
 pub fn extend(state: &PoolState, request: &ExtendRequest) -> Transition<Vec<(u32, UnixTime)>> {
@@ -1340,6 +1417,10 @@ pub enum Operation<'a> {
     Extend(&'a ExtendRequest),
     Transfer(&'a TransferRequest),
     Sample(&'a SampleRequest),
+    Reclaim {
+        policy: &'a Policy,
+        now: UnixTime,
+    },
 }
 
 /// What an operation answers.
@@ -1355,6 +1436,7 @@ pub enum Outcome {
     Released(Released),
     /// GPU IDs, ascending, each with its new end.
     Extended(Vec<(u32, UnixTime)>),
+    Reclaimed(Reclaimed),
 }
 
 impl Operation<'_> {
@@ -1372,6 +1454,7 @@ impl Operation<'_> {
             Operation::Extend(request) => request.now,
             Operation::Transfer(request) => request.now,
             Operation::Sample(request) => request.now,
+            Operation::Reclaim { now, .. } => *now,
         }
     }
 
@@ -1417,6 +1500,7 @@ pub fn apply(state: &PoolState, operation: &Operation) -> Transition<Outcome> {
         Operation::Extend(request) => extend(state, request).map(Outcome::Extended),
         Operation::Transfer(request) => transfer(state, request).map(Outcome::Gpus),
         Operation::Sample(request) => sample(state, request).map(|()| Outcome::Gpus(Vec::new())),
+        Operation::Reclaim { policy, now } => reclaim(state, policy, now).map(Outcome::Reclaimed),
     }
 }
 

@@ -121,6 +121,10 @@ impl Agent {
                     now: snapshot.taken_at,
                 })?;
             }
+            if config.policy.idle_release_after.is_some() {
+                let reclaimed = store.reclaim(&config.policy, snapshot.taken_at)?;
+                crate::notify::idle_events(config, &reclaimed, snapshot.taken_at);
+            }
             Ok(store)
         });
         match result {

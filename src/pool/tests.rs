@@ -736,3 +736,63 @@ fn samples_measure_each_held_gpu_and_notice_activity() {
     assert_eq!(activity(&third, 0).last_active, T + 20);
     assert!(third.changes.history.is_empty());
 }
+
+#[test]
+fn reclaim_warns_once_then_releases_idle_manual_reservations_and_only_flags_runs() {
+    let measured = |slot: GpuSlot, last_active| match slot {
+        GpuSlot::Held(mut r) => {
+            r.activity = Some(Box::new(crate::state::Activity {
+                last_active,
+                samples: 1,
+                ..Default::default()
+            }));
+            GpuSlot::Held(r)
+        }
+        other => other,
+    };
+    let state = pool_of(vec![
+        measured(held("alice", ReservationKind::Manual, Some(T + 86400)), T),
+        measured(
+            held("bob", ReservationKind::Manual, Some(T + 86400)),
+            T + 3000,
+        ),
+        measured(held("carol", ReservationKind::Run, None), T),
+    ]);
+    let mut state = state;
+    if let GpuSlot::Held(run) = &mut state.slots[2] {
+        run.last_heartbeat = Some(T + 3590); // its supervisor is alive
+    }
+    let policy = Policy {
+        idle_release_after: Some(3600),
+        idle_warning: 900,
+        ..Policy::default()
+    };
+    // 50 minutes in: alice is warned, nobody released.
+    let warned = reclaim(&state, &policy, T + 3000);
+    let outcome = warned.outcome.as_ref().unwrap();
+    assert_eq!(outcome.warned.len(), 1);
+    assert_eq!(outcome.warned[0].0, 0);
+    assert!(outcome.released.is_empty() && outcome.flagged.is_empty());
+    let again = reclaim(&warned.after, &policy, T + 3100);
+    assert!(again.outcome.unwrap().warned.is_empty(), "warned once");
+    // An hour in: alice's GPU is released (the history says why); carol's run flagged.
+    let later = reclaim(&warned.after, &policy, T + 3600);
+    let outcome = later.outcome.as_ref().unwrap();
+    assert_eq!(outcome.released.len(), 1);
+    assert!(matches!(later.after.slots[0], GpuSlot::Free { .. }));
+    assert_eq!(
+        later.changes.history[0].reason.as_deref(),
+        Some("idle for 1h 0m (policy.idle_release_after)")
+    );
+    assert!(
+        matches!(later.after.slots[1], GpuSlot::Held(_)),
+        "bob was busy"
+    );
+    assert_eq!(outcome.flagged.len(), 1);
+    assert!(
+        matches!(later.after.slots[2], GpuSlot::Held(_)),
+        "a run is never ended"
+    );
+    let off = reclaim(&state, &Policy::default(), T + 99_999);
+    assert_eq!(off.outcome.unwrap(), Reclaimed::default());
+}

@@ -76,8 +76,8 @@ impl std::fmt::Debug for RedisConfig {
 
 pub use crate::pool::{
     AllocRequest, ExtendRequest, Force, GpuReading, InitOutcome, NewEnd, NewReservation, Operation,
-    Outcome, QueueStep, QueueTick, ReassertRequest, Reasserted, ReleaseScope, Released,
-    SampleRequest, TransferRequest,
+    Outcome, Policy, QueueStep, QueueTick, ReassertRequest, Reasserted, Reclaimed, ReleaseScope,
+    Released, SampleRequest, TransferRequest,
 };
 
 /// What a waiter's cheap periodic refresh learns (`Store::queue_beat`).
@@ -238,6 +238,14 @@ pub trait Store: Send {
     /// (`pool::sample`).
     fn sample(&mut self, request: &SampleRequest) -> Result<()> {
         self.run(&Operation::Sample(request)).map(drop)
+    }
+
+    /// Applies the idle policy (`pool::reclaim`).
+    fn reclaim(&mut self, policy: &Policy, now: UnixTime) -> Result<Reclaimed> {
+        match self.run(&Operation::Reclaim { policy, now })? {
+            Outcome::Reclaimed(reclaimed) => Ok(reclaimed),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Hands manual reservations to another user in one change (`pool::transfer`).

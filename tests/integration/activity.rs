@@ -19,6 +19,14 @@ fn terminate(child: &mut std::process::Child) {
     child.wait().unwrap();
 }
 
+/// Writes the system configuration and points the environment at it.
+pub fn with_policy(env: &mut CliEnv, yaml: &str) {
+    let dir = env.dir.path().join("etc");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.yaml"), yaml).unwrap();
+    env.set_var("CANHAZGPU_SYSTEM_CONFIG_DIR", dir.to_str().unwrap());
+}
+
 backend_matrix! {
     the_agent_measures_each_reservation => |backend| {
         let (mut env, _server) = cli_env(backend);
@@ -60,5 +68,44 @@ backend_matrix! {
             released.stderr.contains("GPU 1: held 0h 0m, mean utilization 90%, peak memory 19.5 GB"),
             "{released:?}"
         );
+    },
+    idle_reservations_are_warned_then_released => |backend| {
+        let (mut env, _server) = cli_env(backend);
+        with_policy(&mut env, "policy:\n  idle_release_after: 4s\n  idle_warning: 2s\n");
+        let mut smi = FakeSmi::nvidia(env.dir.path(), 3);
+        env.path_prefix.push(smi.path_dir());
+        env.run(["admin", "--gpus", "3"]).assert_ok();
+        env.run(["reserve", "-G", "0,1", "-d", "1h"]).assert_ok();
+        let mut run = env
+            .command(["run", "-G", "2", "--", "sleep", "30"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(wait_until(Duration::from_secs(10), || env.status_json()[2]["type"] == "RUN"));
+        smi.set_utilization(1, 80);
+        let log = env.dir.path().join("agent.log");
+        let mut agent = env
+            .command(["agent", "--interval", "1s"])
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let released = || env.status_json()[0]["status"] == "AVAILABLE";
+        assert!(wait_until(Duration::from_secs(20), released), "idle GPU 0 released");
+        // Flagging the run comes with the same interval.
+        assert!(wait_until(Duration::from_secs(5), || std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("idle_run")));
+        terminate(&mut agent);
+        let log = std::fs::read_to_string(&log).unwrap();
+        let me = crate::cli_core::current_user();
+        assert_eq!(log.matches(&format!("idle_warning {me}: your reservation of GPU(s) [0]")).count(), 1, "{log}");
+        assert_eq!(log.matches(&format!("idle_release {me}: your reservation of GPU(s) [0]")).count(), 1, "{log}");
+        assert!(!log.contains("GPU(s) [1]"), "the busy GPU is left alone: {log}");
+        let rows = env.status_json();
+        assert_eq!(rows[1]["status"], "IN_USE");
+        assert_eq!(rows[2]["type"], "RUN", "a run is never ended by policy");
+        assert!(run.try_wait().unwrap().is_none(), "the command still runs");
+        terminate(&mut run);
     },
 }

@@ -5,16 +5,9 @@
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
+use crate::activity::with_policy;
 use crate::support::cli::{CliEnv, wait_until};
 use crate::support::{backend_matrix, cli_env};
-
-/// Writes the system configuration and points the environment at it.
-fn with_policy(env: &mut CliEnv, yaml: &str) {
-    let dir = env.dir.path().join("etc");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("config.yaml"), yaml).unwrap();
-    env.set_var("CANHAZGPU_SYSTEM_CONFIG_DIR", dir.to_str().unwrap());
-}
 
 fn held(env: &CliEnv) -> usize {
     env.statuses().iter().filter(|s| *s == "IN_USE").count()

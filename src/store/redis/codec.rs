@@ -379,6 +379,9 @@ pub(super) fn encode_history(entry: &HistoryEntry) -> String {
     if !entry.reservation_id.is_empty() {
         doc["reservation_id"] = entry.reservation_id.clone().into();
     }
+    if let Some(reason) = &entry.reason {
+        doc["reason"] = reason.clone().into();
+    }
     doc.to_string()
 }
 

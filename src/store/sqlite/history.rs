@@ -12,10 +12,15 @@ use crate::store::HISTORY_PRUNE_BATCH;
 
 /// Appends a history record, in the transaction that ends the reservation, so a
 /// reservation is recorded once however many processes end it at the same time.
-pub(super) fn record_history(conn: &Connection, record: &UsageRecord) -> SqlResult<()> {
+/// Records a finished reservation, with why it ended when not by its holder.
+pub(super) fn record_history(
+    conn: &Connection,
+    record: &UsageRecord,
+    reason: Option<&str>,
+) -> SqlResult<()> {
     conn.prepare_cached(
-        "INSERT INTO history (user, actual_user, gpu_id, start_time, end_time, type)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO history (user, actual_user, gpu_id, start_time, end_time, type, reason)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
     .execute(params![
         record.user,
@@ -24,6 +29,7 @@ pub(super) fn record_history(conn: &Connection, record: &UsageRecord) -> SqlResu
         record.start_time,
         record.end_time,
         record.kind.as_str(),
+        reason,
     ])?;
     Ok(())
 }

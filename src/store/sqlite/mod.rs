@@ -470,12 +470,12 @@ mod tests {
                 provider: ProviderKind::Fake
             })
         );
-        set_meta(&store.conn, "schema_version", "5").unwrap();
+        set_meta(&store.conn, "schema_version", "6").unwrap();
         drop(store);
         let err = SqliteStore::open(&path).err().unwrap();
         assert_eq!(
             err.to_string(),
-            "the canhazgpu store has schema version 5, newer than this canhazgpu understands (4) - upgrade canhazgpu"
+            "the canhazgpu store has schema version 6, newer than this canhazgpu understands (5) - upgrade canhazgpu"
         );
     }
 
@@ -490,6 +490,7 @@ mod tests {
                 "DROP TABLE queue; ALTER TABLE gpus DROP COLUMN queue_id;
                  ALTER TABLE gpus DROP COLUMN adopted;
                  ALTER TABLE gpus DROP COLUMN activity;
+                 ALTER TABLE history DROP COLUMN reason;
                  UPDATE meta SET value = '1' WHERE key = 'schema_version';",
             )
             .unwrap();
@@ -499,7 +500,7 @@ mod tests {
             meta_value(&store.conn, "schema_version")
                 .unwrap()
                 .as_deref(),
-            Some("4")
+            Some("5")
         );
         assert_eq!(store.slots().unwrap().len(), 2);
         assert_eq!(store.queue().unwrap(), Vec::new());
@@ -577,7 +578,7 @@ mod tests {
             kind: ReservationKind::Manual,
         };
         for _ in 0..150 {
-            record_history(&store.conn, &old).unwrap();
+            record_history(&store.conn, &old, None).unwrap();
         }
         let count = |store: &SqliteStore| -> i64 {
             store

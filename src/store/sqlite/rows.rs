@@ -295,7 +295,7 @@ pub(super) fn apply(conn: &Connection, changes: &Changes, prune_before: UnixTime
         .execute(params![account, gpu, at])?;
     }
     for entry in &changes.history {
-        record_history(conn, &entry.record)?;
+        record_history(conn, &entry.record, entry.reason.as_deref())?;
     }
     if !changes.history.is_empty() {
         prune_history(conn, prune_before)?;

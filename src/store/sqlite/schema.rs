@@ -10,8 +10,8 @@ use crate::state::{Pool, ProviderKind};
 /// The version of the schema below; stored as `schema_version` in `meta`.
 /// Version 2 added the wait queue (`queue` table, `gpus.queue_id`), version 3 the
 /// adopted process's name (`gpus.adopted`), version 4 the agent's measurements
-/// (`gpus.activity`, JSON).
-pub(super) const SCHEMA_VERSION: i64 = 4;
+/// (`gpus.activity`, JSON), version 5 why a reservation was ended (`history.reason`).
+pub(super) const SCHEMA_VERSION: i64 = 5;
 
 /// A `gpus` row with a NULL `user` is a free GPU; a GPU without a row is free too.
 /// `gpus.queue_id` marks a partial reservation collected for that queue entry. The
@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS history (
     gpu_id INTEGER NOT NULL CHECK (gpu_id >= 0),
     start_time INTEGER NOT NULL,
     end_time INTEGER NOT NULL,
-    type TEXT NOT NULL CHECK (type IN ('run', 'manual'))
+    type TEXT NOT NULL CHECK (type IN ('run', 'manual')),
+    reason TEXT
 ) STRICT;
 CREATE INDEX IF NOT EXISTS history_by_end ON history (end_time);
 -- Covers `usage_summary`: one pass over the index, already grouped by account.
@@ -84,6 +85,7 @@ CREATE TABLE IF NOT EXISTS queue (
 
 const ADOPTED_COLUMN: &str = "ALTER TABLE gpus ADD COLUMN adopted TEXT";
 const ACTIVITY_COLUMN: &str = "ALTER TABLE gpus ADD COLUMN activity TEXT";
+const REASON_COLUMN: &str = "ALTER TABLE history ADD COLUMN reason TEXT";
 
 /// Creates the schema on first use, upgrades an older one, and refuses a store
 /// written by a newer canhazgpu.
@@ -107,12 +109,18 @@ pub(super) fn ensure_schema(conn: &Connection) -> SqlResult<()> {
             tx.execute_batch(QUEUE_SCHEMA)?;
             tx.execute_batch(ADOPTED_COLUMN)?;
             tx.execute_batch(ACTIVITY_COLUMN)?;
+            tx.execute_batch(REASON_COLUMN)?;
         }
         Some(2) => {
             tx.execute_batch(ADOPTED_COLUMN)?;
             tx.execute_batch(ACTIVITY_COLUMN)?;
+            tx.execute_batch(REASON_COLUMN)?;
         }
-        Some(3) => tx.execute_batch(ACTIVITY_COLUMN)?,
+        Some(3) => {
+            tx.execute_batch(ACTIVITY_COLUMN)?;
+            tx.execute_batch(REASON_COLUMN)?;
+        }
+        Some(4) => tx.execute_batch(REASON_COLUMN)?,
         Some(version) => return check_version(version),
     }
     set_meta(&tx, "schema_version", &SCHEMA_VERSION.to_string())?;
