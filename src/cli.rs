@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::commands::{
-    Command, admin, adopt, agent, extend, find, queue, release, report, reserve, run, status,
-    transfer, web,
+    Command, admin, adopt, agent, extend, find, notify, queue, release, report, reserve, run,
+    status, transfer, web,
 };
 use crate::config::Overrides;
 use crate::state::ProviderKind;
@@ -177,6 +177,15 @@ pub enum CliCommand {
         /// A note shown with the reservation
         #[arg(short, long, value_name = "TEXT")]
         note: Option<String>,
+    },
+    /// Mute or unmute your own notifications (terminal, e-mail, webhook), fleet-wide
+    Notify {
+        /// Stop notifying you
+        #[arg(long, conflicts_with = "on")]
+        off: bool,
+        /// Notify you again
+        #[arg(long)]
+        on: bool,
     },
     /// Keeps an adopted job's reservation alive while the job runs (started by `adopt`)
     #[command(name = "keep-adopted", hide = true)]
@@ -458,6 +467,13 @@ impl Cli {
                 host: target.host,
             }),
             CliCommand::Adopt { pid, note } => Command::Adopt(adopt::AdoptArgs { pid, note }),
+            CliCommand::Notify { off, on } => Command::Notify(notify::NotifyArgs {
+                on: match (off, on) {
+                    (true, _) => Some(false),
+                    (false, true) => Some(true),
+                    (false, false) => None,
+                },
+            }),
             CliCommand::KeepAdopted {
                 reservation_id,
                 pid,

@@ -101,6 +101,8 @@ pub struct Config {
     pub remote_hosts: Vec<String>,
     /// The administrator's rules (`policy.*`, system configuration file only).
     pub policy: Policy,
+    /// How people are told (`notify.*`, system configuration file only).
+    pub notify: crate::notify::Channels,
     /// Non-fatal findings (unknown keys, flags a Redis URL overrides) to print on stderr.
     pub warnings: Vec<String>,
     /// The raw value of every registered key some layer gave, by key name. Commands
@@ -227,6 +229,11 @@ pub static KEYS: &[Key] = &[
     Key::new("memory.threshold", "a whole number of MB")
         .flag("--memory-threshold", |o| text(&o.memory_threshold)),
     Key::new(
+        "memory.ignore_processes",
+        "a list of process names such as Xorg,gnome-shell",
+    )
+    .list(),
+    Key::new(
         "history.retention_days",
         "a whole number of days from 1 to 36500",
     ),
@@ -259,6 +266,20 @@ pub static KEYS: &[Key] = &[
     )
     .system(),
     Key::new("policy.idle_release_after", "a duration such as 1h").system(),
+    Key::new("policy.foreign_use", "'report' or 'terminate'").system(),
+    Key::new("policy.unreserved_use", "'report' or 'terminate'").system(),
+    Key::new("policy.foreign_grace", "a duration such as 2m").system(),
+    Key::new("notify.terminals", "true or false").system(),
+    Key::new("notify.webhook_url", "an http:// or https:// URL").system(),
+    Key::new("notify.smtp.host", "a host name").system(),
+    Key::new("notify.smtp.port", "an integer from 1 to 65535").system(),
+    Key::new("notify.smtp.from", "an e-mail address").system(),
+    Key::new(
+        "notify.smtp.to",
+        "an address template such as {user}@example.com",
+    )
+    .system(),
+    Key::new("notify.expiry_warning", "a duration such as 15m").system(),
     Key::new("policy.idle_warning", "a duration such as 15m").system(),
 ];
 
@@ -278,6 +299,58 @@ pub enum WaitPolicy {
     Forever,
     /// Wait in the queue, giving up after this long.
     Limit(std::time::Duration),
+}
+
+/// `notify.*`: every channel off unless configured; SMTP needs host, from and to.
+fn notify_channels(settings: &BTreeMap<&'static str, Setting>) -> Result<crate::notify::Channels> {
+    let url = |v: &str| {
+        let v = v.trim();
+        (v.starts_with("http://") || v.starts_with("https://"))
+            .then(|| v.to_owned())
+            .filter(|v| !v.contains(char::is_whitespace))
+    };
+    let host = parsed(settings, "notify.smtp.host", non_empty)?;
+    let port = parsed(settings, "notify.smtp.port", |v| {
+        digits(v)?.parse::<u16>().ok().filter(|p| *p > 0)
+    })?;
+    let from = parsed(settings, "notify.smtp.from", |v| {
+        non_empty(v).filter(|v| v.contains('@'))
+    })?;
+    let to = parsed(settings, "notify.smtp.to", |v| {
+        non_empty(v).filter(|v| v.contains('@'))
+    })?;
+    let smtp = match (host, from, to) {
+        (Some(host), Some(from), Some(to)) => Some(crate::notify::Smtp {
+            host,
+            port: port.unwrap_or(25),
+            from,
+            to,
+        }),
+        (None, None, None) => None,
+        _ => {
+            return Err(Error::Config(
+                "notify.smtp: give host, from and to (and port, default 25) together".into(),
+            ));
+        }
+    };
+    Ok(crate::notify::Channels {
+        terminals: parsed(settings, "notify.terminals", boolean)?.unwrap_or(false),
+        webhook_url: parsed(settings, "notify.webhook_url", url)?,
+        smtp,
+        expiry_warning: parsed(settings, "notify.expiry_warning", |v| {
+            crate::duration::parse_duration(v).ok()
+        })?
+        .unwrap_or(crate::notify::DEFAULT_EXPIRY_WARNING_SECS),
+    })
+}
+
+/// `report` (false) or `terminate` (true).
+fn enforcement(text: &str) -> Option<bool> {
+    match text.trim() {
+        "report" => Some(false),
+        "terminate" => Some(true),
+        _ => None,
+    }
 }
 
 fn boolean(text: &str) -> Option<bool> {
@@ -310,7 +383,21 @@ fn gpu_settings(settings: &BTreeMap<&'static str, Setting>) -> Result<GpuSetting
         Some(setting) => setting.parse(|v| crate::gpu::tool::parse_timeout(Some(v)).ok())?,
     };
     let nvml = parsed(settings, "nvml", boolean)?.unwrap_or(true);
-    Ok(GpuSettings { smi_timeout, nvml })
+    let ignore_processes = parsed(settings, "memory.ignore_processes", |v| {
+        Some(
+            v.split(',')
+                .map(str::trim)
+                .filter(|name| !name.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        )
+    })?
+    .unwrap_or_default();
+    Ok(GpuSettings {
+        smi_timeout,
+        nvml,
+        ignore_processes,
+    })
 }
 
 fn key(name: &str) -> Option<&'static Key> {
@@ -534,6 +621,13 @@ fn typed(settings: BTreeMap<&'static str, Setting>, warnings: &mut Vec<String>) 
             crate::duration::parse_duration(v).ok()
         })?
         .unwrap_or(crate::pool::DEFAULT_IDLE_WARNING_SECS),
+        terminate_foreign: parsed(&settings, "policy.foreign_use", enforcement)?.unwrap_or(false),
+        terminate_unreserved: parsed(&settings, "policy.unreserved_use", enforcement)?
+            .unwrap_or(false),
+        foreign_grace: parsed(&settings, "policy.foreign_grace", |v| {
+            crate::duration::parse_duration(v).ok()
+        })?
+        .unwrap_or(crate::pool::DEFAULT_FOREIGN_GRACE_SECS),
     };
 
     let redis_given = REDIS_KEYS.iter().any(|key| settings.contains_key(key));
@@ -554,6 +648,7 @@ fn typed(settings: BTreeMap<&'static str, Setting>, warnings: &mut Vec<String>) 
         host_name,
         remote_hosts,
         policy,
+        notify: notify_channels(&settings)?,
         warnings: Vec::new(),
         settings,
     })
@@ -1035,12 +1130,14 @@ mod tests {
                 gpu: GpuSettings {
                     smi_timeout: std::time::Duration::from_secs(10),
                     nvml: true,
+                    ignore_processes: Vec::new(),
                 },
                 host_name: crate::gpu::procinfo::hostname(),
                 remote_hosts: vec![],
                 warnings: vec![],
                 settings: BTreeMap::new(),
                 policy: Policy::default(),
+                notify: Default::default(),
             }
         );
     }
@@ -1082,6 +1179,7 @@ mod tests {
                 "CANHAZGPU_REDIS_SENTINELS",
                 "CANHAZGPU_REDIS_SENTINEL_MASTER",
                 "CANHAZGPU_MEMORY_THRESHOLD",
+                "CANHAZGPU_MEMORY_IGNORE_PROCESSES",
                 "CANHAZGPU_HISTORY_RETENTION_DAYS",
                 "CANHAZGPU_RUN_WAIT",
                 "CANHAZGPU_RESERVE_WAIT",
@@ -1095,6 +1193,16 @@ mod tests {
                 "CANHAZGPU_POLICY_CAPS_ONLY_WHEN_CONTENDED",
                 "CANHAZGPU_POLICY_IDLE_UTILIZATION_PERCENT",
                 "CANHAZGPU_POLICY_IDLE_RELEASE_AFTER",
+                "CANHAZGPU_POLICY_FOREIGN_USE",
+                "CANHAZGPU_POLICY_UNRESERVED_USE",
+                "CANHAZGPU_POLICY_FOREIGN_GRACE",
+                "CANHAZGPU_NOTIFY_TERMINALS",
+                "CANHAZGPU_NOTIFY_WEBHOOK_URL",
+                "CANHAZGPU_NOTIFY_SMTP_HOST",
+                "CANHAZGPU_NOTIFY_SMTP_PORT",
+                "CANHAZGPU_NOTIFY_SMTP_FROM",
+                "CANHAZGPU_NOTIFY_SMTP_TO",
+                "CANHAZGPU_NOTIFY_EXPIRY_WARNING",
                 "CANHAZGPU_POLICY_IDLE_WARNING",
             ]
         );
@@ -1349,7 +1457,7 @@ mod tests {
     }
 
     /// A valid value per layer (file, env, flag) for every registered key.
-    const LAYER_VALUES: [(&str, [&str; 3]); 24] = [
+    const LAYER_VALUES: [(&str, [&str; 3]); 35] = [
         ("backend", ["sqlite", "redis", "sqlite"]),
         ("state_dir", ["/f", "/e", "/c"]),
         ("redis.host", ["f", "e", "c"]),
@@ -1360,6 +1468,7 @@ mod tests {
         ("redis.sentinels", ["f:1", "e:2", "c:3"]),
         ("redis.sentinel_master", ["f", "e", "c"]),
         ("memory.threshold", ["1", "2", "3"]),
+        ("memory.ignore_processes", ["a", "b", "c"]),
         ("history.retention_days", ["1", "2", "3"]),
         ("run.wait", ["1m", "2m", "3m"]),
         ("reserve.wait", ["true", "false", "3m"]),
@@ -1373,6 +1482,16 @@ mod tests {
         ("policy.caps_only_when_contended", ["true", "false", "true"]),
         ("policy.idle_utilization_percent", ["1", "2", "3"]),
         ("policy.idle_release_after", ["1h", "2h", "3h"]),
+        ("policy.foreign_use", ["report", "terminate", "report"]),
+        ("policy.unreserved_use", ["report", "terminate", "report"]),
+        ("policy.foreign_grace", ["1m", "2m", "3m"]),
+        ("notify.terminals", ["true", "false", "true"]),
+        ("notify.webhook_url", ["http://a", "http://b", "http://c"]),
+        ("notify.smtp.host", ["a", "b", "c"]),
+        ("notify.smtp.port", ["1", "2", "3"]),
+        ("notify.smtp.from", ["a@x", "b@x", "c@x"]),
+        ("notify.smtp.to", ["{user}@a", "{user}@b", "{user}@c"]),
+        ("notify.expiry_warning", ["1m", "2m", "3m"]),
         ("policy.idle_warning", ["1m", "2m", "3m"]),
     ];
 
@@ -1397,7 +1516,8 @@ mod tests {
             | "redis.layout"
             | "remote_hosts"
             | "redis.sentinels"
-            | "redis.sentinel_master" => return None,
+            | "redis.sentinel_master"
+            | "memory.ignore_processes" => return None,
             // `--wait`/`--nonblock` belong to the commands (see commands::RequestOptions).
             "run.wait" | "reserve.wait" => return None,
             other => panic!("no flag for {other}"),

@@ -77,6 +77,9 @@ pub struct GpuStatus {
     pub mean_utilization_percent: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_memory_mb: Option<u64>,
+    /// Users other than the holder with processes on a reserved GPU (squatters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub foreign_users: Option<Vec<String>>,
 }
 
 /// A manual reservation idle for longer than this says so in `status`.
@@ -106,6 +109,56 @@ pub fn snapshot(provider: &dyn GpuProvider) -> UsageSnapshot {
         }
     }
     Ok(usage)
+}
+
+/// A process on a GPU it has no business on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Intruder {
+    pub gpu: u32,
+    pub pid: u32,
+    pub user: String,
+    /// On a GPU someone else holds (`true`), or on one in use without reservation.
+    pub foreign: bool,
+}
+
+/// The processes of users other than the holder on reserved GPUs, and every
+/// process on GPUs in use without reservation (ignored processes are not in
+/// `usage` at all).
+pub fn intruders(
+    slots: &[GpuSlot],
+    usage: &[GpuUsage],
+    threshold_mb: u64,
+    dead_ids: &[String],
+    now: UnixTime,
+) -> Vec<Intruder> {
+    let unreserved = unreserved_gpus(slots, usage, threshold_mb, dead_ids, now);
+    let mut found = Vec::new();
+    for gpu in usage {
+        let holder = match slots.get(gpu.index as usize) {
+            Some(GpuSlot::Held(r)) if r.liveness(now, dead_ids).is_active() => {
+                Some(crate::pool::account(&r.user, &r.actual_user))
+            }
+            _ => None,
+        };
+        for process in &gpu.processes {
+            let user = process
+                .user
+                .clone()
+                .unwrap_or_else(|| procinfo::UNKNOWN.into());
+            let foreign = match &holder {
+                Some(holder) if *holder != user => true,
+                None if unreserved.contains(&gpu.index) => false,
+                _ => continue,
+            };
+            found.push(Intruder {
+                gpu: gpu.index,
+                pid: process.pid,
+                user,
+                foreign,
+            });
+        }
+    }
+    found
 }
 
 /// IDs of run reservations whose supervisor on this host is gone.
@@ -203,6 +256,7 @@ fn empty_row(gpu_id: u32, status: StatusKind, details: String) -> GpuStatus {
         idle_seconds: None,
         mean_utilization_percent: None,
         peak_memory_mb: None,
+        foreign_users: None,
     }
 }
 
@@ -330,6 +384,35 @@ fn reserved_row(
         usage.and_then(|u| u.utilization_percent),
     ) {
         validation.push_str(&format!(", {percent}% util"));
+    }
+    let holder = crate::pool::account(&r.user, &r.actual_user);
+    let squatters: Vec<&crate::gpu::GpuProcess> = usage
+        .map(|u| &u.processes[..])
+        .unwrap_or_default()
+        .iter()
+        .filter(|p| p.user.as_deref().unwrap_or(procinfo::UNKNOWN) != holder)
+        .collect();
+    if !squatters.is_empty() {
+        let mut users: Vec<String> = squatters
+            .iter()
+            .map(|p| p.user.clone().unwrap_or_else(|| procinfo::UNKNOWN.into()))
+            .collect();
+        users.sort();
+        users.dedup();
+        let who: Vec<String> = squatters
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} (PID {})",
+                    p.user.as_deref().unwrap_or(procinfo::UNKNOWN),
+                    p.pid
+                )
+            })
+            .collect();
+        if let Some(validation) = row.validation.as_mut() {
+            validation.push_str(&format!(", also used by {}", who.join(", ")));
+        }
+        row.foreign_users = Some(users);
     }
     row
 }

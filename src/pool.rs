@@ -607,7 +607,18 @@ pub struct Policy {
     pub idle_release_after: Option<u64>,
     /// `policy.idle_warning`: how long before that its holder is warned.
     pub idle_warning: u64,
+    /// `policy.foreign_use: terminate`: the agent (as root) stops other users'
+    /// processes on a reserved GPU.
+    pub terminate_foreign: bool,
+    /// `policy.unreserved_use: terminate`: and processes on GPUs in use without
+    /// reservation.
+    pub terminate_unreserved: bool,
+    /// `policy.foreign_grace`: seconds between SIGTERM and SIGKILL.
+    pub foreign_grace: u64,
 }
+
+/// `policy.foreign_grace` when unset: 2 minutes.
+pub const DEFAULT_FOREIGN_GRACE_SECS: u64 = 120;
 
 /// `policy.idle_warning` when unset: 15 minutes.
 pub const DEFAULT_IDLE_WARNING_SECS: u64 = 15 * 60;
@@ -624,6 +635,9 @@ impl Default for Policy {
             idle_utilization_percent: DEFAULT_IDLE_UTILIZATION_PERCENT,
             idle_release_after: None,
             idle_warning: DEFAULT_IDLE_WARNING_SECS,
+            terminate_foreign: false,
+            terminate_unreserved: false,
+            foreign_grace: DEFAULT_FOREIGN_GRACE_SECS,
         }
     }
 }
@@ -721,7 +735,7 @@ pub struct TransferRequest {
     pub now: UnixTime,
 }
 
-/// One GPU as the agent read it (`sample`).
+/// One GPU as the agent read it (`tick`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GpuReading {
     pub gpu: u32,
@@ -729,14 +743,18 @@ pub struct GpuReading {
     pub memory_used_mb: Option<u64>,
     /// Memory of the processes on it, per Unix user.
     pub memory_by_user: BTreeMap<String, u64>,
+    /// Its processes: PID and Unix user (ignored processes left out).
+    pub processes: Vec<(u32, String)>,
 }
 
-/// `sample`: the agent's readings of every GPU, and what counts as busy.
+/// The agent's periodic turn (`tick`): its readings of every GPU, the policy, and
+/// how long before its end a manual reservation's holder is told.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SampleRequest {
+pub struct TickRequest {
     pub readings: Vec<GpuReading>,
-    /// `policy.idle_utilization_percent`: at or above it, a GPU is busy.
-    pub idle_utilization_percent: u32,
+    pub policy: Policy,
+    /// `notify.expiry_warning`, in seconds.
+    pub expiry_warning: u64,
     pub now: UnixTime,
 }
 
@@ -1111,33 +1129,61 @@ pub fn release(state: &PoolState, scope: &ReleaseScope, now: UnixTime) -> Transi
     work.finish(state, outcome)
 }
 
-/// Records the agent's readings in the live reservations holding the GPUs (their
-/// `Activity`): busy when utilization reaches the threshold or the holder's
-/// processes' memory changed since the last sample.
-pub fn sample(state: &PoolState, request: &SampleRequest) -> Transition<()> {
+/// What the agent's turn found for people to be told, each with the reservation as
+/// it was, and each once: the turn that records it in the reservation's `Activity`
+/// (in the same transaction) is the one that reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Noticed {
+    /// Manual reservations warned now that they will be released for being idle.
+    pub idle_warned: Vec<(u32, Reservation)>,
+    /// Manual reservations released for being idle (`policy.idle_release_after`).
+    pub idle_released: Vec<(u32, Reservation)>,
+    /// `run` reservations idle for as long: never ended by policy, flagged once.
+    pub idle_runs: Vec<(u32, Reservation)>,
+    /// Manual reservations ending within `notify.expiry_warning`.
+    pub expiring: Vec<(u32, Reservation)>,
+    /// Processes of other users on a reserved GPU, seen for the first time.
+    pub squatters: Vec<Squatting>,
+}
+
+/// Other users' processes on a reserved GPU: the GPU, its reservation, and each
+/// process's user and PID.
+pub type Squatting = (u32, Reservation, Vec<(String, u32)>);
+
+/// The agent's periodic turn, in one change: record each reading in the live
+/// reservation holding the GPU (its `Activity`: busy when utilization reaches
+/// `policy.idle_utilization_percent` or the holder's processes' memory changed),
+/// then apply the idle policy (warn once `idle_warning` before, release a manual
+/// reservation idle for `idle_release_after` with the reason in the history, flag an
+/// idle `run`), and notice what ends soon and who squats.
+pub fn tick(state: &PoolState, request: &TickRequest) -> Transition<Noticed> {
     let mut work = Work::new(state, &[]);
+    let mut noticed = Noticed::default();
     let now = request.now;
+    let policy = &request.policy;
     for reading in &request.readings {
+        if state.partials.contains_key(&reading.gpu) {
+            continue;
+        }
         let Some(GpuSlot::Held(reservation)) = work.state.slots.get_mut(reading.gpu as usize)
         else {
             continue;
         };
-        if state.partials.contains_key(&reading.gpu)
-            || !reservation.liveness(now, &work.dead_ids).is_active()
-        {
+        if !reservation.liveness(now, &work.dead_ids).is_active() {
             continue;
         }
         let account = account(&reservation.user, &reservation.actual_user);
         let holder_memory = reading.memory_by_user.get(&account).copied();
+        let start = reservation.start_time;
         let activity = reservation.activity.get_or_insert_with(|| {
             Box::new(crate::state::Activity {
-                last_active: reservation.start_time,
+                last_active: start,
                 ..Default::default()
             })
         });
         let busy = reading
             .utilization_percent
-            .is_some_and(|percent| percent >= request.idle_utilization_percent)
+            .is_some_and(|percent| percent >= policy.idle_utilization_percent)
             || (activity.samples > 0 && holder_memory != activity.holder_memory_mb);
         activity.samples += 1;
         if let Some(percent) = reading.utilization_percent {
@@ -1152,31 +1198,23 @@ pub fn sample(state: &PoolState, request: &SampleRequest) -> Transition<()> {
             activity.last_active = now;
             activity.idle_warned = false;
         }
+        let new_squatters: Vec<(String, u32)> = reading
+            .processes
+            .iter()
+            .filter(|(pid, user)| *user != account && !activity.reported_squatters.contains(pid))
+            .map(|(pid, user)| (user.clone(), *pid))
+            .collect();
+        if !new_squatters.is_empty() {
+            activity
+                .reported_squatters
+                .extend(new_squatters.iter().map(|(_, pid)| *pid));
+            noticed
+                .squatters
+                .push((reading.gpu, reservation.clone(), new_squatters));
+        }
     }
-    work.finish(state, Ok(()))
-}
-
-/// What `reclaim` did, each with the reservation as it was.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Reclaimed {
-    /// Manual reservations warned now that they will be released.
-    pub warned: Vec<(u32, Reservation)>,
-    /// Manual reservations released for being idle.
-    pub released: Vec<(u32, Reservation)>,
-    /// `run` reservations idle for as long: never ended by policy, reported once.
-    pub flagged: Vec<(u32, Reservation)>,
-}
-
-/// Applies `policy.idle_release_after` to the measured reservations: warns a manual
-/// one `idle_warning` before (once: the warning is recorded in its `Activity`),
-/// releases it once idle that long (the history says why), and flags an idle `run`.
-pub fn reclaim(state: &PoolState, policy: &Policy, now: UnixTime) -> Transition<Reclaimed> {
-    let mut work = Work::new(state, &[]);
-    let mut reclaimed = Reclaimed::default();
-    let Some(release_after) = policy.idle_release_after.map(|secs| secs as i64) else {
-        return work.finish(state, Ok(reclaimed));
-    };
-    let warn_after = release_after - policy.idle_warning as i64;
+    let release_after = policy.idle_release_after.map(|secs| secs as i64);
+    let warn_after = release_after.map(|after| after - policy.idle_warning as i64);
     for gpu in 0..work.state.slots.len() as u32 {
         if state.partials.contains_key(&gpu) {
             continue;
@@ -1188,32 +1226,51 @@ pub fn reclaim(state: &PoolState, policy: &Policy, now: UnixTime) -> Transition<
             continue;
         }
         let kind = reservation.kind;
+        let ends_soon = reservation
+            .expiry_time
+            .is_some_and(|end| end - now <= request.expiry_warning as i64);
+        let start = reservation.start_time;
+        let activity = reservation.activity.get_or_insert_with(|| {
+            Box::new(crate::state::Activity {
+                last_active: start,
+                ..Default::default()
+            })
+        });
+        let idle = now - activity.last_active;
+        let measured = activity.samples > 0;
+        if kind == ReservationKind::Manual && ends_soon && !activity.expiry_warned {
+            activity.expiry_warned = true;
+            noticed.expiring.push((gpu, reservation.clone()));
+        }
+        let GpuSlot::Held(reservation) = &mut work.state.slots[gpu as usize] else {
+            continue;
+        };
         let Some(activity) = reservation.activity.as_mut() else {
             continue;
         };
-        let idle = now - activity.last_active;
-        match kind {
-            ReservationKind::Manual if idle >= release_after => {
+        match (kind, release_after, warn_after) {
+            _ if !measured => {}
+            (ReservationKind::Manual, Some(after), _) if idle >= after => {
                 let held = reservation.clone();
                 let reason = format!(
                     "idle for {} (policy.idle_release_after)",
                     crate::gpu_status::format_hours_minutes(idle)
                 );
                 work.end_because(gpu, now, now, Some(&reason));
-                reclaimed.released.push((gpu, held));
+                noticed.idle_released.push((gpu, held));
             }
-            ReservationKind::Manual if idle >= warn_after && !activity.idle_warned => {
+            (ReservationKind::Manual, _, Some(warn)) if idle >= warn && !activity.idle_warned => {
                 activity.idle_warned = true;
-                reclaimed.warned.push((gpu, reservation.clone()));
+                noticed.idle_warned.push((gpu, reservation.clone()));
             }
-            ReservationKind::Run if idle >= release_after && !activity.idle_warned => {
+            (ReservationKind::Run, Some(after), _) if idle >= after && !activity.idle_warned => {
                 activity.idle_warned = true;
-                reclaimed.flagged.push((gpu, reservation.clone()));
+                noticed.idle_runs.push((gpu, reservation.clone()));
             }
             _ => {}
         }
     }
-    work.finish(state, Ok(reclaimed))
+    work.finish(state, Ok(noticed))
 }
 
 /// Lengthens manual reservations of the requester in place (`ExtendRequest`), all
@@ -1416,11 +1473,7 @@ pub enum Operation<'a> {
     },
     Extend(&'a ExtendRequest),
     Transfer(&'a TransferRequest),
-    Sample(&'a SampleRequest),
-    Reclaim {
-        policy: &'a Policy,
-        now: UnixTime,
-    },
+    Tick(&'a TickRequest),
 }
 
 /// What an operation answers.
@@ -1436,7 +1489,7 @@ pub enum Outcome {
     Released(Released),
     /// GPU IDs, ascending, each with its new end.
     Extended(Vec<(u32, UnixTime)>),
-    Reclaimed(Reclaimed),
+    Noticed(Noticed),
 }
 
 impl Operation<'_> {
@@ -1453,8 +1506,7 @@ impl Operation<'_> {
             Operation::Reassert(request) => request.now,
             Operation::Extend(request) => request.now,
             Operation::Transfer(request) => request.now,
-            Operation::Sample(request) => request.now,
-            Operation::Reclaim { now, .. } => *now,
+            Operation::Tick(request) => request.now,
         }
     }
 
@@ -1499,8 +1551,7 @@ pub fn apply(state: &PoolState, operation: &Operation) -> Transition<Outcome> {
         Operation::Retire { force, now } => retire(state, force, now).map(Outcome::Retired),
         Operation::Extend(request) => extend(state, request).map(Outcome::Extended),
         Operation::Transfer(request) => transfer(state, request).map(Outcome::Gpus),
-        Operation::Sample(request) => sample(state, request).map(|()| Outcome::Gpus(Vec::new())),
-        Operation::Reclaim { policy, now } => reclaim(state, policy, now).map(Outcome::Reclaimed),
+        Operation::Tick(request) => tick(state, request).map(Outcome::Noticed),
     }
 }
 

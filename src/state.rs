@@ -120,6 +120,12 @@ pub struct Activity {
     /// The idle warning was sent (once per fleet: this record says so).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub idle_warned: bool,
+    /// The holder was told the reservation ends soon.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub expiry_warned: bool,
+    /// Other users' processes on the GPU that the holder was told about.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reported_squatters: Vec<u32>,
 }
 
 impl Activity {

@@ -95,6 +95,27 @@ pub fn claim(
     };
     let outcome = waiting.wait(session, interrupted, doorbell, &mut progress);
     session.store.stop_watching();
+    if let Ok(gpus) = &outcome {
+        // Served after waiting: the user may have walked away from this terminal.
+        let event = crate::notify::Event {
+            event: "queue_served",
+            host: session.pool_host().to_string(),
+            user: session.user.clone(),
+            gpus: gpus.clone(),
+            text: format!(
+                "your queued request was served: GPU(s) {} on {}",
+                crate::output::id_list(gpus),
+                session.pool_host()
+            ),
+        };
+        let config = session.config.clone();
+        crate::notify::finish(crate::notify::send(
+            &config,
+            session.store.as_mut(),
+            vec![event],
+            false,
+        ));
+    }
     outcome.map_err(|failure| leave(session, &entry_id, failure, &progress))
 }
 

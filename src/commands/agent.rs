@@ -1,17 +1,22 @@
 //! `canhazgpu agent`: keeps this host's GPU snapshot and heartbeat fresh for the rest
 //! of the fleet, until SIGTERM (or SIGINT, SIGHUP, SIGQUIT).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::duration::{format_duration, parse_duration};
 use crate::error::{Error, Result};
 use crate::fleet::HostSnapshot;
-use crate::gpu::{self, GpuProvider, GpuUsage};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::gpu::{self, GpuProvider, GpuUsage, procinfo};
 use crate::gpu_status;
+use crate::notify;
 use crate::session::now;
-use crate::store::{self, GpuReading, SampleRequest, Store};
+use crate::state::GpuSlot;
+use crate::store::{self, GpuReading, Store, TickRequest};
 use crate::wait::WaitSignals;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,20 +64,24 @@ pub fn execute(args: &AgentArgs, config: &Config) -> Result<()> {
     }
 }
 
-/// What `pool::sample` needs of each GPU's usage.
+/// What `pool::tick` needs of each GPU's usage.
 fn readings(gpus: &[GpuUsage]) -> Vec<GpuReading> {
     gpus.iter()
         .map(|gpu| {
             let mut memory_by_user: BTreeMap<String, u64> = BTreeMap::new();
+            let mut processes = Vec::new();
             for process in &gpu.processes {
                 let user = process.user.clone().unwrap_or_default();
-                *memory_by_user.entry(user).or_default() += process.used_memory_mb.unwrap_or(0);
+                *memory_by_user.entry(user.clone()).or_default() +=
+                    process.used_memory_mb.unwrap_or(0);
+                processes.push((process.pid, user));
             }
             GpuReading {
                 gpu: gpu.index,
                 utilization_percent: gpu.utilization_percent,
                 memory_used_mb: gpu.memory_used_mb,
                 memory_by_user,
+                processes,
             }
         })
         .collect()
@@ -85,6 +94,8 @@ pub struct Agent {
     interval_secs: u64,
     /// The last failure reported, so an outage is one line, not one per interval.
     failing: Option<String>,
+    /// Processes sent SIGTERM by policy, by (PID, start time), with when.
+    terminated: HashMap<(u32, u64), Instant>,
 }
 
 impl Agent {
@@ -100,7 +111,54 @@ impl Agent {
             provider: gpu::provider_for(pool.provider, pool.gpu_count, &config.gpu),
             interval_secs,
             failing: None,
+            terminated: HashMap::new(),
         })
+    }
+
+    /// `policy.foreign_use` / `policy.unreserved_use: terminate`: SIGTERM to each
+    /// intruding process when first seen, SIGKILL once `policy.foreign_grace` has
+    /// passed and it is still there.
+    fn enforce(&mut self, config: &Config, slots: &[GpuSlot], gpus: &[GpuUsage]) {
+        let policy = &config.policy;
+        let dead_ids = gpu_status::dead_reservation_ids(slots, &config.host_name);
+        let grace = Duration::from_secs(policy.foreign_grace);
+        let intruders =
+            gpu_status::intruders(slots, gpus, config.memory_threshold_mb, &dead_ids, now());
+        for intruder in intruders {
+            let wanted = match intruder.foreign {
+                true => policy.terminate_foreign,
+                false => policy.terminate_unreserved,
+            };
+            let Some(start) = procinfo::process_start_time(intruder.pid).filter(|_| wanted) else {
+                continue;
+            };
+            let pid = Pid::from_raw(intruder.pid as i32);
+            let why = match intruder.foreign {
+                true => "on a GPU reserved by someone else",
+                false => "on a GPU in use without reservation",
+            };
+            match self.terminated.get(&(intruder.pid, start)) {
+                None => {
+                    let _ = kill(pid, Signal::SIGTERM);
+                    eprintln!(
+                        "canhazgpu agent: sent SIGTERM to PID {} of {} on GPU {} ({why}, policy)",
+                        intruder.pid, intruder.user, intruder.gpu
+                    );
+                    self.terminated
+                        .insert((intruder.pid, start), Instant::now());
+                }
+                Some(since) if since.elapsed() >= grace => {
+                    let _ = kill(pid, Signal::SIGKILL);
+                    eprintln!(
+                        "canhazgpu agent: sent SIGKILL to PID {} of {} on GPU {} after the grace period",
+                        intruder.pid, intruder.user, intruder.gpu
+                    );
+                }
+                Some(_) => {}
+            }
+        }
+        self.terminated
+            .retain(|(pid, start), _| procinfo::process_alive(*pid, *start));
     }
 
     /// Queries the GPUs and publishes the snapshot (the host's heartbeat). A
@@ -114,19 +172,18 @@ impl Agent {
         }
         .and_then(|mut store| {
             store.publish_snapshot(&snapshot, Some(self.interval_secs))?;
-            if let Ok(gpus) = &usage {
-                store.sample(&SampleRequest {
-                    readings: readings(gpus),
-                    idle_utilization_percent: config.policy.idle_utilization_percent,
-                    now: snapshot.taken_at,
-                })?;
-            }
-            if config.policy.idle_release_after.is_some() {
-                let reclaimed = store.reclaim(&config.policy, snapshot.taken_at)?;
-                crate::notify::idle_events(config, &reclaimed, snapshot.taken_at);
-            }
+            let noticed = store.tick(&TickRequest {
+                // Without usage nothing is measured; the policy still applies.
+                readings: usage.as_deref().map(readings).unwrap_or_default(),
+                policy: config.policy,
+                expiry_warning: config.notify.expiry_warning,
+                now: snapshot.taken_at,
+            })?;
+            let events = notify::noticed_events(&noticed, &config.host_name, snapshot.taken_at);
+            notify::send(config, store.as_mut(), events, true);
             Ok(store)
         });
+
         match result {
             Ok(store) => {
                 self.store = Some(store);
@@ -141,6 +198,14 @@ impl Agent {
                 }
                 self.failing = Some(message);
             }
+        }
+        let policy = &config.policy;
+        if (policy.terminate_foreign || policy.terminate_unreserved)
+            && nix::unistd::geteuid().is_root()
+            && let Ok(gpus) = &usage
+            && let Some(Ok(slots)) = self.store.as_mut().map(|store| store.slots())
+        {
+            self.enforce(config, &slots, gpus);
         }
     }
 }

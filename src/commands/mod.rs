@@ -5,6 +5,7 @@ pub mod adopt;
 pub mod agent;
 pub mod extend;
 pub mod find;
+pub mod notify;
 pub mod queue;
 pub mod release;
 pub mod report;
@@ -34,6 +35,7 @@ pub enum Command {
     Transfer(transfer::TransferArgs),
     Adopt(adopt::AdoptArgs),
     KeepAdopted(adopt::Adopted),
+    Notify(notify::NotifyArgs),
     Queue(queue::QueueArgs),
     Release(release::ReleaseArgs),
     Run(run::RunArgs),
@@ -53,6 +55,7 @@ pub fn execute(command: Command, config: &Config) -> Result<u8> {
         Command::Transfer(args) => transfer::execute(&args, config).map(|()| 0),
         Command::Adopt(args) => adopt::execute(&args, config).map(|()| 0),
         Command::KeepAdopted(adopted) => adopt::keep(&adopted, config).map(|()| 0),
+        Command::Notify(args) => notify::execute(&args, config).map(|()| 0),
         Command::Queue(args) => queue::execute(&args, config).map(|()| 0),
         Command::Release(args) => release::execute(&args, config),
         Command::Run(args) => run::execute(&args, config),

@@ -61,6 +61,9 @@ pub fn execute(args: &ReleaseArgs, config: &Config) -> Result<u8> {
         ))?;
     }
     crate::gpu_status::print_receipts(&released, now());
+    if args.force {
+        tell_holders(&mut session, &released);
+    }
     // The GPUs that were the caller's are released; each other one named is an error.
     for refused in &released.refused {
         match &session.remote {
@@ -72,4 +75,36 @@ pub fn execute(args: &ReleaseArgs, config: &Config) -> Result<u8> {
         true => 0,
         false => crate::error::exit::NOT_YOURS,
     })
+}
+
+/// Tells each holder whose reservation root ended.
+fn tell_holders(session: &mut Session, released: &crate::store::Released) {
+    let mut by_user: std::collections::BTreeMap<String, Vec<u32>> = Default::default();
+    for (gpu, reservation) in &released.ended {
+        let user = crate::pool::account(&reservation.user, &reservation.actual_user);
+        if user != session.user {
+            by_user.entry(user).or_default().push(*gpu);
+        }
+    }
+    let host = session.pool_host().to_string();
+    let events = by_user
+        .into_iter()
+        .map(|(user, gpus)| crate::notify::Event {
+            event: "ended_by_root",
+            text: format!(
+                "root ended your reservation of GPU(s) {} on {host}",
+                output::id_list(&gpus)
+            ),
+            host: host.clone(),
+            user,
+            gpus,
+        })
+        .collect();
+    let config = session.config.clone();
+    crate::notify::finish(crate::notify::send(
+        &config,
+        session.store.as_mut(),
+        events,
+        false,
+    ));
 }

@@ -64,7 +64,27 @@ pub fn execute(args: &TransferArgs, config: &Config) -> Result<()> {
             super::extend::expires(end, now, &local_zone())
         ));
     }
-    output::print(&message)
+    output::print(&message)?;
+    let event = crate::notify::Event {
+        event: "transferred",
+        host: session.pool_host().to_string(),
+        user: args.to.clone(),
+        gpus: gpus.clone(),
+        text: format!(
+            "{} transferred GPU(s) {} on {} to you",
+            session.user,
+            output::id_list(&gpus),
+            session.pool_host()
+        ),
+    };
+    let config = session.config.clone();
+    crate::notify::finish(crate::notify::send(
+        &config,
+        session.store.as_mut(),
+        vec![event],
+        false,
+    ));
+    Ok(())
 }
 
 /// The latest expiry among `gpus` as stored now (the transfer keeps each one's).

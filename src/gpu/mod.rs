@@ -55,12 +55,14 @@ pub trait GpuProvider {
 
 /// How the GPU tools are used: configuration keys `smi_timeout` and `nvml`
 /// (`CANHAZGPU_SMI_TIMEOUT`, `CANHAZGPU_NVML`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GpuSettings {
     /// How long `nvidia-smi` or `amd-smi` may take before it is killed.
     pub smi_timeout: std::time::Duration,
     /// Whether NVML is tried before `nvidia-smi`.
     pub nvml: bool,
+    /// `memory.ignore_processes`: process names (`Xorg`) that never count as usage.
+    pub ignore_processes: Vec<String>,
 }
 
 impl Default for GpuSettings {
@@ -68,6 +70,7 @@ impl Default for GpuSettings {
         GpuSettings {
             smi_timeout: tool::DEFAULT_TIMEOUT,
             nvml: true,
+            ignore_processes: Vec::new(),
         }
     }
 }
@@ -79,11 +82,51 @@ pub fn provider_for(
     fake_count: u32,
     settings: &GpuSettings,
 ) -> Box<dyn GpuProvider> {
-    match kind {
+    let provider: Box<dyn GpuProvider> = match kind {
         ProviderKind::Nvidia => nvidia(settings),
         ProviderKind::Amd => Box::new(amd_smi::AmdSmi::from_path(settings.smi_timeout)),
         ProviderKind::Fake => Box::new(fake::FakeProvider::new(fake_count)),
+    };
+    match settings.ignore_processes.is_empty() {
+        true => provider,
+        false => Box::new(Ignoring {
+            inner: provider,
+            names: settings.ignore_processes.clone(),
+        }),
     }
+}
+
+/// A provider whose processes named in `memory.ignore_processes` (display servers
+/// and the like) are left out, their memory with them: they never count as usage.
+struct Ignoring {
+    inner: Box<dyn GpuProvider>,
+    names: Vec<String>,
+}
+
+impl GpuProvider for Ignoring {
+    fn device_count(&self) -> Result<u32> {
+        self.inner.device_count()
+    }
+
+    fn usage(&self) -> Result<Vec<GpuUsage>> {
+        let mut usage = self.inner.usage()?;
+        for gpu in &mut usage {
+            let (ignored, kept): (Vec<GpuProcess>, Vec<GpuProcess>) =
+                std::mem::take(&mut gpu.processes)
+                    .into_iter()
+                    .partition(|p| is_ignored(&self.names, &p.name));
+            let freed: u64 = ignored.iter().map(|p| p.used_memory_mb.unwrap_or(0)).sum();
+            gpu.memory_used_mb = gpu.memory_used_mb.map(|used| used.saturating_sub(freed));
+            gpu.processes = kept;
+        }
+        Ok(usage)
+    }
+}
+
+/// Whether a process (`/usr/lib/xorg/Xorg` or `Xorg`) is one of `names`.
+pub fn is_ignored(names: &[String], process: &str) -> bool {
+    let base = process.rsplit('/').next().unwrap_or(process);
+    names.iter().any(|name| name == base || name == process)
 }
 
 /// NVML when the driver library loads (unless `nvml` is off), else `nvidia-smi`.

@@ -686,13 +686,15 @@ fn samples_measure_each_held_gpu_and_notice_activity() {
         utilization_percent: utilization,
         memory_used_mb: Some(alice_mb + 100),
         memory_by_user: BTreeMap::from([("alice".to_string(), alice_mb)]),
+        processes: Vec::new(),
     };
-    let request = |readings, now| SampleRequest {
+    let request = |readings, now| TickRequest {
         readings,
-        idle_utilization_percent: 5,
+        policy: Policy::default(),
+        expiry_warning: 0,
         now,
     };
-    let first = sample(
+    let first = tick(
         &state,
         &request(
             vec![
@@ -703,7 +705,7 @@ fn samples_measure_each_held_gpu_and_notice_activity() {
             T + 10,
         ),
     );
-    let activity = |t: &Transition<()>, gpu: usize| match &t.after.slots[gpu] {
+    let activity = |t: &Transition<Noticed>, gpu: usize| match &t.after.slots[gpu] {
         GpuSlot::Held(r) => r.activity.clone().unwrap(),
         _ => panic!("GPU {gpu} not held"),
     };
@@ -715,7 +717,7 @@ fn samples_measure_each_held_gpu_and_notice_activity() {
     assert_eq!(activity(&first, 1).last_active, T, "idle since its start");
     assert!(matches!(first.after.slots[2], GpuSlot::Free { .. }));
     // Utilization below the threshold, but alice's memory changed: still busy.
-    let second = sample(
+    let second = tick(
         &first.after,
         &request(vec![reading(0, Some(1), 2000), reading(1, None, 0)], T + 20),
     );
@@ -729,7 +731,7 @@ fn samples_measure_each_held_gpu_and_notice_activity() {
     let bob = activity(&second, 1);
     assert_eq!((bob.last_active, bob.utilization_samples), (T, 1));
     // Nothing changes: idle from now on.
-    let third = sample(
+    let third = tick(
         &second.after,
         &request(vec![reading(0, Some(1), 2000)], T + 30),
     );
@@ -767,18 +769,24 @@ fn reclaim_warns_once_then_releases_idle_manual_reservations_and_only_flags_runs
         idle_warning: 900,
         ..Policy::default()
     };
+    let at = |now| TickRequest {
+        readings: Vec::new(),
+        policy,
+        expiry_warning: 0,
+        now,
+    };
     // 50 minutes in: alice is warned, nobody released.
-    let warned = reclaim(&state, &policy, T + 3000);
+    let warned = tick(&state, &at(T + 3000));
     let outcome = warned.outcome.as_ref().unwrap();
-    assert_eq!(outcome.warned.len(), 1);
-    assert_eq!(outcome.warned[0].0, 0);
-    assert!(outcome.released.is_empty() && outcome.flagged.is_empty());
-    let again = reclaim(&warned.after, &policy, T + 3100);
-    assert!(again.outcome.unwrap().warned.is_empty(), "warned once");
+    assert_eq!(outcome.idle_warned.len(), 1);
+    assert_eq!(outcome.idle_warned[0].0, 0);
+    assert!(outcome.idle_released.is_empty() && outcome.idle_runs.is_empty());
+    let again = tick(&warned.after, &at(T + 3100));
+    assert!(again.outcome.unwrap().idle_warned.is_empty(), "warned once");
     // An hour in: alice's GPU is released (the history says why); carol's run flagged.
-    let later = reclaim(&warned.after, &policy, T + 3600);
+    let later = tick(&warned.after, &at(T + 3600));
     let outcome = later.outcome.as_ref().unwrap();
-    assert_eq!(outcome.released.len(), 1);
+    assert_eq!(outcome.idle_released.len(), 1);
     assert!(matches!(later.after.slots[0], GpuSlot::Free { .. }));
     assert_eq!(
         later.changes.history[0].reason.as_deref(),
@@ -788,11 +796,18 @@ fn reclaim_warns_once_then_releases_idle_manual_reservations_and_only_flags_runs
         matches!(later.after.slots[1], GpuSlot::Held(_)),
         "bob was busy"
     );
-    assert_eq!(outcome.flagged.len(), 1);
+    assert_eq!(outcome.idle_runs.len(), 1);
     assert!(
         matches!(later.after.slots[2], GpuSlot::Held(_)),
         "a run is never ended"
     );
-    let off = reclaim(&state, &Policy::default(), T + 99_999);
-    assert_eq!(off.outcome.unwrap(), Reclaimed::default());
+    let off = tick(
+        &state,
+        &TickRequest {
+            policy: Policy::default(),
+            ..at(T + 99_999)
+        },
+    );
+    let off = off.outcome.unwrap();
+    assert!(off.idle_released.is_empty() && off.idle_warned.is_empty());
 }

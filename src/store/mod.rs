@@ -75,9 +75,9 @@ impl std::fmt::Debug for RedisConfig {
 }
 
 pub use crate::pool::{
-    AllocRequest, ExtendRequest, Force, GpuReading, InitOutcome, NewEnd, NewReservation, Operation,
-    Outcome, Policy, QueueStep, QueueTick, ReassertRequest, Reasserted, Reclaimed, ReleaseScope,
-    Released, SampleRequest, TransferRequest,
+    AllocRequest, ExtendRequest, Force, GpuReading, InitOutcome, NewEnd, NewReservation, Noticed,
+    Operation, Outcome, Policy, QueueStep, QueueTick, ReassertRequest, Reasserted, ReleaseScope,
+    Released, TickRequest, TransferRequest,
 };
 
 /// What a waiter's cheap periodic refresh learns (`Store::queue_beat`).
@@ -234,16 +234,11 @@ pub trait Store: Send {
         }
     }
 
-    /// Records the agent's readings in the reservations holding the GPUs
-    /// (`pool::sample`).
-    fn sample(&mut self, request: &SampleRequest) -> Result<()> {
-        self.run(&Operation::Sample(request)).map(drop)
-    }
-
-    /// Applies the idle policy (`pool::reclaim`).
-    fn reclaim(&mut self, policy: &Policy, now: UnixTime) -> Result<Reclaimed> {
-        match self.run(&Operation::Reclaim { policy, now })? {
-            Outcome::Reclaimed(reclaimed) => Ok(reclaimed),
+    /// The agent's periodic turn (`pool::tick`): measurements, the idle policy and
+    /// what people must be told.
+    fn tick(&mut self, request: &TickRequest) -> Result<Noticed> {
+        match self.run(&Operation::Tick(request))? {
+            Outcome::Noticed(noticed) => Ok(noticed),
             other => Err(unexpected(other)),
         }
     }
@@ -285,6 +280,12 @@ pub trait Store: Send {
             other => Err(unexpected(other)),
         }
     }
+
+    /// The Unix users who muted their notifications (`notify --off`), fleet-wide.
+    fn muted_users(&mut self) -> Result<std::collections::BTreeSet<String>>;
+
+    /// Mutes or unmutes `user`'s notifications.
+    fn set_muted(&mut self, user: &str, muted: bool) -> Result<()>;
 
     /// The hosts whose pools this store holds, by name: the fleet's registry, or
     /// just this host (the embedded store, Redis's upstream layout).

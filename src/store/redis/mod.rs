@@ -17,7 +17,7 @@ mod watch;
 
 use std::time::Duration;
 
-use redis::{Connection, RedisResult};
+use redis::{Commands, Connection, RedisResult};
 
 use super::{
     DEFAULT_HISTORY_RETENTION_DAYS, HostData, PoolView, QueueBeat, RedisConfig, RedisLayout, Store,
@@ -43,6 +43,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const HOSTS_KEY: &str = "canhazgpu:hosts";
 /// Host name → when its latest GPU snapshot was taken (Unix seconds).
 const REPORTED_KEY: &str = "canhazgpu:hosts:reported";
+/// The users who muted their notifications (`notify --off`): one set for the fleet.
+const MUTED_KEY: &str = "canhazgpu:notify:muted";
 
 /// The names of one pool's keys: upstream canhazgpu's, or in the fleet layout the
 /// same names under the host's hash tag (`canhazgpu:{gpu1}:gpu:0`), so that one
@@ -300,6 +302,19 @@ impl Store for RedisStore {
 
     fn hosts(&mut self) -> Result<Vec<HostRecord>> {
         self.patiently(fleet::hosts)
+    }
+
+    fn muted_users(&mut self) -> Result<std::collections::BTreeSet<String>> {
+        self.patiently(|store| store.call(|connection| connection.smembers(MUTED_KEY)))
+    }
+
+    fn set_muted(&mut self, user: &str, muted: bool) -> Result<()> {
+        self.patiently(|store| {
+            store.call(|connection| match muted {
+                true => connection.sadd::<_, _, ()>(MUTED_KEY, user),
+                false => connection.srem::<_, _, ()>(MUTED_KEY, user),
+            })
+        })
     }
 
     fn selected_host(&self) -> &str {

@@ -27,6 +27,9 @@ use crate::queue::QueueEntry;
 use crate::report::UserUsage;
 use crate::state::{Pool, UnixTime, UsageRecord};
 
+/// `meta` keys of the users who muted their notifications (`notify --off`).
+const MUTED_PREFIX: &str = "muted:";
+
 use files::{access_denied, add_permissions, create_shared, open_failure};
 
 /// How long a write waits for another process's transaction before giving up.
@@ -290,6 +293,32 @@ impl Store for SqliteStore {
 
     fn pool(&mut self) -> Result<Option<Pool>> {
         self.transact(TransactionBehavior::Deferred, schema::read_pool)
+    }
+
+    fn muted_users(&mut self) -> Result<std::collections::BTreeSet<String>> {
+        self.transact(TransactionBehavior::Deferred, |conn| {
+            let mut statement =
+                conn.prepare_cached("SELECT key FROM meta WHERE key LIKE 'muted:%'")?;
+            let keys = statement.query_map([], |row| row.get::<_, String>(0))?;
+            let mut users = std::collections::BTreeSet::new();
+            for key in keys {
+                users.insert(key?.trim_start_matches(MUTED_PREFIX).to_string());
+            }
+            Ok(users)
+        })
+    }
+
+    fn set_muted(&mut self, user: &str, muted: bool) -> Result<()> {
+        let key = format!("{MUTED_PREFIX}{user}");
+        self.transact(TransactionBehavior::Immediate, |conn| {
+            match muted {
+                true => schema::set_meta(conn, &key, "1")?,
+                false => {
+                    conn.execute("DELETE FROM meta WHERE key = ?1", [&key])?;
+                }
+            }
+            Ok(())
+        })
     }
 
     fn hosts(&mut self) -> Result<Vec<HostRecord>> {
