@@ -91,10 +91,29 @@ impl Cached {
     }
 }
 
-/// Every host of the fleet as one read found them (`fleet::read`).
+/// Every host of the fleet as one read found them (`fleet::read`), with the
+/// answers for all of them encoded once: a fleet of hundreds of hosts is a large
+/// document, which every viewer then gets from memory.
 pub struct Fleet {
     pub hosts: Vec<HostStatus>,
     pub read_at: UnixTime,
+    /// `/api/hosts`.
+    pub overview: Answer,
+    /// `/api/hosts/status` without `host`.
+    pub statuses: Answer,
+}
+
+impl Fleet {
+    fn new(hosts: Vec<HostStatus>, read_at: UnixTime) -> Self {
+        let overview = to_json(super::hosts::overview(&hosts, read_at));
+        let statuses = super::hosts::statuses(&hosts, read_at, None).and_then(to_json);
+        Fleet {
+            hosts,
+            read_at,
+            overview,
+            statuses,
+        }
+    }
 }
 
 /// A fleet read, or why it failed, and when it was made.
@@ -229,10 +248,7 @@ impl Backend {
         self.shared.fleet_reads.fetch_add(1, Ordering::Relaxed);
         let config = self.config.clone();
         let read = tokio::task::spawn_blocking(move || {
-            fleet::read(&config, None).map(|hosts| Fleet {
-                hosts,
-                read_at: session::now(),
-            })
+            fleet::read(&config, None).map(|hosts| Fleet::new(hosts, session::now()))
         })
         .await;
         let fleet = match read {

@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use super::backend::{ApiError, Fleet};
+use super::backend::ApiError;
 use crate::fleet::{HostStatus, Summary};
 use crate::gpu_status::GpuStatus;
 use crate::state::UnixTime;
@@ -34,15 +34,15 @@ pub struct HostStatusEntry<'a> {
     error: Option<&'a str>,
 }
 
-pub fn overview(fleet: &Fleet) -> Vec<HostEntry<'_>> {
-    fleet
-        .hosts
+/// The hosts as a read at `read_at` found them.
+pub fn overview(hosts: &[HostStatus], read_at: UnixTime) -> Vec<HostEntry<'_>> {
+    hosts
         .iter()
         .map(|host| HostEntry {
             name: &host.name,
             is_local: host.is_local,
             reported_at: host.record.as_ref().and_then(|r| r.reported_at),
-            stale: stale(host, fleet.read_at),
+            stale: stale(host, read_at),
             source: match host.record {
                 Some(_) => "redis",
                 None => "ssh",
@@ -51,17 +51,18 @@ pub fn overview(fleet: &Fleet) -> Vec<HostEntry<'_>> {
         .collect()
 }
 
-/// Every host, or only `only`, which must be one of the fleet's.
+/// Every host, or only `only`, which must be one of them.
 pub fn statuses<'a>(
-    fleet: &'a Fleet,
+    hosts: &'a [HostStatus],
+    read_at: UnixTime,
     only: Option<&str>,
 ) -> Result<Vec<HostStatusEntry<'a>>, ApiError> {
     let chosen: Vec<&HostStatus> = match only {
-        None => fleet.hosts.iter().collect(),
-        Some(name) => match fleet.hosts.iter().find(|host| host.name == name) {
+        None => hosts.iter().collect(),
+        Some(name) => match hosts.iter().find(|host| host.name == name) {
             Some(host) => vec![host],
             None => {
-                let known: Vec<String> = fleet.hosts.iter().map(|h| h.name.clone()).collect();
+                let known: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
                 return Err(ApiError::unknown_host(name, &known));
             }
         },
@@ -85,7 +86,7 @@ pub fn statuses<'a>(
             HostStatusEntry {
                 host: &host.name,
                 is_local: host.is_local,
-                stale: stale(host, fleet.read_at),
+                stale: stale(host, read_at),
                 statuses,
                 summary,
                 error,

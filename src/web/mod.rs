@@ -250,7 +250,7 @@ async fn api_report(State(backend): State<Arc<Backend>>, query: QueryPairs) -> R
 
 async fn api_hosts(State(backend): State<Arc<Backend>>) -> Response {
     match backend.fleet().await {
-        Ok(fleet) => answer(to_json(hosts::overview(&fleet))),
+        Ok(fleet) => answer(fleet.overview.clone()),
         Err(err) => json_error(&err),
     }
 }
@@ -260,9 +260,12 @@ async fn api_hosts_status(State(backend): State<Arc<Backend>>, query: QueryPairs
         Ok(host) => host,
         Err(err) => return json_error(&err),
     };
-    match backend.fleet().await {
-        Ok(fleet) => answer(hosts::statuses(&fleet, host.as_deref()).and_then(to_json)),
-        Err(err) => json_error(&err),
+    match (backend.fleet().await, host) {
+        (Ok(fleet), None) => answer(fleet.statuses.clone()),
+        (Ok(fleet), Some(host)) => {
+            answer(hosts::statuses(&fleet.hosts, fleet.read_at, Some(&host)).and_then(to_json))
+        }
+        (Err(err), _) => json_error(&err),
     }
 }
 
