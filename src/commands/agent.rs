@@ -36,7 +36,7 @@ pub fn execute(args: &AgentArgs, config: &Config) -> Result<()> {
         )));
     }
     let signals = WaitSignals::install()?;
-    let mut agent = Agent::start(config, interval)?;
+    let mut agent = Agent::start(config, interval, "canhazgpu agent")?;
     let what = match &config.store {
         crate::store::StoreConfig::Redis(_) => "publishing",
         // Nobody else reads the embedded store; the queries still show failures.
@@ -92,6 +92,8 @@ pub struct Agent {
     store: Option<Box<dyn Store>>,
     provider: Box<dyn GpuProvider>,
     interval_secs: u64,
+    /// Who says so in messages: `agent` itself, or `web` publishing for its host.
+    who: &'static str,
     /// The last failure reported, so an outage is one line, not one per interval.
     failing: Option<String>,
     /// Processes sent SIGTERM by policy, by (PID, start time), with when.
@@ -100,7 +102,7 @@ pub struct Agent {
 
 impl Agent {
     /// Needs this host's pool: its provider says how to read the GPUs.
-    pub fn start(config: &Config, interval_secs: u64) -> Result<Self> {
+    pub fn start(config: &Config, interval_secs: u64, who: &'static str) -> Result<Self> {
         let mut store = store::open(config)?;
         let pool = match store.pool()? {
             Some(pool) => pool,
@@ -110,6 +112,7 @@ impl Agent {
             store: Some(store),
             provider: gpu::provider_for(pool.provider, pool.gpu_count, &config.gpu),
             interval_secs,
+            who,
             failing: None,
             terminated: HashMap::new(),
         })
@@ -188,13 +191,13 @@ impl Agent {
             Ok(store) => {
                 self.store = Some(store);
                 if self.failing.take().is_some() {
-                    eprintln!("canhazgpu agent: publishing again");
+                    eprintln!("{}: publishing again", self.who);
                 }
             }
             Err(err) => {
                 let message = err.to_string();
                 if self.failing.as_ref() != Some(&message) {
-                    eprintln!("canhazgpu agent: cannot publish: {message}");
+                    eprintln!("{}: cannot publish: {message}", self.who);
                 }
                 self.failing = Some(message);
             }

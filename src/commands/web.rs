@@ -5,10 +5,13 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::commands::agent::Agent;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::fleet::DEFAULT_INTERVAL_SECS;
 use crate::output;
 use crate::session::Session;
+use crate::store::{RedisLayout, StoreConfig};
 use crate::web::{self, ServeOptions};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,6 +50,16 @@ pub fn execute(args: &WebArgs, config: &Config) -> Result<()> {
             .map_err(|e| Error::Runtime(format!("cannot read the listening address: {e}")))?;
         output::print(&format!("Serving the GPU dashboard on http://{address}"))?;
         let shutdown = shutdown_signal()?;
+        // Where other hosts read this one's snapshot, keep it fresh as `agent` does.
+        if matches!(&config.store, StoreConfig::Redis(redis) if redis.layout == RedisLayout::Fleet)
+        {
+            let interval = args.cache_seconds.min(DEFAULT_INTERVAL_SECS);
+            let config = config.clone();
+            std::thread::Builder::new()
+                .name("canhazgpu-web-publish".into())
+                .spawn(move || publish_snapshots(&config, interval))
+                .map_err(|e| Error::Runtime(format!("cannot start the publishing thread: {e}")))?;
+        }
         let options = ServeOptions {
             snapshot_interval: Duration::from_secs(args.cache_seconds),
         };
@@ -54,6 +67,32 @@ pub fn execute(args: &WebArgs, config: &Config) -> Result<()> {
     })?;
     eprintln!("Web server stopped");
     Ok(())
+}
+
+/// Publishes this host's snapshot every `interval_secs` until the process ends.
+/// Without a pool yet (or a store), it retries each interval.
+fn publish_snapshots(config: &Config, interval_secs: u64) {
+    const WHO: &str = "canhazgpu web";
+    let mut agent: Option<Agent> = None;
+    let mut failing: Option<String> = None;
+    loop {
+        if agent.is_none() {
+            match Agent::start(config, interval_secs, WHO) {
+                Ok(started) => agent = Some(started),
+                Err(err) => {
+                    let message = err.to_string();
+                    if failing.as_ref() != Some(&message) {
+                        eprintln!("{WHO}: cannot publish this host's GPUs: {message}");
+                    }
+                    failing = Some(message);
+                }
+            }
+        }
+        if let Some(agent) = &mut agent {
+            agent.publish(config);
+        }
+        std::thread::sleep(Duration::from_secs(interval_secs));
+    }
 }
 
 /// Completes on the first SIGINT or SIGTERM.

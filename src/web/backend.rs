@@ -2,7 +2,9 @@
 //! (neither the store connection nor the GPU provider may be shared between
 //! threads) and answers requests one at a time; the GPU status it builds is shared
 //! between every request for `snapshot_interval`, so any number of viewers cost at
-//! most one GPU query per interval.
+//! most one GPU query per interval. The fleet (every host's status) is read the
+//! same way, at most once per interval, on a blocking thread of its own: hosts read
+//! over SSH may take seconds and must not hold up this host's requests.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +18,10 @@ use tokio::sync::oneshot;
 
 use crate::config::Config;
 use crate::error::Error;
+use crate::fleet::{self, HostStatus};
 use crate::session::{self, Session};
+use crate::state::UnixTime;
+use crate::store::{self, Store};
 
 /// A failed request: the HTTP status and the message of the JSON error body.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +42,14 @@ impl ApiError {
         ApiError {
             status: StatusCode::NOT_FOUND,
             message: "not found".into(),
+        }
+    }
+
+    /// A host the store does not know, with the ones it does.
+    pub fn unknown_host(name: &str, known: &[String]) -> Self {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("unknown host '{name}' (known hosts: {})", known.join(", ")),
         }
     }
 
@@ -78,11 +91,44 @@ impl Cached {
     }
 }
 
+/// Every host of the fleet as one read found them (`fleet::read`), with the
+/// answers for all of them encoded once: a fleet of hundreds of hosts is a large
+/// document, which every viewer then gets from memory.
+pub struct Fleet {
+    pub hosts: Vec<HostStatus>,
+    pub read_at: UnixTime,
+    /// `/api/hosts`.
+    pub overview: Answer,
+    /// `/api/hosts/status` without `host`.
+    pub statuses: Answer,
+}
+
+impl Fleet {
+    fn new(hosts: Vec<HostStatus>, read_at: UnixTime) -> Self {
+        let overview = to_json(super::hosts::overview(&hosts, read_at));
+        let statuses = super::hosts::statuses(&hosts, read_at, None).and_then(to_json);
+        Fleet {
+            hosts,
+            read_at,
+            overview,
+            statuses,
+        }
+    }
+}
+
+/// A fleet read, or why it failed, and when it was made.
+struct CachedFleet {
+    taken: Instant,
+    fleet: Result<Arc<Fleet>, ApiError>,
+}
+
 /// What the request handlers and the session thread share.
 struct Shared {
     interval: Duration,
     status: Mutex<Option<Cached>>,
     snapshots: AtomicU64,
+    fleet: Mutex<Option<CachedFleet>>,
+    fleet_reads: AtomicU64,
 }
 
 impl Shared {
@@ -93,12 +139,31 @@ impl Shared {
             .filter(|c| c.fresh(self.interval))
             .map(|c| c.answer.clone())
     }
+
+    fn fresh_fleet(&self) -> Option<Result<Arc<Fleet>, ApiError>> {
+        let cached = self.fleet.lock().unwrap_or_else(|e| e.into_inner());
+        cached
+            .as_ref()
+            .filter(|c| c.taken.elapsed() < self.interval)
+            .map(|c| c.fleet.clone())
+    }
+}
+
+/// Whose usage a report adds up.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ReportScope {
+    /// This host (no `host` parameter).
+    Local,
+    /// One host of the store (`host=NAME`), checked against it before use.
+    Host(String),
+    /// Every host (`host=all`).
+    Fleet,
 }
 
 enum Job {
     Status(oneshot::Sender<Answer>),
-    Queue(oneshot::Sender<Answer>),
-    Report(u32, oneshot::Sender<Answer>),
+    Queue(Option<String>, oneshot::Sender<Answer>),
+    Report(u32, ReportScope, oneshot::Sender<Answer>),
     Health(oneshot::Sender<Result<(), ApiError>>),
 }
 
@@ -106,6 +171,10 @@ enum Job {
 pub struct Backend {
     jobs: mpsc::Sender<Job>,
     shared: Arc<Shared>,
+    config: Config,
+    /// Held while the fleet is read, so that requests arriving meanwhile wait for
+    /// that read instead of starting their own.
+    fleet_read: tokio::sync::Mutex<()>,
 }
 
 /// How long a health check waits for the store before calling it unreachable.
@@ -118,16 +187,20 @@ impl Backend {
             interval: snapshot_interval,
             status: Mutex::new(None),
             snapshots: AtomicU64::new(0),
+            fleet: Mutex::new(None),
+            fleet_reads: AtomicU64::new(0),
         });
         let (jobs, queue) = mpsc::channel();
         let worker_shared = Arc::clone(&shared);
+        let worker_config = config.clone();
         std::thread::Builder::new()
             .name("canhazgpu-web-session".into())
             .spawn(move || {
                 // Built here: a session never leaves the thread that opened it.
                 let worker = Worker {
-                    config,
+                    config: worker_config,
                     session: None,
+                    store: None,
                     shared: worker_shared,
                     reports: HashMap::new(),
                     tz: TimeZone::system(),
@@ -135,7 +208,12 @@ impl Backend {
                 worker.run(queue)
             })
             .map_err(|e| Error::Runtime(format!("cannot start the session thread: {e}")))?;
-        Ok(Backend { jobs, shared })
+        Ok(Backend {
+            jobs,
+            shared,
+            config,
+            fleet_read: tokio::sync::Mutex::new(()),
+        })
     }
 
     /// `status --json` of every GPU, at most `snapshot_interval` old.
@@ -146,15 +224,45 @@ impl Backend {
         }
     }
 
-    /// `queue --json`: the requests waiting for GPUs. Cheap (no GPU query), so
-    /// never cached.
-    pub async fn queue(&self) -> Answer {
-        self.ask(Job::Queue).await?
+    /// `queue --json` (`--host NAME` when given): the requests waiting for GPUs.
+    /// Cheap (no GPU query), so never cached.
+    pub async fn queue(&self, host: Option<String>) -> Answer {
+        self.ask(|reply| Job::Queue(host, reply)).await?
     }
 
-    /// `report --json --days N`, at most `snapshot_interval` old.
-    pub async fn report(&self, days: u32) -> Answer {
-        self.ask(|reply| Job::Report(days, reply)).await?
+    /// `report --json --days N` of `scope`, at most `snapshot_interval` old.
+    pub async fn report(&self, days: u32, scope: ReportScope) -> Answer {
+        self.ask(|reply| Job::Report(days, scope, reply)).await?
+    }
+
+    /// Every host's status (`status --all`), at most `snapshot_interval` old.
+    pub async fn fleet(&self) -> Result<Arc<Fleet>, ApiError> {
+        if let Some(fleet) = self.shared.fresh_fleet() {
+            return fleet;
+        }
+        let _reading = self.fleet_read.lock().await;
+        // Requests that waited for the read in progress get its result.
+        if let Some(fleet) = self.shared.fresh_fleet() {
+            return fleet;
+        }
+        self.shared.fleet_reads.fetch_add(1, Ordering::Relaxed);
+        let config = self.config.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            fleet::read(&config, None).map(|hosts| Fleet::new(hosts, session::now()))
+        })
+        .await;
+        let fleet = match read {
+            Ok(read) => read.map(Arc::new).map_err(ApiError::from),
+            Err(e) => Err(ApiError::from(Error::Runtime(format!(
+                "the fleet read failed: {e}"
+            )))),
+        };
+        let mut cached = self.shared.fleet.lock().unwrap_or_else(|e| e.into_inner());
+        *cached = Some(CachedFleet {
+            taken: Instant::now(),
+            fleet: fleet.clone(),
+        });
+        fleet
     }
 
     /// Whether the store answers.
@@ -167,6 +275,11 @@ impl Backend {
     /// How many GPU snapshots the server has taken so far.
     pub fn snapshots(&self) -> u64 {
         self.shared.snapshots.load(Ordering::Relaxed)
+    }
+
+    /// How many times the server has read the fleet so far.
+    pub fn fleet_reads(&self) -> u64 {
+        self.shared.fleet_reads.load(Ordering::Relaxed)
     }
 
     pub fn snapshot_interval(&self) -> Duration {
@@ -187,8 +300,11 @@ struct Worker {
     /// Opened on first use and dropped after a store error, so that the next request
     /// reconnects.
     session: Option<Session>,
+    /// For requests about a named host or the whole fleet: unlike the session, it
+    /// needs no pool of this host (a login node's dashboard). Reopened like it.
+    store: Option<Box<dyn Store>>,
     shared: Arc<Shared>,
-    reports: HashMap<u32, Cached>,
+    reports: HashMap<(u32, ReportScope), Cached>,
     tz: TimeZone,
 }
 
@@ -200,11 +316,14 @@ impl Worker {
                 Job::Status(reply) => {
                     let _ = reply.send(self.status());
                 }
-                Job::Queue(reply) => {
+                Job::Queue(None, reply) => {
                     let _ = reply.send(self.with_session(Session::queue_report).and_then(to_json));
                 }
-                Job::Report(days, reply) => {
-                    let _ = reply.send(self.report(days));
+                Job::Queue(Some(host), reply) => {
+                    let _ = reply.send(self.host_queue(&host));
+                }
+                Job::Report(days, scope, reply) => {
+                    let _ = reply.send(self.report(days, scope));
                 }
                 Job::Health(reply) => {
                     let _ = reply.send(self.with_session(|s| s.store.pool().map(drop)));
@@ -228,21 +347,53 @@ impl Worker {
         answer
     }
 
-    fn report(&mut self, days: u32) -> Answer {
+    /// `queue --json --host NAME`, for a host the store knows.
+    fn host_queue(&mut self, host: &str) -> Answer {
+        self.known_host(host)?;
+        let local = self.config.host_name.clone();
+        self.with_store(|store| {
+            store.select_host(host)?;
+            let entries = store.queue()?;
+            // Only this host's waiters can be checked for being alive.
+            let dead_ids = session::dead_waiter_ids(&entries, &local);
+            Ok(crate::queue::report(&entries, &dead_ids, session::now()))
+        })
+        .and_then(to_json)
+    }
+
+    fn report(&mut self, days: u32, scope: ReportScope) -> Answer {
         let interval = self.shared.interval;
-        if let Some(cached) = self.reports.get(&days).filter(|c| c.fresh(interval)) {
+        let key = (days, scope);
+        if let Some(cached) = self.reports.get(&key).filter(|c| c.fresh(interval)) {
             return cached.answer.clone();
         }
-        let tz = self.tz.clone();
-        let answer = self
-            .with_session(|s| {
-                crate::session::usage_report(s.store.as_mut(), &s.host, days, session::now(), &tz)
-            })
-            .and_then(to_json);
+        let (tz, local) = (self.tz.clone(), self.config.host_name.clone());
+        let answer = match &key.1 {
+            ReportScope::Local => self.with_session(|s| {
+                session::usage_report(s.store.as_mut(), &s.host, days, session::now(), &tz)
+            }),
+            ReportScope::Host(host) => self.known_host(host).and_then(|()| {
+                self.with_store(|store| {
+                    store.select_host(host)?;
+                    session::usage_report(store, &local, days, session::now(), &tz)
+                })
+            }),
+            ReportScope::Fleet => self.with_store(|store| {
+                session::fleet_report(store, &local, days, session::now(), &tz)
+            }),
+        }
+        .and_then(to_json);
+        // An unknown host is not remembered: only names the store knows are keys.
+        if answer
+            .as_ref()
+            .is_err_and(|err| err.status == StatusCode::NOT_FOUND)
+        {
+            return answer;
+        }
         // Keep only fresh reports, so that the cache stays as small as the traffic.
         self.reports.retain(|_, c| c.fresh(interval));
         self.reports.insert(
-            days,
+            key,
             Cached {
                 taken: Instant::now(),
                 answer: answer.clone(),
@@ -255,19 +406,53 @@ impl Worker {
         &mut self,
         work: impl FnOnce(&mut Session) -> crate::error::Result<T>,
     ) -> Result<T, ApiError> {
-        let session = match self.session.take() {
-            Some(session) => session,
-            None => Session::open(&self.config)?,
-        };
-        let result = work(self.session.insert(session));
-        if let Err(Error::Store(_)) = result {
-            self.session = None;
+        reopening(&mut self.session, || Session::open(&self.config), work)
+    }
+
+    fn with_store<T>(
+        &mut self,
+        work: impl FnOnce(&mut dyn Store) -> crate::error::Result<T>,
+    ) -> Result<T, ApiError> {
+        reopening(
+            &mut self.store,
+            || store::open(&self.config),
+            |store| work(store.as_mut()),
+        )
+    }
+
+    /// A request value naming a host is used only once the store knows that host.
+    fn known_host(&mut self, name: &str) -> Result<(), ApiError> {
+        let known: Vec<String> = self
+            .with_store(|store| store.hosts())?
+            .into_iter()
+            .map(|host| host.name)
+            .collect();
+        match known.iter().any(|host| host == name) {
+            true => Ok(()),
+            false => Err(ApiError::unknown_host(name, &known)),
         }
-        result.map_err(ApiError::from)
     }
 }
 
-fn to_json(value: impl serde::Serialize) -> Answer {
+/// Runs `work` on the connection in `slot`, opened first if there is none; a
+/// store error drops it, so that the next request reconnects.
+fn reopening<S, T>(
+    slot: &mut Option<S>,
+    open: impl FnOnce() -> crate::error::Result<S>,
+    work: impl FnOnce(&mut S) -> crate::error::Result<T>,
+) -> Result<T, ApiError> {
+    let connection = match slot.take() {
+        Some(connection) => connection,
+        None => open()?,
+    };
+    let result = work(slot.insert(connection));
+    if let Err(Error::Store(_)) = result {
+        *slot = None;
+    }
+    result.map_err(ApiError::from)
+}
+
+pub fn to_json(value: impl serde::Serialize) -> Answer {
     serde_json::to_vec(&value)
         .map(Bytes::from)
         .map_err(|e| ApiError::from(Error::Runtime(format!("cannot encode JSON: {e}"))))

@@ -1,12 +1,19 @@
 //! `canhazgpu web`: the dashboard and its JSON API (axum on tokio).
 //!
 //! Routes: `/` (the dashboard, static files embedded in the binary), `/api/status`
-//! (as `status --json`), `/api/queue` (as `queue --json`), `/api/report?days=N` (as
-//! `report --json`), `/api/info`
-//! (hostname and links for the page header), `/healthz`. Request parameters never
-//! reach a shell or another host: the only one read is `days`, parsed as a number.
+//! (as `status --json`), `/api/queue[?host=NAME]` (as `queue --json [--host]`),
+//! `/api/report?days=N[&host=NAME|all]` (as `report --json [--host|--all]`),
+//! `/api/hosts` (the fleet's hosts: local, last report, stale, source),
+//! `/api/hosts/status[?host=NAME]` (each host's GPUs and summary, as `status --all`),
+//! `/api/info` (hostname and links for the page header), `/healthz`.
+//!
+//! Request parameters never reach a shell or another host: `days` is parsed as a
+//! number, and `host` is used only once it is found among the hosts the store (or,
+//! for `/api/hosts/status`, the fleet read) knows; an unknown one is a 404. Only
+//! configured `remote_hosts` are ever asked over SSH, by `fleet::read`.
 
 mod backend;
+mod hosts;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -28,7 +35,7 @@ use crate::gpu::procinfo;
 use crate::report::{self, DEFAULT_DAYS};
 
 pub use backend::ApiError;
-use backend::{Answer, Backend};
+use backend::{Answer, Backend, ReportScope, to_json};
 
 /// How long one GPU snapshot is shared between requests by default.
 pub const DEFAULT_SNAPSHOT_SECONDS: u64 = 5;
@@ -152,6 +159,8 @@ fn router(backend: Arc<Backend>) -> Router {
         .route("/api/status", get(api_status))
         .route("/api/queue", get(api_queue))
         .route("/api/report", get(api_report))
+        .route("/api/hosts", get(api_hosts))
+        .route("/api/hosts/status", get(api_hosts_status))
         .route("/api/info", get(api_info))
         .route("/healthz", get(healthz))
         .fallback(|| async { json_error(&ApiError::not_found()) })
@@ -207,36 +216,99 @@ async fn api_status(State(backend): State<Arc<Backend>>) -> Response {
     answer(backend.status().await)
 }
 
-async fn api_queue(State(backend): State<Arc<Backend>>) -> Response {
-    answer(backend.queue().await)
+/// The query string's pairs; a malformed one is a 400.
+type QueryPairs =
+    std::result::Result<Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>;
+
+fn pairs(query: QueryPairs) -> std::result::Result<Vec<(String, String)>, ApiError> {
+    query
+        .map(|Query(pairs)| pairs)
+        .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))
 }
 
-async fn api_report(
-    State(backend): State<Arc<Backend>>,
-    query: std::result::Result<
-        Query<Vec<(String, String)>>,
-        axum::extract::rejection::QueryRejection,
-    >,
-) -> Response {
-    match query
-        .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))
-        .and_then(|Query(pairs)| days_param(&pairs))
-    {
-        Ok(days) => answer(backend.report(days).await),
+async fn api_queue(State(backend): State<Arc<Backend>>, query: QueryPairs) -> Response {
+    match pairs(query).and_then(|pairs| host_param(&pairs)) {
+        Ok(host) => answer(backend.queue(host).await),
         Err(err) => json_error(&err),
+    }
+}
+
+async fn api_report(State(backend): State<Arc<Backend>>, query: QueryPairs) -> Response {
+    let params = pairs(query).and_then(|pairs| {
+        let scope = match host_param(&pairs)? {
+            None => ReportScope::Local,
+            Some(host) if host == "all" => ReportScope::Fleet,
+            Some(host) => ReportScope::Host(host),
+        };
+        Ok((days_param(&pairs)?, scope))
+    });
+    match params {
+        Ok((days, scope)) => answer(backend.report(days, scope).await),
+        Err(err) => json_error(&err),
+    }
+}
+
+async fn api_hosts(State(backend): State<Arc<Backend>>) -> Response {
+    match backend.fleet().await {
+        Ok(fleet) => answer(fleet.overview.clone()),
+        Err(err) => json_error(&err),
+    }
+}
+
+async fn api_hosts_status(State(backend): State<Arc<Backend>>, query: QueryPairs) -> Response {
+    let host = match pairs(query).and_then(|pairs| host_param(&pairs)) {
+        Ok(host) => host,
+        Err(err) => return json_error(&err),
+    };
+    match (backend.fleet().await, host) {
+        (Ok(fleet), None) => answer(fleet.statuses.clone()),
+        (Ok(fleet), Some(host)) => {
+            answer(hosts::statuses(&fleet.hosts, fleet.read_at, Some(&host)).and_then(to_json))
+        }
+        (Err(err), _) => json_error(&err),
+    }
+}
+
+/// The one value of `key`, if given; twice is an error, never one of them.
+fn single<'a>(
+    pairs: &'a [(String, String)],
+    key: &str,
+) -> std::result::Result<Option<&'a str>, ApiError> {
+    let mut values = pairs.iter().filter(|(k, _)| k == key);
+    match (values.next(), values.next()) {
+        (None, _) => Ok(None),
+        (Some((_, value)), None) => Ok(Some(value)),
+        (Some(_), Some(_)) => Err(ApiError::bad_request(format!(
+            "'{key}' is given more than once"
+        ))),
     }
 }
 
 /// `days` from the query: absent means the default; anything but one whole number
 /// from 1 to `report::MAX_DAYS` is an error, never silently the default.
 fn days_param(pairs: &[(String, String)]) -> std::result::Result<u32, ApiError> {
-    let mut values = pairs.iter().filter(|(key, _)| key == "days");
-    match (values.next(), values.next()) {
-        (None, _) => Ok(DEFAULT_DAYS),
-        (Some((_, value)), None) => {
-            report::parse_days(value).map_err(|e| ApiError::bad_request(e.to_string()))
-        }
-        (Some(_), Some(_)) => Err(ApiError::bad_request("'days' is given more than once")),
+    match single(pairs, "days")? {
+        None => Ok(DEFAULT_DAYS),
+        Some(value) => report::parse_days(value).map_err(|e| ApiError::bad_request(e.to_string())),
+    }
+}
+
+/// `host` from the query, when it looks like a host name; whether the fleet knows
+/// it is checked where it is used.
+fn host_param(pairs: &[(String, String)]) -> std::result::Result<Option<String>, ApiError> {
+    let Some(name) = single(pairs, "host")? else {
+        return Ok(None);
+    };
+    let valid = name.len() <= 253
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'));
+    match valid {
+        true => Ok(Some(name.to_string())),
+        false => Err(ApiError::bad_request(format!(
+            "'host' must be a host name (letters, digits, '.', '_', '-', '@'), got {name:?}"
+        ))),
     }
 }
 
@@ -263,6 +335,7 @@ async fn healthz(State(backend): State<Arc<Backend>>) -> Response {
         "status": if status == StatusCode::OK { "ok" } else { "degraded" },
         "store": store,
         "gpu_snapshots": backend.snapshots(),
+        "fleet_reads": backend.fleet_reads(),
         "snapshot_interval_seconds": backend.snapshot_interval().as_secs_f64(),
     });
     json_response(status, Bytes::from(body.to_string()))
@@ -288,5 +361,27 @@ mod tests {
             assert_eq!(err.status, StatusCode::BAD_REQUEST, "{bad}");
         }
         assert!(days_param(&pairs(&[("days", "1"), ("days", "2")])).is_err());
+    }
+
+    #[test]
+    fn host_parameter_is_a_host_name_or_an_error() {
+        assert_eq!(host_param(&pairs(&[("days", "1")])), Ok(None));
+        assert_eq!(
+            host_param(&pairs(&[("host", "gpu-1.example_x")])),
+            Ok(Some("gpu-1.example_x".into()))
+        );
+        for bad in [
+            "",
+            "-oProxyCommand=x",
+            "a b",
+            "$(touch x)",
+            "a/b",
+            &"a".repeat(254),
+        ] {
+            let err = host_param(&pairs(&[("host", bad)])).unwrap_err();
+            assert_eq!(err.status, StatusCode::BAD_REQUEST, "{bad}");
+        }
+        let err = host_param(&pairs(&[("host", "a"), ("host", "b")])).unwrap_err();
+        assert_eq!(err.message, "'host' is given more than once");
     }
 }

@@ -1,6 +1,7 @@
 //! The dashboard in a real headless Chromium against a real `canhazgpu web`: the
 //! rendered DOM must show the GPU cards, badges, report and hostname, and show markup
-//! in process and model names as literal text. Screenshots are saved under
+//! in process and model names as literal text, and with several hosts the fleet's
+//! overview and one host's drill-down. Screenshots are saved under
 //! `target/test-artifacts/`.
 
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use canhazgpu::state::ReservationKind::{Manual, Run};
 use crate::cli_gpu::GpuJob;
 use crate::support::cli::CliEnv;
 use crate::support::fake_smi::FakeSmi;
+use crate::support::fleet::Fleet;
 use crate::support::history::{HOUR, History, now};
 use crate::support::redis::TestRedis;
 use crate::support::web::WebServer;
@@ -154,9 +156,116 @@ fn dashboard_shows_cards_badges_report_and_markup_as_text() {
     assert_contains(&dom, r#"<option value="90">90 days</option>"#);
     assert_contains(&dom, r#"id="banner" role="alert" hidden="""#);
     assert_contains(&dom, r#"href="/README.md""#);
+    // One host: no fleet overview, no fleet report.
+    assert_contains(
+        &dom,
+        r#"<section id="hosts-section" aria-labelledby="hosts-title" hidden="">"#,
+    );
+    assert_contains(
+        &dom,
+        r#"<section id="fleet-report-section" aria-labelledby="fleet-report-title" hidden="">"#,
+    );
 
     screenshot(&server.url("/"), "dashboard.png", 1280, 900);
     screenshot(&server.url("/"), "dashboard-phone.png", 390, 844);
+}
+
+/// The `<tr>` of host `name` in the hosts overview.
+fn host_row<'a>(dom: &'a str, name: &str) -> &'a str {
+    let start = dom
+        .find(&format!(r#"data-host="{name}">"#))
+        .unwrap_or_else(|| panic!("no overview row for {name}:\n{dom}"));
+    let row = &dom[start..];
+    &row[..row.find("</tr>").expect("end of the row")]
+}
+
+#[test]
+fn dashboard_shows_the_fleet_with_a_stale_host_and_drills_into_one() {
+    let fleet = Fleet::launch();
+    let a = fleet.host_with("a", 2);
+    let b = fleet.host_with("b", 3);
+    fleet.host_with("c", 1);
+    b.run(["reserve", "--gpu-ids", "1", "-d", "1h"]).assert_ok();
+    b.run(["status"]).assert_ok();
+    let t = now();
+    History::open(&b).finished("bob", 2, Run, t - 3 * HOUR, t - HOUR);
+    fleet.age_snapshot("c", 303);
+    let server = WebServer::start(&a, 5);
+
+    let dom = rendered_dom(&server.url("/"));
+    assert_contains(
+        &dom,
+        r#"<section id="hosts-section" aria-labelledby="hosts-title">"#,
+    );
+    let stale = r#"<span class="badge stale">NOT REPORTING</span>"#;
+    let row_a = host_row(&dom, "a");
+    assert!(!row_a.contains(stale), "{row_a}");
+    assert_contains(row_a, r#"<span class="chip">this host</span>"#);
+    assert_contains(
+        row_a,
+        r#"<td class="num">2</td><td class="num free">2</td><td class="num">0</td><td>2 Fake GPU</td>"#,
+    );
+    let row_b = host_row(&dom, "b");
+    assert!(!row_b.contains(stale), "{row_b}");
+    assert_contains(
+        row_b,
+        r##"<a href="#host=b">b</a></td><td class="num">3</td><td class="num free">2</td><td class="num">1</td><td>3 Fake GPU</td>"##,
+    );
+    let row_c = host_row(&dom, "c");
+    assert_contains(row_c, stale);
+    assert_contains(row_c, r#"<td class="num none">0</td>"#);
+    // Without a choice in the URL, the drill-down is this host.
+    assert_contains(&dom, r#"<tr class="selected" data-host="a">"#);
+    assert_eq!(dom.matches(r#"<article class="card "#).count(), 2, "{dom}");
+    assert_contains(
+        &dom,
+        r#"GPU status<span class="on-host" data-scope=""> · a</span>"#,
+    );
+    // The fleet report: every host, bob's hours on b.
+    assert_contains(
+        &dom,
+        r#"<section id="fleet-report-section" aria-labelledby="fleet-report-title">"#,
+    );
+    for host in ["a", "b", "c"] {
+        assert_contains(&dom, &format!(r#"<tr data-report-host="{host}">"#));
+    }
+    let fleet_report = dom.split(r#"id="fleet-report""#).nth(1).unwrap();
+    assert_contains(fleet_report, r#"data-user="bob""#);
+
+    let dom = rendered_dom(&server.url("/#host=b"));
+    assert_contains(&dom, r#"<tr class="selected" data-host="b">"#);
+    assert_eq!(dom.matches(r#"<article class="card "#).count(), 3, "{dom}");
+    assert_contains(
+        &dom,
+        r#"<article class="card in-use" data-gpu="1" data-status="IN_USE">"#,
+    );
+    assert_contains(
+        &dom,
+        r#"Queue<span class="on-host" data-scope=""> · b</span>"#,
+    );
+    assert_contains(&dom, "Nobody is waiting for GPUs.");
+    let host_report = dom
+        .split(r#"id="report""#)
+        .nth(1)
+        .unwrap()
+        .split(r#"id="fleet-report""#)
+        .next()
+        .unwrap();
+    assert_contains(host_report, r#"data-user="bob""#);
+    screenshot(&server.url("/#host=b"), "dashboard-fleet.png", 1280, 1100);
+
+    let dom = rendered_dom(&server.url("/#host=c"));
+    assert_contains(&dom, r#"<tr class="selected" data-host="c">"#);
+    assert_eq!(dom.matches(r#"<article class="card "#).count(), 1, "{dom}");
+    assert_contains(&dom, "<dt>Validation</dt><dd>host not reporting for 0h 5m");
+    // Its report has none of bob's hours on b.
+    let host_report = dom.split(r#"id="report""#).nth(1).unwrap();
+    let host_report = host_report.split(r#"id="fleet-report""#).next().unwrap();
+    assert!(!host_report.contains(r#"data-user="bob""#), "{host_report}");
+    // A host the fleet does not have: this host, as without a choice.
+    let dom = rendered_dom(&server.url("/#host=zz"));
+    assert_contains(&dom, r#"<tr class="selected" data-host="a">"#);
+    assert_contains(&dom, r#"id="banner" role="alert" hidden="""#);
 }
 
 #[test]

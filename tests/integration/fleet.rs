@@ -9,80 +9,8 @@ use serde_json::Value;
 
 use crate::multi_user::ensure_user;
 use crate::support::cli::{BIN, CliEnv, Run, wait_until};
-use crate::support::redis::TestRedis;
-
-/// One Redis and the hosts around it.
-struct Fleet {
-    server: TestRedis,
-}
-
-impl Fleet {
-    fn new() -> Self {
-        Fleet {
-            server: TestRedis::launch(),
-        }
-    }
-
-    /// The binary as it runs on host `name`.
-    fn host(&self, name: &str) -> CliEnv {
-        let mut env = CliEnv::redis(&self.server.url());
-        env.set_var("CANHAZGPU_HOST_NAME", name);
-        env
-    }
-
-    /// Host `name` with a pool of `gpus` fake GPUs.
-    fn host_with(&self, name: &str, gpus: u32) -> CliEnv {
-        let env = self.host(name);
-        env.init_fake(gpus);
-        env
-    }
-
-    fn redis(&self, args: &[&str]) -> Value {
-        let mut command = redis::cmd(args[0]);
-        for arg in &args[1..] {
-            command.arg(*arg);
-        }
-        let value: redis::Value = command.query(&mut self.server.raw()).unwrap();
-        match value {
-            redis::Value::Nil => Value::Null,
-            redis::Value::Int(n) => Value::from(n),
-            redis::Value::BulkString(bytes) => Value::from(String::from_utf8(bytes).unwrap()),
-            redis::Value::Array(items) => Value::Array(
-                items
-                    .into_iter()
-                    .map(|item| match item {
-                        redis::Value::BulkString(bytes) => {
-                            Value::from(String::from_utf8(bytes).unwrap())
-                        }
-                        other => Value::from(format!("{other:?}")),
-                    })
-                    .collect(),
-            ),
-            redis::Value::Okay => Value::from("OK"),
-            other => Value::from(format!("{other:?}")),
-        }
-    }
-
-    /// Makes `host` look as if its last snapshot was taken `age` seconds ago.
-    fn age_snapshot(&self, host: &str, age: i64) {
-        let taken_at = now() - age;
-        let snapshot = format!(r#"{{"taken_at":{taken_at},"gpus":[]}}"#);
-        self.redis(&["SET", &format!("canhazgpu:{{{host}}}:snapshot"), &snapshot]);
-        self.redis(&[
-            "HSET",
-            "canhazgpu:hosts:reported",
-            host,
-            &taken_at.to_string(),
-        ]);
-    }
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
+use crate::support::fleet::Fleet;
+use crate::support::history::now;
 
 fn json(run: &Run) -> Value {
     run.assert_ok();
@@ -91,7 +19,7 @@ fn json(run: &Run) -> Value {
 
 #[test]
 fn each_host_has_its_own_pool_in_one_redis() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::launch();
     let a = fleet.host_with("gpu-a", 4);
     let b = fleet.host_with("gpu-b", 8);
     assert_eq!(a.statuses().len(), 4);
@@ -112,7 +40,7 @@ fn each_host_has_its_own_pool_in_one_redis() {
 
 #[test]
 fn an_upstream_pool_in_the_same_database_is_pointed_out() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::launch();
     let upstream = CliEnv::redis_upstream(&fleet.server.url());
     upstream.init_fake(2);
     let run = fleet.host("gpu-a").run(["status"]);
@@ -142,7 +70,7 @@ fn three_hosts(fleet: &Fleet) -> (CliEnv, CliEnv, CliEnv) {
 
 #[test]
 fn status_all_shows_every_host_in_order_with_a_stale_one_and_an_unreachable_one() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::launch();
     let (a, _b, _c) = three_hosts(&fleet);
     let run = a.run(["status", "--all"]);
     run.assert_ok();
@@ -205,7 +133,7 @@ fn status_all_shows_every_host_in_order_with_a_stale_one_and_an_unreachable_one(
 
 #[test]
 fn summary_is_one_line_per_host() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::launch();
     let (a, _b, _c) = three_hosts(&fleet);
     let run = a.run(["status", "--summary"]);
     run.assert_ok();
@@ -243,7 +171,7 @@ fn summary_is_one_line_per_host() {
 
 #[test]
 fn reserve_release_and_queue_act_on_another_host() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::launch();
     let (_a, b, _c) = three_hosts(&fleet);
     // A login node without GPUs of its own.
     let login = fleet.host("login");
@@ -285,7 +213,7 @@ fn reserve_release_and_queue_act_on_another_host() {
 
 #[test]
 fn find_ranks_the_hosts_with_enough_free_gpus() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::launch();
     let (a, b, _c) = three_hosts(&fleet);
     b.run(["release"]).assert_ok();
     a.run(["reserve", "--gpu-ids", "1"]).assert_ok();
@@ -313,7 +241,7 @@ fn find_ranks_the_hosts_with_enough_free_gpus() {
 
 #[test]
 fn report_all_adds_up_the_fleet_with_a_table_per_host() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::launch();
     let a = fleet.host_with("a", 2);
     let b = fleet.host_with("b", 4);
     a.run(["reserve", "--gpus", "2"]).assert_ok();
@@ -341,7 +269,7 @@ fn report_all_adds_up_the_fleet_with_a_table_per_host() {
 
 #[test]
 fn a_decommissioned_host_leaves_the_fleet_and_its_history_stays() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::launch();
     let a = fleet.host_with("a", 2);
     let _b = fleet.host_with("b", 2);
     a.run(["reserve", "--gpus", "1"]).assert_ok();
@@ -371,7 +299,7 @@ fn a_decommissioned_host_leaves_the_fleet_and_its_history_stays() {
 
 #[test]
 fn the_agent_keeps_a_host_fresh_until_sigterm() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::launch();
     let a = fleet.host_with("a", 2);
     let login = fleet.host("login");
     a.run(["agent", "--interval", "0s"]).assert_code(2);
@@ -423,7 +351,7 @@ fn two_users_across_hosts_keep_their_own_reservations() {
     for user in ["chg_alice", "chg_bob"] {
         ensure_user(user);
     }
-    let fleet = Fleet::new();
+    let fleet = Fleet::launch();
     let socket_dir = fleet.server.socket().parent().unwrap().to_path_buf();
     std::fs::set_permissions(
         &socket_dir,
@@ -462,7 +390,7 @@ fn two_users_across_hosts_keep_their_own_reservations() {
 
 #[test]
 fn a_damaged_record_on_one_host_spoils_only_that_gpu_or_host() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::launch();
     let a = fleet.host_with("a", 2);
     let b = fleet.host_with("b", 3);
     let _c = fleet.host_with("c", 1);
@@ -498,7 +426,7 @@ fn a_damaged_record_on_one_host_spoils_only_that_gpu_or_host() {
 
 #[test]
 fn a_waiter_collecting_on_another_host_shows_there() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::launch();
     let a = fleet.host_with("a", 1);
     let b = fleet.host_with("b", 2);
     b.run(["reserve", "--gpu-ids", "1"]).assert_ok();

@@ -1,13 +1,15 @@
 //! `canhazgpu web` through a real server process on 127.0.0.1: the JSON API against
-//! the CLI's output, errors, the shared GPU snapshot, store outages and shutdown.
+//! the CLI's output, errors, the shared GPU snapshot, store outages and shutdown, and
+//! the fleet's APIs on a real Redis with three hosts.
 
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
-use crate::support::cli::CliEnv;
+use crate::support::cli::{CliEnv, wait_until};
 use crate::support::fake_smi::FakeSmi;
+use crate::support::fleet::Fleet;
 use crate::support::history::{HOUR, History, now};
 use crate::support::redis::TestRedis;
 use crate::support::web::{WebServer, request};
@@ -124,13 +126,29 @@ fn bad_requests_case(env: &CliEnv) {
     }
     let twice = server.get_json("/api/report?days=1&days=2", 400);
     assert_eq!(twice["error"], "'days' is given more than once");
-    // Parameters other than `days` are ignored: none reaches a shell or another host.
+    // Unknown parameters are ignored, and `host` must name a host: none reaches a
+    // shell or another host.
     let marker = env.dir.path().join("marker");
     let path = format!(
-        "/api/report?days=3&host=%24%28touch%20{}%29&remote=-oProxyCommand%3Dtouch",
+        "/api/report?days=3&remote=-oProxyCommand%3Dtouch%20{}",
         marker.display()
     );
     assert_eq!(server.get_json(&path, 200)["days"], 3);
+    for api in ["/api/report", "/api/queue", "/api/hosts/status"] {
+        let path = format!("{api}?host=%24%28touch%20{}%29", marker.display());
+        let error = server.get_json(&path, 400);
+        assert!(
+            error["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("'host' must be a host name"),
+            "{api}: {error}"
+        );
+        let error = server.get_json(&format!("{api}?host=-oProxyCommand=x"), 400);
+        assert!(error["error"].is_string(), "{api}");
+        let error = server.get_json(&format!("{api}?host=a&host=b"), 400);
+        assert_eq!(error["error"], "'host' is given more than once", "{api}");
+    }
     assert!(!marker.exists());
 }
 
@@ -286,4 +304,191 @@ fn half_open_connections_are_closed_and_do_not_block_others() {
     }
     assert!(started.elapsed() >= std::time::Duration::from_secs(9));
     assert_eq!(server.get("/healthz").status, 200);
+}
+
+/// Hosts a (running the server), b (a reservation) and c (stale), on one Redis, and a
+/// `remote_hosts` entry that is not in it (read over SSH, which fails).
+fn fleet_of_three(fleet: &Fleet) -> CliEnv {
+    let mut a = fleet.host_with("a", 2);
+    let b = fleet.host_with("b", 3);
+    fleet.host_with("c", 1);
+    b.run(["reserve", "--gpu-ids", "1", "-d", "1h"]).assert_ok();
+    b.run(["status"]).assert_ok();
+    fleet.age_snapshot("c", 303);
+    a.set_var("CANHAZGPU_REMOTE_HOSTS", "nosuchhost.invalid");
+    a
+}
+
+#[test]
+fn fleet_apis_show_every_host_and_refuse_unknown_ones() {
+    let fleet = Fleet::launch();
+    let a = fleet_of_three(&fleet);
+    let server = WebServer::start(&a, 1);
+
+    let hosts = server.get_json("/api/hosts", 200);
+    let names: Vec<&str> = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a", "nosuchhost.invalid", "b", "c"]);
+    assert_eq!(hosts[0]["is_local"], true);
+    assert_eq!(hosts[0]["source"], "redis");
+    assert_eq!(hosts[1]["source"], "ssh");
+    assert_eq!(hosts[1]["reported_at"], Value::Null);
+    assert_eq!(hosts[2]["stale"], false);
+    assert_eq!(hosts[3]["stale"], true);
+    assert_eq!(hosts[3]["is_local"], false);
+    let c_reported = hosts[3]["reported_at"].as_i64().unwrap();
+    assert!((now() - 303 - c_reported).abs() <= 5, "{c_reported}");
+
+    let all = server.get_json("/api/hosts/status", 200);
+    assert_eq!(all.as_array().unwrap().len(), 4);
+    let b = &all[2];
+    assert_eq!(b["host"], "b");
+    assert_eq!(
+        b["summary"],
+        serde_json::json!({"total": 3, "available": 2, "in_use": 1, "gpu_models": "3 Fake GPU"})
+    );
+    assert_eq!(b["statuses"][1]["status"], "IN_USE");
+    assert_eq!(b["error"], Value::Null);
+    let c = &all[3];
+    assert_eq!(c["stale"], true);
+    assert_eq!(c["summary"]["available"], 0, "a stale host offers nothing");
+    assert!(
+        c["statuses"][0]["validation"]
+            .as_str()
+            .unwrap()
+            .starts_with("host not reporting for 0h 5m"),
+        "{c}"
+    );
+    let unreachable = &all[1];
+    assert!(unreachable["error"].is_string(), "{unreachable}");
+    assert_eq!(unreachable["statuses"], serde_json::json!([]));
+    // The same figures as `status --all --summary --json`.
+    let cli = cli_json(&a, &["status", "--all", "--summary", "--json"]);
+    for (api, cli) in all.as_array().unwrap().iter().zip(cli.as_array().unwrap()) {
+        assert_eq!(api["host"], cli["host"]);
+        assert_eq!(api["stale"], cli["stale"]);
+        if api["error"].is_null() {
+            for key in ["total", "available", "in_use", "gpu_models"] {
+                assert_eq!(api["summary"][key], cli[key], "{key} of {}", api["host"]);
+            }
+        }
+    }
+
+    let one = server.get_json("/api/hosts/status?host=b", 200);
+    assert_eq!(one.as_array().unwrap().len(), 1);
+    assert_eq!(one[0]["host"], "b");
+    assert_eq!(one[0]["summary"]["in_use"], 1);
+    let unknown = server.get_json("/api/hosts/status?host=zz", 404);
+    assert_eq!(
+        unknown["error"],
+        "unknown host 'zz' (known hosts: a, nosuchhost.invalid, b, c)"
+    );
+
+    assert_same_as_cli(
+        || server.get_json("/api/queue?host=b", 200),
+        || cli_json(&a, &["queue", "--host", "b", "--json"]),
+    );
+    // Only hosts in the store have a queue and a report.
+    for path in [
+        "/api/queue?host=zz",
+        "/api/queue?host=nosuchhost.invalid",
+        "/api/report?host=zz",
+    ] {
+        let error = server.get_json(path, 404);
+        assert!(
+            error["error"]
+                .as_str()
+                .unwrap()
+                .ends_with("(known hosts: a, b, c)"),
+            "{path}: {error}"
+        );
+    }
+    assert_same_as_cli(
+        || server.get_json("/api/report?days=7&host=b", 200),
+        || cli_json(&a, &["report", "--json", "--days", "7", "--host", "b"]),
+    );
+    assert_same_as_cli(
+        || server.get_json("/api/report?days=7&host=all", 200),
+        || cli_json(&a, &["report", "--json", "--days", "7", "--all"]),
+    );
+    let report = server.get_json("/api/report?host=all", 200);
+    assert_eq!(report["hosts"].as_array().unwrap().len(), 3);
+    assert_eq!(report["total_reservations"], 1);
+    server.get_json("/api/report?days=0&host=all", 400);
+    // This host's own views are unchanged by the fleet.
+    assert_eq!(
+        server
+            .get_json("/api/status", 200)
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert!(server.get_json("/api/report", 200).get("hosts").is_none());
+}
+
+#[test]
+fn web_keeps_its_hosts_snapshot_fresh() {
+    let fleet = Fleet::launch();
+    let a = fleet.host_with("a", 2);
+    fleet.age_snapshot("a", 3600);
+    let server = WebServer::start(&a, 1);
+    // It registers its interval (the snapshot interval, here 1 s) and keeps publishing.
+    let registered = || fleet.redis(&["HGET", "canhazgpu:hosts", "a"]) == r#"{"interval_secs":1}"#;
+    assert!(
+        wait_until(Duration::from_secs(5), registered),
+        "{}",
+        server.stderr()
+    );
+    let reported = || {
+        fleet
+            .redis(&["HGET", "canhazgpu:hosts:reported", "a"])
+            .as_str()
+            .and_then(|at| at.parse::<i64>().ok())
+    };
+    let first = reported().unwrap();
+    assert!((now() - first).abs() <= 2, "{first}");
+    assert!(
+        wait_until(Duration::from_secs(5), || reported().unwrap() > first),
+        "published again"
+    );
+    let hosts = server.get_json("/api/hosts", 200);
+    assert_eq!(hosts[0]["stale"], false);
+}
+
+#[test]
+fn concurrent_fleet_viewers_share_one_read() {
+    let fleet = Fleet::launch();
+    let a = fleet_of_three(&fleet);
+    let server = WebServer::start(&a, 30);
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..64)
+            .map(|i| {
+                let path = [
+                    "/api/hosts/status",
+                    "/api/hosts",
+                    "/api/hosts/status?host=c",
+                ][i % 3];
+                let server = &server;
+                scope.spawn(move || request(&server.addr, "GET", path).status)
+            })
+            .collect();
+        clients.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    let reads = || {
+        server.get_json("/healthz", 200)["fleet_reads"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(reads(), 1);
+    for _ in 0..20 {
+        server.get_json("/api/hosts/status", 200);
+    }
+    server.get_json("/api/hosts/status?host=zz", 404);
+    assert_eq!(reads(), 1);
 }

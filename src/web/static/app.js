@@ -15,6 +15,11 @@ const BADGES = {
 
 const $ = (id) => document.getElementById(id);
 
+// The fleet, while the server knows more than one host: every host's status (as
+// /api/hosts/status gives it) and the one shown below the overview. While it is
+// null the page is the single-host dashboard, reading /api/status and friends.
+let fleet = null;
+
 function el(tag, className, text) {
   const node = document.createElement(tag);
   if (className) node.className = className;
@@ -56,7 +61,7 @@ function setProblem(source, message) {
 // Keeps what was shown before a failed refresh (the banner says it is stale);
 // replaces the loading note when there is nothing to show.
 function showUnavailable(container, text) {
-  if (!container.querySelector(".card, .report-period, .queue-table")) {
+  if (!container.querySelector(".card, .report-period, .queue-table, .hosts-table")) {
     container.replaceChildren(el("p", "muted", text));
   }
 }
@@ -114,9 +119,24 @@ function renderStatus(gpus) {
   $("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
 }
 
+// The URL of one of the per-host APIs, for the host shown.
+function scoped(path, params) {
+  const query = new URLSearchParams(params);
+  if (fleet) query.set("host", fleet.selected);
+  const text = query.toString();
+  return text ? `${path}?${text}` : path;
+}
+
+async function fetchStatus() {
+  if (!fleet) return fetchJson("/api/status");
+  const [host] = await fetchJson(scoped("/api/hosts/status"));
+  if (host.error) throw new Error(`${host.host}: ${host.error}`);
+  return host.statuses;
+}
+
 async function refreshStatus() {
   try {
-    renderStatus(await fetchJson("/api/status"));
+    renderStatus(await fetchStatus());
     setProblem("status", null);
   } catch (err) {
     setProblem("status", `GPU status unavailable: ${err.message}`);
@@ -170,7 +190,7 @@ function renderQueue(queue) {
 
 async function refreshQueue() {
   try {
-    renderQueue(await fetchJson("/api/queue"));
+    renderQueue(await fetchJson(scoped("/api/queue")));
     setProblem("queue", null);
   } catch (err) {
     setProblem("queue", `Queue unavailable: ${err.message}`);
@@ -178,10 +198,10 @@ async function refreshQueue() {
   }
 }
 
-function renderReport(report) {
-  const panel = $("report");
+function renderReport(report, panel) {
   const unit = report.days === 1 ? "day" : "days";
   const parts = [el("p", "report-period", `${report.start_date} to ${report.end_date} (${report.days} ${unit})`)];
+  if (report.hosts) parts.push(reportHosts(report.hosts));
   if (!report.users || report.users.length === 0) {
     parts.push(el("p", "muted", "No GPU reservations in this period."));
     panel.replaceChildren(...parts);
@@ -217,15 +237,123 @@ function renderReport(report) {
   panel.replaceChildren(...parts);
 }
 
+// The fleet report's share of each host.
+function reportHosts(hosts) {
+  const table = el("table", "hosts-table");
+  const head = el("tr");
+  for (const title of ["Host", "GPUs", "GPU hours", "Capacity used"]) head.append(el("th", null, title));
+  table.append(el("thead"), el("tbody"));
+  table.tHead.append(head);
+  for (const host of hosts) {
+    const row = el("tr");
+    row.dataset.reportHost = host.name;
+    row.append(
+      el("td", null, host.name),
+      el("td", "num", host.gpus),
+      el("td", "num", host.gpu_hours.toFixed(2)),
+      el("td", "num", `${host.capacity_percent.toFixed(1)}%`),
+    );
+    table.tBodies[0].append(row);
+  }
+  return table;
+}
+
 async function refreshReport() {
   const days = $("days").value;
   try {
-    renderReport(await fetchJson(`/api/report?days=${encodeURIComponent(days)}`));
+    renderReport(await fetchJson(scoped("/api/report", { days })), $("report"));
     setProblem("report", null);
   } catch (err) {
     setProblem("report", `Report unavailable: ${err.message}`);
     showUnavailable($("report"), "Report unavailable.");
   }
+  if (!fleet) return;
+  try {
+    renderReport(await fetchJson(`/api/report?days=${encodeURIComponent(days)}&host=all`), $("fleet-report"));
+    setProblem("fleet-report", null);
+  } catch (err) {
+    setProblem("fleet-report", `Fleet report unavailable: ${err.message}`);
+    showUnavailable($("fleet-report"), "Fleet report unavailable.");
+  }
+}
+
+// The host named by the URL (#host=NAME), if the fleet has it; else this host.
+function chooseHost(hosts) {
+  const match = /^#host=(.+)$/.exec(location.hash);
+  const wanted = match ? decodeURIComponent(match[1]) : null;
+  const named = hosts.find((host) => host.host === wanted);
+  return (named || hosts.find((host) => host.is_local) || hosts[0]).host;
+}
+
+function renderHosts() {
+  const hosts = fleet.hosts;
+  const total = hosts.reduce((sum, host) => sum + host.summary.total, 0);
+  const available = hosts.reduce((sum, host) => sum + host.summary.available, 0);
+  $("hosts-summary").replaceChildren(
+    chip("hosts", hosts.length),
+    chip(total === 1 ? "GPU" : "GPUs", total),
+    chip("available", available),
+  );
+  const table = el("table", "hosts-table");
+  const head = el("tr");
+  for (const title of ["Host", "Total", "Available", "In Use", "GPU Models"]) head.append(el("th", null, title));
+  table.append(el("thead"), el("tbody"));
+  table.tHead.append(head);
+  for (const host of hosts) {
+    const row = el("tr", host.host === fleet.selected ? "selected" : null);
+    row.dataset.host = host.host;
+    const name = el("td", "host-cell");
+    const link = el("a", null, host.host);
+    link.href = `#host=${encodeURIComponent(host.host)}`;
+    name.append(link);
+    if (host.is_local) name.append(" ", el("span", "chip", "this host"));
+    if (host.stale) name.append(" ", el("span", "badge stale", "NOT REPORTING"));
+    if (host.error) {
+      const badge = el("span", "badge error", "ERROR");
+      badge.title = host.error;
+      name.append(" ", badge);
+    }
+    row.append(
+      name,
+      el("td", "num", host.summary.total),
+      el("td", `num ${host.summary.available > 0 ? "free" : "none"}`, host.summary.available),
+      el("td", "num", host.summary.in_use),
+      el("td", null, host.error || host.summary.gpu_models),
+    );
+    table.tBodies[0].append(row);
+  }
+  $("hosts").replaceChildren(table);
+  for (const scope of document.querySelectorAll("[data-scope]")) scope.textContent = ` · ${fleet.selected}`;
+}
+
+// Reads every host; shows the overview while there are several. Answers whether
+// the host shown below changed (or the page switched between one and many hosts).
+async function refreshHosts() {
+  let hosts;
+  try {
+    hosts = await fetchJson("/api/hosts/status");
+    setProblem("hosts", null);
+  } catch (err) {
+    // One host: nothing to say beyond what the status says.
+    if (fleet) {
+      setProblem("hosts", `Hosts unavailable: ${err.message}`);
+      showUnavailable($("hosts"), "Hosts unavailable.");
+    }
+    return false;
+  }
+  const before = fleet ? fleet.selected : null;
+  fleet = hosts.length > 1 ? { hosts, selected: chooseHost(hosts) } : null;
+  $("hosts-section").hidden = !fleet;
+  $("fleet-report-section").hidden = !fleet;
+  if (fleet) renderHosts();
+  else for (const scope of document.querySelectorAll("[data-scope]")) scope.textContent = "";
+  return before !== (fleet ? fleet.selected : null);
+}
+
+function refreshAll() {
+  refreshStatus();
+  refreshQueue();
+  refreshReport();
 }
 
 async function loadInfo() {
@@ -243,18 +371,24 @@ async function loadInfo() {
   }
 }
 
-document.addEventListener("DOMContentLoaded", () => {
+document.addEventListener("DOMContentLoaded", async () => {
   $("days").addEventListener("change", refreshReport);
-  $("refresh").addEventListener("click", () => {
-    refreshStatus();
-    refreshQueue();
-    refreshReport();
+  $("refresh").addEventListener("click", async () => {
+    await refreshHosts();
+    refreshAll();
+  });
+  window.addEventListener("hashchange", async () => {
+    if (await refreshHosts()) refreshAll();
   });
   loadInfo();
-  refreshStatus();
-  refreshQueue();
-  refreshReport();
-  setInterval(() => {
+  await refreshHosts();
+  refreshAll();
+  setInterval(async () => {
+    // Another host shown (one joined, or the one shown left): its queue and report too.
+    if (await refreshHosts()) {
+      refreshQueue();
+      refreshReport();
+    }
     refreshStatus();
     // A failed report is retried with the status, not only every 5 minutes.
     if (problems.has("report")) refreshReport();

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod fake_smi;
+pub mod fleet;
 pub mod history;
 pub mod redis;
 pub mod sqlite;
