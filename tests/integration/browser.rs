@@ -293,3 +293,50 @@ fn dashboard_says_when_the_store_is_unreachable() {
     assert!(status_line.contains("Redis"), "{status_line}");
     screenshot(&server.url("/"), "dashboard-store-down.png", 1280, 600);
 }
+
+#[test]
+fn dashboard_shows_ends_measurements_squatters_adopted_jobs_and_the_idlest_holders() {
+    crate::multi_user::ensure_user("chg_bob");
+    let mut env = CliEnv::sqlite();
+    let mut smi = FakeSmi::nvidia(env.dir.path(), 3);
+    env.path_prefix.push(smi.path_dir());
+    env.run(["admin", "--gpus", "3"]).assert_ok();
+    env.run(["reserve", "--gpu-ids", "0,1", "--duration", "2h"])
+        .assert_ok();
+    let bobs = crate::follow::BobsJob::start();
+    let job = GpuJob::start(&[]);
+    smi.set_utilization(1, 70)
+        .set_memory(1, 9_000)
+        .add_process(1, bobs.pid(), "sleep", 8_000)
+        .set_memory(2, 20_000)
+        .add_process(2, job.pid(), "python3", 19_000);
+    env.run(["adopt", &job.pid().to_string()]).assert_ok();
+    // Two agent turns measure the reservations.
+    let mut agent = env
+        .command(["agent", "--interval", "1s"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(crate::support::cli::wait_until(
+        std::time::Duration::from_secs(15),
+        || env.status_json()[0]["idle_seconds"]
+            .as_i64()
+            .is_some_and(|idle| idle >= 1)
+    ));
+    let _ = agent.kill();
+    let _ = agent.wait();
+
+    let server = WebServer::start(&env, 1);
+    let dom = rendered_dom(&server.url("/"));
+    assert_contains(&dom, "<dt>Ends</dt>");
+    assert_contains(&dom, "<dt>Utilization</dt><dd>70%</dd>");
+    assert_contains(&dom, "<dt>Also used by</dt><dd>chg_bob</dd>");
+    assert_contains(
+        &dom,
+        &format!("<dt>Adopted PID</dt><dd class=\"mono\">{}</dd>", job.pid()),
+    );
+    assert_contains(&dom, "<h3>Idlest holders</h3>");
+    assert_contains(&dom, r#"<div class="panel idlest" id="idlest">"#);
+    assert_contains(&dom, "GPU 0: idle 0h 0m");
+    screenshot(&server.url("/"), "dashboard-activity.png", 1280, 900);
+}

@@ -307,10 +307,10 @@ backend_matrix! {
 }
 
 /// `sleep` running as chg_bob, killed on drop.
-struct BobsJob(Child);
+pub struct BobsJob(Child);
 
 impl BobsJob {
-    fn start() -> Self {
+    pub fn start() -> Self {
         BobsJob(
             Command::new("runuser")
                 .args(["-u", "chg_bob", "--", "sleep", "60"])
@@ -320,7 +320,7 @@ impl BobsJob {
     }
 
     /// The `sleep` itself: runuser's child.
-    fn pid(&self) -> u32 {
+    pub fn pid(&self) -> u32 {
         let runuser = self.0.id();
         let mut found = None;
         assert!(wait_until(Duration::from_secs(5), || {

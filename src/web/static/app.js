@@ -91,7 +91,18 @@ function gpuCard(gpu) {
   field(fields, "Type", gpu.type);
   if (gpu.model && gpu.model.model) field(fields, "Model", gpu.model.model, true);
   field(fields, "Details", unreserved ? gpu.process_info || gpu.details : gpu.details);
+  if (typeof gpu.expiry_time === "number") {
+    field(fields, "Ends", new Date(gpu.expiry_time * 1000).toLocaleString());
+  }
+  if (typeof gpu.pid === "number") field(fields, "Adopted PID", String(gpu.pid), true);
   field(fields, "Validation", gpu.validation);
+  if (typeof gpu.utilization_percent === "number") {
+    field(fields, "Utilization", `${gpu.utilization_percent}%`);
+  }
+  if (typeof gpu.idle_seconds === "number" && gpu.status === "IN_USE") {
+    field(fields, "Idle", idleText(gpu.idle_seconds));
+  }
+  field(fields, "Also used by", gpu.foreign_users?.join(", "));
   if (gpu.status !== "AVAILABLE" && typeof gpu.memory_used_mb === "number") {
     field(fields, "Memory", `${gpu.memory_used_mb} MB used`);
   }
@@ -99,6 +110,30 @@ function gpuCard(gpu) {
   field(fields, "Error", gpu.error);
   card.append(fields);
   return card;
+}
+
+// `1h 20m`, as `status` writes idle times.
+function idleText(seconds) {
+  const minutes = Math.floor(Math.max(0, seconds) / 60);
+  return `${Math.floor(minutes / 60)}h ${minutes % 60}m`;
+}
+
+// The reserved GPUs idle the longest (as the agent measured them), idlest first.
+function renderIdlest(gpus) {
+  const idle = gpus
+    .filter((gpu) => gpu.status === "IN_USE" && typeof gpu.idle_seconds === "number")
+    .sort((a, b) => b.idle_seconds - a.idle_seconds)
+    .slice(0, 5);
+  const box = $("idlest");
+  box.hidden = idle.length === 0;
+  const list = el("ol", "idlest-list");
+  for (const gpu of idle) {
+    const mean = typeof gpu.mean_utilization_percent === "number" ? `, mean ${gpu.mean_utilization_percent}%` : "";
+    const item = el("li", null, `${gpu.user} — GPU ${gpu.gpu_id}: idle ${idleText(gpu.idle_seconds)}${mean}`);
+    item.dataset.gpu = String(gpu.gpu_id);
+    list.append(item);
+  }
+  box.replaceChildren(el("h3", null, "Idlest holders"), list);
 }
 
 function chip(label, count) {
@@ -116,6 +151,7 @@ function renderStatus(gpus) {
   $("summary").replaceChildren(...summary);
   const cards = gpus.map(gpuCard);
   $("gpus").replaceChildren(...(cards.length ? cards : [el("p", "muted", "No GPUs in the pool.")]));
+  renderIdlest(gpus);
   $("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
 }
 
