@@ -109,3 +109,109 @@ backend_matrix! {
         terminate(&mut run);
     },
 }
+
+/// A process of chg_bob that ignores SIGTERM (the trap is inherited by `sleep`).
+fn stubborn_bob() -> std::process::Child {
+    std::process::Command::new("runuser")
+        .args([
+            "-u",
+            "chg_bob",
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; exec sleep 60",
+        ])
+        .spawn()
+        .unwrap()
+}
+
+/// The process runuser started for chg_bob.
+fn bobs_pid(runuser: &std::process::Child) -> u32 {
+    let mut found = None;
+    assert!(wait_until(Duration::from_secs(5), || {
+        found = canhazgpu::supervise::proctree::live_descendants(runuser.id())
+            .into_iter()
+            .next();
+        found.is_some()
+    }));
+    found.unwrap()
+}
+
+#[test]
+fn squatters_are_reported_then_stopped_while_ignored_processes_survive() {
+    crate::multi_user::ensure_user("chg_bob");
+    let mut env = CliEnv::sqlite();
+    with_policy(
+        &mut env,
+        "policy:\n  foreign_use: terminate\n  unreserved_use: terminate\n  foreign_grace: 2s\n",
+    );
+    env.set_var("CANHAZGPU_MEMORY_IGNORE_PROCESSES", "Xorg");
+    let mut smi = FakeSmi::nvidia(env.dir.path(), 2);
+    env.path_prefix.push(smi.path_dir());
+    env.run(["admin", "--gpus", "2"]).assert_ok();
+    env.run(["reserve", "-G", "0", "-d", "1h"]).assert_ok();
+    let mut squatter = stubborn_bob();
+    let display = crate::follow::BobsJob::start();
+    let mut unreserved = stubborn_bob();
+    let (squatter_pid, display_pid, unreserved_pid) =
+        (bobs_pid(&squatter), display.pid(), bobs_pid(&unreserved));
+    smi.set_memory(0, 12_000)
+        .add_process(0, squatter_pid, "python3", 10_000)
+        .add_process(0, display_pid, "Xorg", 2_000)
+        .set_memory(1, 8_000)
+        .add_process(1, unreserved_pid, "python3", 8_000);
+
+    let row = env.status_json()[0].clone();
+    assert_eq!(row["foreign_users"], serde_json::json!(["chg_bob"]));
+    assert!(
+        row["validation"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!(", also used by chg_bob (PID {squatter_pid})")),
+        "{row}"
+    );
+    assert_eq!(env.status_json()[1]["status"], "UNRESERVED");
+
+    let log = env.dir.path().join("agent.log");
+    let mut agent = env
+        .command(["agent", "--interval", "1s"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // SIGTERM is ignored; SIGKILL follows after the grace.
+    assert!(wait_until(Duration::from_secs(20), || {
+        squatter.try_wait().unwrap().is_some() && unreserved.try_wait().unwrap().is_some()
+    }));
+    terminate(&mut agent);
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains(&format!(
+            "sent SIGTERM to PID {squatter_pid} of chg_bob on GPU 0"
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("sent SIGKILL to PID {squatter_pid} of chg_bob")),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "sent SIGTERM to PID {unreserved_pid} of chg_bob on GPU 1"
+        )),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches(&format!(
+            "squatter {}: GPU 0",
+            crate::cli_core::current_user()
+        ))
+        .count(),
+        1,
+        "the holder is told once: {log}"
+    );
+    assert!(!log.contains(&format!("PID {display_pid}")), "{log}");
+    assert!(
+        canhazgpu::gpu::procinfo::process_start_time(display_pid).is_some(),
+        "an ignored process survives"
+    );
+}

@@ -9,6 +9,7 @@ mod fleet;
 mod follow;
 mod gpu_providers;
 mod multi_user;
+mod notify;
 mod policy;
 mod queue;
 mod redis_store;
