@@ -12,7 +12,8 @@ use super::tool::Tool;
 use super::{GpuProcess, GpuProvider, GpuUsage, procinfo};
 use crate::error::{Error, Result};
 
-pub const METRIC_QUERY: [&str; 3] = ["metric", "-m", "--json"];
+/// Memory (`-m`) and usage (`-u`: `gfx_activity`, the GPU's busy percentage).
+pub const METRIC_QUERY: [&str; 4] = ["metric", "-m", "-u", "--json"];
 pub const PROCESS_QUERY: [&str; 2] = ["process", "--json"];
 
 /// What amd-smi prints instead of a process on an idle GPU.
@@ -121,6 +122,14 @@ fn parse_metrics(entries: &[Value]) -> Vec<GpuUsage> {
             index: gpu_index(entry, position),
             name: None,
             memory_used_mb: entry.pointer("/mem_usage/used_vram").and_then(quantity_mib),
+            utilization_percent: entry
+                .pointer("/usage/gfx_activity")
+                .and_then(|activity| match activity {
+                    Value::Object(_) => activity.get("value").and_then(number),
+                    other => number(other),
+                })
+                .filter(|percent| (0.0..=100.0).contains(percent))
+                .map(|percent| percent.round() as u32),
             ..GpuUsage::default()
         })
         .collect();
@@ -311,5 +320,18 @@ mod tests {
             (*gpu, process.pid, process.used_memory_mb),
             (2, 77, Some(0))
         );
+    }
+
+    #[test]
+    fn gfx_activity_is_the_utilization() {
+        let entries: Vec<Value> = serde_json::from_str(
+            r#"[{"gpu": 0, "usage": {"gfx_activity": {"value": 87, "unit": "%"}}},
+                {"gpu": 1, "usage": {"gfx_activity": "N/A"}},
+                {"gpu": 2, "usage": {"gfx_activity": 250}}]"#,
+        )
+        .unwrap();
+        let usage = parse_metrics(&entries);
+        let percents: Vec<Option<u32>> = usage.iter().map(|g| g.utilization_percent).collect();
+        assert_eq!(percents, vec![Some(87), None, None]);
     }
 }

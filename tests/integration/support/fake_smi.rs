@@ -279,6 +279,9 @@ esac
                         "total_vram": { "value": 196_592, "unit": "MB" },
                         "used_vram": { "value": used, "unit": "MB" },
                     },
+                    "usage": {
+                        "gfx_activity": { "value": self.utilization[gpu], "unit": "%" },
+                    },
                 })
             })
             .collect()
