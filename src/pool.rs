@@ -236,6 +236,7 @@ impl Work {
                     start_time: reservation.start_time,
                     end_time: ended_at,
                     kind: reservation.kind,
+                    utilization: crate::state::Utilization::of(reservation.activity.as_deref()),
                 },
                 reservation_id: reservation.id.clone(),
                 reason: reason.map(str::to_string),

@@ -13,7 +13,7 @@ use jiff::tz::TimeZone;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::state::{GpuSlot, ReservationKind, UnixTime, UsageRecord};
+use crate::state::{GpuSlot, ReservationKind, UnixTime, UsageRecord, Utilization};
 
 pub const DEFAULT_DAYS: u32 = 30;
 /// A century: beyond any retention, and far from overflowing seconds.
@@ -68,6 +68,8 @@ pub struct UserUsage {
     pub seconds: i64,
     pub run_count: u64,
     pub manual_count: u64,
+    /// The agent's readings of this user's reservations.
+    pub utilization: Utilization,
 }
 
 impl UserUsage {
@@ -75,6 +77,7 @@ impl UserUsage {
         self.seconds += other.seconds;
         self.run_count += other.run_count;
         self.manual_count += other.manual_count;
+        self.utilization.add(other.utilization);
     }
 
     fn count(&self) -> u64 {
@@ -108,14 +111,20 @@ impl Tally {
     pub fn add_record(&mut self, record: &UsageRecord) {
         self.add(
             account(record),
-            record.start_time,
-            record.end_time,
+            (record.start_time, record.end_time),
             record.kind,
+            record.utilization,
         );
     }
 
     /// Adds one reservation of `user` over `[start, end]`.
-    pub fn add(&mut self, user: &str, start: UnixTime, end: UnixTime, kind: ReservationKind) {
+    pub fn add(
+        &mut self,
+        user: &str,
+        (start, end): (UnixTime, UnixTime),
+        kind: ReservationKind,
+        utilization: Utilization,
+    ) {
         if !self.window.touches(start, end) {
             return;
         }
@@ -127,6 +136,7 @@ impl Tally {
             }),
         };
         usage.seconds += self.window.overlap(start, end);
+        usage.utilization.add(utilization);
         match kind {
             ReservationKind::Run => usage.run_count += 1,
             ReservationKind::Manual => usage.manual_count += 1,
@@ -166,6 +176,7 @@ pub fn in_progress(slots: &[GpuSlot], dead_ids: &[String], now: UnixTime) -> Vec
                 start_time: r.start_time,
                 end_time: r.liveness(now, dead_ids).ended_at().unwrap_or(now),
                 kind: r.kind,
+                utilization: Utilization::of(r.activity.as_deref()),
             }),
             GpuSlot::Free { .. } | GpuSlot::Corrupt(_) => None,
         })
@@ -227,6 +238,9 @@ pub struct UserRow {
     pub percentage: f64,
     pub run_count: u64,
     pub manual_count: u64,
+    /// The mean GPU utilization of the user's reservations, where the agent measured it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mean_utilization_percent: Option<u32>,
 }
 
 /// Builds the report from per-account usages (several entries of one account are
@@ -274,6 +288,7 @@ pub fn build(
             percentage: share as f64 / 10.0,
             run_count: usage.run_count,
             manual_count: usage.manual_count,
+            mean_utilization_percent: usage.utilization.mean_percent(),
         })
         .collect();
     Report {
@@ -396,6 +411,7 @@ mod tests {
             start_time: start,
             end_time: end,
             kind,
+            utilization: Default::default(),
         }
     }
 
@@ -455,13 +471,15 @@ mod tests {
                     user: "alice".into(),
                     seconds: HOUR,
                     run_count: 0,
-                    manual_count: 1
+                    manual_count: 1,
+                    utilization: Default::default(),
                 },
                 UserUsage {
                     user: "bob".into(),
                     seconds: 2 * HOUR,
                     run_count: 1,
-                    manual_count: 0
+                    manual_count: 0,
+                    utilization: Default::default(),
                 },
             ]
         );

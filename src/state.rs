@@ -130,8 +130,37 @@ pub struct Activity {
 
 impl Activity {
     pub fn mean_utilization_percent(&self) -> Option<u32> {
-        (self.utilization_samples > 0)
-            .then(|| (self.utilization_sum / u64::from(self.utilization_samples)) as u32)
+        self.utilization().mean_percent()
+    }
+
+    pub fn utilization(&self) -> Utilization {
+        Utilization {
+            sum: self.utilization_sum,
+            samples: self.utilization_samples,
+        }
+    }
+}
+
+/// Utilization readings added up: their sum and number (a mean once some were taken).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Utilization {
+    pub sum: u64,
+    pub samples: u32,
+}
+
+impl Utilization {
+    pub fn add(&mut self, other: Utilization) {
+        self.sum += other.sum;
+        self.samples += other.samples;
+    }
+
+    pub fn mean_percent(&self) -> Option<u32> {
+        (self.samples > 0).then(|| (self.sum / u64::from(self.samples)) as u32)
+    }
+
+    /// What a reservation's measurements add to its history record.
+    pub fn of(activity: Option<&Activity>) -> Utilization {
+        activity.map(Activity::utilization).unwrap_or_default()
     }
 }
 
@@ -293,6 +322,9 @@ pub struct UsageRecord {
     pub start_time: UnixTime,
     pub end_time: UnixTime,
     pub kind: ReservationKind,
+    /// The agent's utilization readings while it was held (none without an agent).
+    #[serde(default)]
+    pub utilization: Utilization,
 }
 
 /// How many GPUs a request wants: a count, or specific IDs (all or nothing).

@@ -68,6 +68,16 @@ backend_matrix! {
             released.stderr.contains("GPU 1: held 0h 0m, mean utilization 90%, peak memory 19.5 GB"),
             "{released:?}"
         );
+        // The report weighs the user's readings: GPU 1 (finished, 90%) with GPU 2
+        // (still held, 1%).
+        let report = env.run(["report", "--json"]);
+        let report: serde_json::Value = serde_json::from_str(&report.stdout).unwrap();
+        let mean = report["users"][0]["mean_utilization_percent"].as_u64().unwrap();
+        assert!((2..90).contains(&mean), "{report}");
+        env.run(["release"]).assert_ok();
+        let report = env.run(["report", "--json"]);
+        let report: serde_json::Value = serde_json::from_str(&report.stdout).unwrap();
+        assert_eq!(report["users"][0]["mean_utilization_percent"].as_u64(), Some(mean), "{report}");
     },
     idle_reservations_are_warned_then_released => |backend| {
         let (mut env, _server) = cli_env(backend);

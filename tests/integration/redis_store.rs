@@ -176,6 +176,7 @@ fn stale_upstream_run_is_reclaimable() {
             start_time: unix(start),
             end_time: last_beat,
             kind: ReservationKind::Run,
+            utilization: Default::default(),
         }]
     );
 }
@@ -273,6 +274,7 @@ fn history_reads_upstream_records_and_prunes_old_ones() {
             start_time: T,
             end_time: T + 3600,
             kind: ReservationKind::Run,
+            utilization: Default::default(),
         }]
     );
     assert_eq!(store.history(T - 100 * DAY, T - 1).unwrap().len(), 1);

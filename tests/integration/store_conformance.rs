@@ -180,6 +180,7 @@ pub mod cases {
             start_time,
             end_time,
             kind,
+            utilization: Default::default(),
         }
     }
 

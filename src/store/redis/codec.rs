@@ -382,6 +382,10 @@ pub(super) fn encode_history(entry: &HistoryEntry) -> String {
     if let Some(reason) = &entry.reason {
         doc["reason"] = reason.clone().into();
     }
+    if record.utilization.samples > 0 {
+        doc["utilization_sum"] = record.utilization.sum.into();
+        doc["utilization_samples"] = record.utilization.samples.into();
+    }
     doc.to_string()
 }
 
@@ -399,6 +403,10 @@ struct StoredUsage<'a> {
     end_time: Value,
     #[serde(borrow)]
     reservation_type: Cow<'a, str>,
+    #[serde(default)]
+    utilization_sum: u64,
+    #[serde(default)]
+    utilization_samples: u32,
 }
 
 /// A readable history entry: its account, GPU, times and type.
@@ -409,6 +417,7 @@ pub(super) struct UsageEntry<'a> {
     pub start_time: UnixTime,
     pub end_time: UnixTime,
     pub kind: ReservationKind,
+    pub utilization: crate::state::Utilization,
 }
 
 /// Decodes a history member; `None` for entries that cannot be read.
@@ -423,6 +432,10 @@ pub(super) fn parse_usage_entry(member: &str) -> Option<UsageEntry<'_>> {
         start_time: parse_time(Some(&stored.start_time))??,
         end_time: parse_time(Some(&stored.end_time))??,
         kind: ReservationKind::parse(&stored.reservation_type)?,
+        utilization: crate::state::Utilization {
+            sum: stored.utilization_sum,
+            samples: stored.utilization_samples,
+        },
         user: stored.user,
         account,
     })
@@ -437,6 +450,7 @@ pub(super) fn parse_usage_record(member: &str) -> Option<UsageRecord> {
         start_time: entry.start_time,
         end_time: entry.end_time,
         kind: entry.kind,
+        utilization: entry.utilization,
     })
 }
 

@@ -116,7 +116,12 @@ impl RedisStore {
             for page in received {
                 for member in page.iter().flatten() {
                     if let Some(entry) = parse_usage_entry(member) {
-                        tally.add(&entry.account, entry.start_time, entry.end_time, entry.kind);
+                        tally.add(
+                            &entry.account,
+                            (entry.start_time, entry.end_time),
+                            entry.kind,
+                            entry.utilization,
+                        );
                     }
                 }
             }

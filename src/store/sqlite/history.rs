@@ -19,8 +19,9 @@ pub(super) fn record_history(
     reason: Option<&str>,
 ) -> SqlResult<()> {
     conn.prepare_cached(
-        "INSERT INTO history (user, actual_user, gpu_id, start_time, end_time, type, reason)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO history (user, actual_user, gpu_id, start_time, end_time, type, reason,
+                              utilization_sum, utilization_samples)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?
     .execute(params![
         record.user,
@@ -30,6 +31,8 @@ pub(super) fn record_history(
         record.end_time,
         record.kind.as_str(),
         reason,
+        record.utilization.sum as i64,
+        record.utilization.samples,
     ])?;
     Ok(())
 }
@@ -52,7 +55,8 @@ pub(super) fn history(
     to: UnixTime,
 ) -> SqlResult<Vec<UsageRecord>> {
     let mut statement = conn.prepare_cached(
-        "SELECT id, user, actual_user, gpu_id, start_time, end_time, type FROM history
+        "SELECT id, user, actual_user, gpu_id, start_time, end_time, type,
+                utilization_sum, utilization_samples FROM history
          WHERE end_time >= ?1 AND start_time <= ?2 ORDER BY end_time, id",
     )?;
     let mut rows = statement.query([from, to])?;
@@ -72,6 +76,12 @@ pub(super) fn history(
             start_time: row.get("start_time")?,
             end_time: row.get("end_time")?,
             kind,
+            utilization: crate::state::Utilization {
+                sum: row.get::<_, i64>("utilization_sum")?.max(0) as u64,
+                samples: row
+                    .get::<_, i64>("utilization_samples")?
+                    .clamp(0, u32::MAX.into()) as u32,
+            },
         });
     }
     Ok(records)
@@ -89,7 +99,8 @@ pub(super) fn usage_summary(
     let mut statement = conn.prepare_cached(
         "SELECT actual_user, user,
                 SUM(MAX(0, MIN(end_time, ?2) - MAX(start_time, ?1))),
-                SUM(type = 'run'), SUM(type = 'manual')
+                SUM(type = 'run'), SUM(type = 'manual'),
+                SUM(utilization_sum), SUM(utilization_samples)
          FROM history INDEXED BY history_by_account
          WHERE end_time >= ?1 AND start_time <= ?2
          GROUP BY actual_user, user",
@@ -111,6 +122,10 @@ pub(super) fn usage_summary(
         usage.seconds += row.get::<_, i64>(2)?;
         usage.run_count += count(3)?;
         usage.manual_count += count(4)?;
+        usage.utilization.add(crate::state::Utilization {
+            sum: count(5)?,
+            samples: count(6)?.min(u32::MAX.into()) as u32,
+        });
     }
     Ok(tally.into_values().collect())
 }

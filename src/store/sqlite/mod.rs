@@ -519,7 +519,12 @@ mod tests {
                 "DROP TABLE queue; ALTER TABLE gpus DROP COLUMN queue_id;
                  ALTER TABLE gpus DROP COLUMN adopted;
                  ALTER TABLE gpus DROP COLUMN activity;
+                 DROP INDEX history_by_account;
                  ALTER TABLE history DROP COLUMN reason;
+                 ALTER TABLE history DROP COLUMN utilization_sum;
+                 ALTER TABLE history DROP COLUMN utilization_samples;
+                 CREATE INDEX history_by_account
+                     ON history (actual_user, user, end_time, start_time, type);
                  UPDATE meta SET value = '1' WHERE key = 'schema_version';",
             )
             .unwrap();
@@ -605,6 +610,7 @@ mod tests {
             start_time: 0,
             end_time: 1,
             kind: ReservationKind::Manual,
+            utilization: Default::default(),
         };
         for _ in 0..150 {
             record_history(&store.conn, &old, None).unwrap();

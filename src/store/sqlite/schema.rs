@@ -53,12 +53,15 @@ CREATE TABLE IF NOT EXISTS history (
     start_time INTEGER NOT NULL,
     end_time INTEGER NOT NULL,
     type TEXT NOT NULL CHECK (type IN ('run', 'manual')),
-    reason TEXT
+    reason TEXT,
+    utilization_sum INTEGER NOT NULL DEFAULT 0,
+    utilization_samples INTEGER NOT NULL DEFAULT 0
 ) STRICT;
 CREATE INDEX IF NOT EXISTS history_by_end ON history (end_time);
 -- Covers `usage_summary`: one pass over the index, already grouped by account.
 CREATE INDEX IF NOT EXISTS history_by_account
-    ON history (actual_user, user, end_time, start_time, type);
+    ON history (actual_user, user, end_time, start_time, type, utilization_sum,
+                utilization_samples);
 ";
 
 const QUEUE_SCHEMA: &str = "
@@ -85,7 +88,15 @@ CREATE TABLE IF NOT EXISTS queue (
 
 const ADOPTED_COLUMN: &str = "ALTER TABLE gpus ADD COLUMN adopted TEXT";
 const ACTIVITY_COLUMN: &str = "ALTER TABLE gpus ADD COLUMN activity TEXT";
-const REASON_COLUMN: &str = "ALTER TABLE history ADD COLUMN reason TEXT";
+/// Why reservations ended, and their utilization readings (in the summary's covering
+/// index).
+const REASON_COLUMN: &str = "ALTER TABLE history ADD COLUMN reason TEXT;
+    ALTER TABLE history ADD COLUMN utilization_sum INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE history ADD COLUMN utilization_samples INTEGER NOT NULL DEFAULT 0;
+    DROP INDEX IF EXISTS history_by_account;
+    CREATE INDEX history_by_account
+        ON history (actual_user, user, end_time, start_time, type, utilization_sum,
+                    utilization_samples);";
 
 /// Creates the schema on first use, upgrades an older one, and refuses a store
 /// written by a newer canhazgpu.
