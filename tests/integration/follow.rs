@@ -307,39 +307,45 @@ backend_matrix! {
 }
 
 /// `sleep` running as chg_bob, killed on drop.
-pub struct BobsJob(Child);
+pub struct BobsJob {
+    runuser: Child,
+    /// The `sleep` itself: runuser's child.
+    sleep: u32,
+}
 
 impl BobsJob {
     pub fn start() -> Self {
-        BobsJob(
-            Command::new("runuser")
-                .args(["-u", "chg_bob", "--", "sleep", "60"])
-                .spawn()
-                .unwrap(),
-        )
-    }
-
-    /// The `sleep` itself: runuser's child.
-    pub fn pid(&self) -> u32 {
-        let runuser = self.0.id();
+        let runuser = Command::new("runuser")
+            .args(["-u", "chg_bob", "--", "sleep", "60"])
+            .spawn()
+            .unwrap();
         let mut found = None;
-        assert!(wait_until(Duration::from_secs(5), || {
-            found = canhazgpu::supervise::proctree::live_descendants(runuser)
+        assert!(wait_until(Duration::from_secs(10), || {
+            found = canhazgpu::supervise::proctree::live_descendants(runuser.id())
                 .into_iter()
                 .next();
             found.is_some()
         }));
-        found.unwrap()
+        BobsJob {
+            runuser,
+            sleep: found.unwrap(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.sleep
     }
 }
 
 impl Drop for BobsJob {
     fn drop(&mut self) {
-        let _ = Command::new("pkill")
-            .args(["-u", "chg_bob", "-x", "sleep"])
-            .status();
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        // Only this job's own processes: other tests run chg_bob's jobs too.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.sleep as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.runuser.kill();
+        let _ = self.runuser.wait();
     }
 }
 
