@@ -1130,6 +1130,17 @@ pub fn release(state: &PoolState, scope: &ReleaseScope, now: UnixTime) -> Transi
     work.finish(state, outcome)
 }
 
+/// What the idle policy does with one reservation in an agent's turn.
+enum IdleAction {
+    None,
+    /// Warn its holder (once).
+    Warn,
+    /// End a manual reservation.
+    Release,
+    /// Report an idle `run` (once): never ended by policy.
+    Flag,
+}
+
 /// What the agent's turn found for people to be told, each with the reservation as
 /// it was, and each once: the turn that records it in the reservation's `Activity`
 /// (in the same transaction) is the one that reports it.
@@ -1175,13 +1186,7 @@ pub fn tick(state: &PoolState, request: &TickRequest) -> Transition<Noticed> {
         }
         let account = account(&reservation.user, &reservation.actual_user);
         let holder_memory = reading.memory_by_user.get(&account).copied();
-        let start = reservation.start_time;
-        let activity = reservation.activity.get_or_insert_with(|| {
-            Box::new(crate::state::Activity {
-                last_active: start,
-                ..Default::default()
-            })
-        });
+        let activity = reservation.activity_mut();
         let busy = reading
             .utilization_percent
             .is_some_and(|percent| percent >= policy.idle_utilization_percent)
@@ -1230,29 +1235,26 @@ pub fn tick(state: &PoolState, request: &TickRequest) -> Transition<Noticed> {
         let ends_soon = reservation
             .expiry_time
             .is_some_and(|end| end - now <= request.expiry_warning as i64);
-        let start = reservation.start_time;
-        let activity = reservation.activity.get_or_insert_with(|| {
-            Box::new(crate::state::Activity {
-                last_active: start,
-                ..Default::default()
-            })
-        });
+        let activity = reservation.activity_mut();
         let idle = now - activity.last_active;
-        let measured = activity.samples > 0;
-        if kind == ReservationKind::Manual && ends_soon && !activity.expiry_warned {
-            activity.expiry_warned = true;
-            noticed.expiring.push((gpu, reservation.clone()));
+        let expiring = kind == ReservationKind::Manual && ends_soon && !activity.expiry_warned;
+        activity.expiry_warned |= expiring;
+        let idle_for =
+            |after: Option<i64>| activity.samples > 0 && after.is_some_and(|a| idle >= a);
+        let action = match kind {
+            ReservationKind::Manual if idle_for(release_after) => IdleAction::Release,
+            _ if activity.idle_warned => IdleAction::None,
+            ReservationKind::Manual if idle_for(warn_after) => IdleAction::Warn,
+            ReservationKind::Run if idle_for(release_after) => IdleAction::Flag,
+            _ => IdleAction::None,
+        };
+        activity.idle_warned |= matches!(action, IdleAction::Warn | IdleAction::Flag);
+        let held = reservation.clone();
+        if expiring {
+            noticed.expiring.push((gpu, held.clone()));
         }
-        let GpuSlot::Held(reservation) = &mut work.state.slots[gpu as usize] else {
-            continue;
-        };
-        let Some(activity) = reservation.activity.as_mut() else {
-            continue;
-        };
-        match (kind, release_after, warn_after) {
-            _ if !measured => {}
-            (ReservationKind::Manual, Some(after), _) if idle >= after => {
-                let held = reservation.clone();
+        match action {
+            IdleAction::Release => {
                 let reason = format!(
                     "idle for {} (policy.idle_release_after)",
                     crate::gpu_status::format_hours_minutes(idle)
@@ -1260,15 +1262,9 @@ pub fn tick(state: &PoolState, request: &TickRequest) -> Transition<Noticed> {
                 work.end_because(gpu, now, now, Some(&reason));
                 noticed.idle_released.push((gpu, held));
             }
-            (ReservationKind::Manual, _, Some(warn)) if idle >= warn && !activity.idle_warned => {
-                activity.idle_warned = true;
-                noticed.idle_warned.push((gpu, reservation.clone()));
-            }
-            (ReservationKind::Run, Some(after), _) if idle >= after && !activity.idle_warned => {
-                activity.idle_warned = true;
-                noticed.idle_runs.push((gpu, reservation.clone()));
-            }
-            _ => {}
+            IdleAction::Warn => noticed.idle_warned.push((gpu, held)),
+            IdleAction::Flag => noticed.idle_runs.push((gpu, held)),
+            IdleAction::None => {}
         }
     }
     work.finish(state, Ok(noticed))

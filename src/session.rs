@@ -79,6 +79,20 @@ impl Session {
             .map_or(&self.host, |remote| &remote.name)
     }
 
+    /// ` on NAME` for messages about another host's pool; empty for this host's.
+    pub fn on_host(&self) -> String {
+        self.remote
+            .as_ref()
+            .map_or_else(String::new, |remote| format!(" on {}", remote.name))
+    }
+
+    /// Tells people of `events` (see `notify`), waiting briefly for the delivery:
+    /// a command that ends right after must not cut it off, nor be held up by it.
+    pub fn notify(&mut self, events: Vec<crate::notify::Event>) {
+        let sending = crate::notify::send(&self.config, self.store.as_mut(), events, false);
+        crate::notify::finish(sending);
+    }
+
     /// The stored state and the GPUs' usage: queried here (and published for the
     /// rest of the fleet), or for another host, its latest snapshot unless it is
     /// stale.

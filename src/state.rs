@@ -252,6 +252,18 @@ impl Reservation {
         }
     }
 
+    /// The agent's measurements, started (idle since the reservation began) when
+    /// there are none yet.
+    pub fn activity_mut(&mut self) -> &mut Activity {
+        let start = self.start_time;
+        self.activity.get_or_insert_with(|| {
+            Box::new(Activity {
+                last_active: start,
+                ..Default::default()
+            })
+        })
+    }
+
     /// `alice`, or `alice (svc)` when a display name was given with `--user`.
     pub fn user_label(&self) -> String {
         user_label(&self.user, &self.actual_user)

@@ -108,13 +108,7 @@ pub fn claim(
                 session.pool_host()
             ),
         };
-        let config = session.config.clone();
-        crate::notify::finish(crate::notify::send(
-            &config,
-            session.store.as_mut(),
-            vec![event],
-            false,
-        ));
+        session.notify(vec![event]);
     }
     outcome.map_err(|failure| leave(session, &entry_id, failure, &progress))
 }

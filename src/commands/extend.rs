@@ -42,10 +42,7 @@ pub fn execute(args: &ExtendArgs, config: &Config) -> Result<()> {
         max_seconds: config.policy.longest() as i64,
         now,
     })?;
-    let on_host = session
-        .remote
-        .as_ref()
-        .map_or_else(String::new, |remote| format!(" on {}", remote.name));
+    let on_host = session.on_host();
     // One line per new end: GPUs that ended at different times still do.
     let mut by_end: BTreeMap<UnixTime, Vec<u32>> = BTreeMap::new();
     for (gpu, end) in ends {

@@ -45,10 +45,7 @@ pub fn execute(args: &ReleaseArgs, config: &Config) -> Result<u8> {
         }
     };
     let released = session.store.release(&scope, now())?;
-    let on_host = match &session.remote {
-        Some(remote) => format!(" on {}", remote.name),
-        None => String::new(),
-    };
+    let on_host = session.on_host();
     if !released.freed.is_empty() {
         output::print(&format!(
             "Released {} GPU(s): {}{on_host}",
@@ -100,11 +97,5 @@ fn tell_holders(session: &mut Session, released: &crate::store::Released) {
             gpus,
         })
         .collect();
-    let config = session.config.clone();
-    crate::notify::finish(crate::notify::send(
-        &config,
-        session.store.as_mut(),
-        events,
-        false,
-    ));
+    session.notify(events);
 }

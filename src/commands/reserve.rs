@@ -37,7 +37,6 @@ pub fn execute(args: &ReserveArgs, config: &Config) -> Result<()> {
         Some(time) => (parse_until(time, started, &tz)? - started) as u64,
         None => parse_duration(&args.duration)?,
     };
-    config.policy.check_duration(seconds)?;
     let policy = match args.force {
         // Taking over a busy GPU is now or never: the queue hands out only free ones.
         true => WaitPolicy::FailAtOnce,
@@ -84,10 +83,7 @@ pub fn execute(args: &ReserveArgs, config: &Config) -> Result<()> {
     if args.short {
         return output::print(&list.join(","));
     }
-    let on_host = match &session.remote {
-        Some(remote) => format!(" on {}", remote.name),
-        None => String::new(),
-    };
+    let on_host = session.on_host();
     output::print(&format!(
         "Reserved {} GPU(s): {}{on_host} for {} (until {})\n\nRun the following command to run only on these GPUs:\nexport CUDA_VISIBLE_DEVICES={}",
         ids.len(),

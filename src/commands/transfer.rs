@@ -47,10 +47,7 @@ pub fn execute(args: &TransferArgs, config: &Config) -> Result<()> {
         new_id: new_reservation_id(),
         now,
     })?;
-    let on_host = session
-        .remote
-        .as_ref()
-        .map_or_else(String::new, |remote| format!(" on {}", remote.name));
+    let on_host = session.on_host();
     let expiry = latest_expiry(&session.store.slots()?, &gpus);
     let mut message = format!(
         "Transferred {} GPU(s): {}{on_host} to {}",
@@ -77,13 +74,7 @@ pub fn execute(args: &TransferArgs, config: &Config) -> Result<()> {
             session.pool_host()
         ),
     };
-    let config = session.config.clone();
-    crate::notify::finish(crate::notify::send(
-        &config,
-        session.store.as_mut(),
-        vec![event],
-        false,
-    ));
+    session.notify(vec![event]);
     Ok(())
 }
 

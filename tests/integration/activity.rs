@@ -6,17 +6,16 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use crate::cli_gpu::GpuJob;
-use crate::support::cli::{CliEnv, wait_until};
+use crate::support::cli::{CliEnv, terminate, wait_until};
 use crate::support::fake_smi::FakeSmi;
 use crate::support::{backend_matrix, cli_env};
 
-fn terminate(child: &mut std::process::Child) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    child.wait().unwrap();
+/// `agent --interval 1s`, its stderr (the agent's log) in `log`.
+fn agent_logging_to(env: &CliEnv, log: &std::path::Path) -> std::process::Child {
+    env.command(["agent", "--interval", "1s"])
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
 }
 
 /// Writes the system configuration and points the environment at it.
@@ -95,11 +94,7 @@ backend_matrix! {
         assert!(wait_until(Duration::from_secs(10), || env.status_json()[2]["type"] == "RUN"));
         smi.set_utilization(1, 80);
         let log = env.dir.path().join("agent.log");
-        let mut agent = env
-            .command(["agent", "--interval", "1s"])
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+        let mut agent = agent_logging_to(&env, &log);
         let released = || env.status_json()[0]["status"] == "AVAILABLE";
         assert!(wait_until(Duration::from_secs(20), released), "idle GPU 0 released");
         // Flagging the run comes with the same interval.
@@ -183,11 +178,7 @@ fn squatters_are_reported_then_stopped_while_ignored_processes_survive() {
     assert_eq!(env.status_json()[1]["status"], "UNRESERVED");
 
     let log = env.dir.path().join("agent.log");
-    let mut agent = env
-        .command(["agent", "--interval", "1s"])
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut agent = agent_logging_to(&env, &log);
     // SIGTERM is ignored; SIGKILL follows after the grace.
     assert!(wait_until(Duration::from_secs(20), || {
         squatter.try_wait().unwrap().is_some() && unreserved.try_wait().unwrap().is_some()

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::multi_user::ensure_user;
-use crate::support::cli::{BIN, CliEnv, Run, wait_until};
+use crate::support::cli::{BIN, CliEnv, Run, terminate, wait_until};
 use crate::support::fleet::Fleet;
 use crate::support::history::now;
 
@@ -327,13 +327,8 @@ fn the_agent_keeps_a_host_fresh_until_sigterm() {
         fleet.redis(&["HGET", "canhazgpu:hosts", "a"]),
         r#"{"interval_secs":1}"#
     );
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
     let started = Instant::now();
-    let status = agent.wait().unwrap();
+    let status = terminate(&mut agent);
     assert!(status.success(), "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(2));
     // Three missed intervals later, nothing is allocated on it from elsewhere.

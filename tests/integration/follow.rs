@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::cli_gpu::GpuJob;
 use crate::multi_user::ensure_user;
-use crate::support::cli::{BIN, CliEnv, Run, wait_until};
+use crate::support::cli::{BIN, CliEnv, Run, terminate, wait_until};
 use crate::support::fake_smi::FakeSmi;
 use crate::support::{BackendKind, backend_matrix, cli_env};
 
@@ -115,12 +115,7 @@ backend_matrix! {
         refused.assert_code(5);
         assert!(refused.stderr.contains("GPU 2 is a run reservation, which ends with its command"), "{refused:?}");
         // SIGTERM: the supervisor ends its command too.
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(run.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        run.wait().unwrap();
+        terminate(&mut run);
     },
     reserve_until_a_clock_time => |backend| {
         let (mut env, _server) = cli_env(backend);

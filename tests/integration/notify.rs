@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::activity::with_policy;
-use crate::support::cli::{CliEnv, wait_until};
+use crate::support::cli::{CliEnv, terminate, wait_until};
 use crate::support::fake_smi::FakeSmi;
 use crate::support::redis::free_port;
 use crate::support::{backend_matrix, cli_env};
@@ -69,6 +69,24 @@ impl Webhook {
     }
 }
 
+/// Everything `output` prints, as it arrives (read on a thread of its own).
+fn collected(mut output: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let text = Arc::new(Mutex::new(String::new()));
+    let kept = text.clone();
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 4096];
+        while let Ok(n) = output.read(&mut buffer) {
+            if n == 0 {
+                break;
+            }
+            kept.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buffer[..n]));
+        }
+    });
+    text
+}
+
 /// Python's SMTP server, printing every message it receives.
 struct SmtpSink {
     port: u16,
@@ -95,20 +113,7 @@ impl SmtpSink {
             .stderr(Stdio::null())
             .spawn()
             .expect("python3 -m smtpd");
-        let received = Arc::new(Mutex::new(String::new()));
-        let kept = received.clone();
-        let mut out = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            let mut buffer = [0u8; 4096];
-            while let Ok(n) = out.read(&mut buffer) {
-                if n == 0 {
-                    break;
-                }
-                kept.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buffer[..n]));
-            }
-        });
+        let received = collected(child.stdout.take().unwrap());
         assert!(wait_until(Duration::from_secs(10), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
         }));
@@ -177,19 +182,7 @@ impl Terminal {
         let mut device = String::new();
         out.read_line(&mut device).unwrap();
         let line = device.trim().trim_start_matches("/dev/").to_string();
-        let seen = Arc::new(Mutex::new(String::new()));
-        let kept = seen.clone();
-        std::thread::spawn(move || {
-            let mut buffer = [0u8; 1024];
-            while let Ok(n) = out.read(&mut buffer) {
-                if n == 0 {
-                    break;
-                }
-                kept.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buffer[..n]));
-            }
-        });
+        let seen = collected(out);
         Terminal { child, seen, line }
     }
 
@@ -210,15 +203,6 @@ fn agent(env: &CliEnv) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
-}
-
-fn stop(mut child: Child) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    child.wait().unwrap();
 }
 
 backend_matrix! {
@@ -254,8 +238,8 @@ backend_matrix! {
             smtp.received.lock().unwrap(), terminal.seen.lock().unwrap());
         // A few more turns of both agents: nothing is sent twice.
         std::thread::sleep(Duration::from_secs(3));
-        for agent in agents {
-            stop(agent);
+        for mut agent in agents {
+            terminate(&mut agent);
         }
         let me = crate::cli_core::current_user();
         for kind in ["idle_warning", "idle_release", "expiry_warning"] {
@@ -279,9 +263,9 @@ backend_matrix! {
             format!("Notifications are off for {me}")
         );
         env.run(["reserve", "-G", "0", "-d", "10m"]).assert_ok();
-        let quiet = agent(&env);
+        let mut quiet = agent(&env);
         std::thread::sleep(Duration::from_secs(3));
-        stop(quiet);
+        terminate(&mut quiet);
         assert_eq!(hook.events("expiry_warning").len(), 1, "muted");
         env.run(["notify", "--on"]).assert_ok();
     },

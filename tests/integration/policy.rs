@@ -6,7 +6,7 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use crate::activity::with_policy;
-use crate::support::cli::{CliEnv, wait_until};
+use crate::support::cli::{CliEnv, terminate, wait_until};
 use crate::support::{backend_matrix, cli_env};
 
 fn held(env: &CliEnv) -> usize {
@@ -89,11 +89,6 @@ backend_matrix! {
         more.assert_code(3);
         assert!(more.stderr.contains("at most 1 GPU(s) per user while others wait"), "{more:?}");
         // runuser passes SIGTERM on; the waiter leaves the queue.
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(waiter.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let _ = waiter.wait();
+        terminate(&mut waiter);
     },
 }

@@ -198,6 +198,16 @@ impl CliEnv {
     }
 }
 
+/// Sends SIGTERM to `child` (a canhazgpu that stops cleanly on it) and waits for it.
+pub fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("send SIGTERM");
+    child.wait().expect("wait for the child")
+}
+
 /// Polls `condition` every 20 ms until it holds or `timeout` passes; returns
 /// whether it held.
 pub fn wait_until(timeout: std::time::Duration, mut condition: impl FnMut() -> bool) -> bool {
