@@ -33,6 +33,8 @@ fn main() {
         port: 0,
         db: 0,
         password: None,
+        password_file: None,
+        system: false,
         layout: RedisLayout::Fleet,
         sentinel: None,
     };

@@ -66,7 +66,7 @@ pub enum CliCommand {
     /// Initialize GPU pool for this machine
     Admin {
         /// Number of GPUs available on this machine
-        #[arg(short, long, value_parser = whole_number, required_unless_present = "remove_host")]
+        #[arg(short, long, value_parser = whole_number, required_unless_present_any = ["remove_host", "check"])]
         gpus: Option<u32>,
         /// Force reinitialization even if already initialized (ends all reservations)
         #[arg(long)]
@@ -78,6 +78,10 @@ pub enum CliCommand {
         /// reservations, unless --force, which ends them)
         #[arg(long, value_name = "NAME", value_parser = host_name, conflicts_with_all = ["gpus", "provider"])]
         remove_host: Option<String>,
+        /// Say which trust mode is in force (shared or protected) and whether the
+        /// store's files match it; exit 1 when they do not (any user may ask)
+        #[arg(long, conflicts_with_all = ["gpus", "provider", "remove_host", "force"])]
+        check: bool,
     },
     /// Show current GPU allocation status
     Status {
@@ -402,7 +406,9 @@ impl Cli {
                 force,
                 provider,
                 remove_host,
+                check,
             } => Command::Admin(match remove_host {
+                _ if check => admin::AdminArgs::Check,
                 Some(name) => admin::AdminArgs::RemoveHost { name, force },
                 None => admin::AdminArgs::Init {
                     gpus: gpus.unwrap_or_default(),

@@ -34,12 +34,13 @@ const ENV_PREFIX: &str = "CANHAZGPU_";
 /// Config file extensions in discovery order.
 const EXTENSIONS: [&str; 4] = ["yaml", "yml", "json", "toml"];
 /// Keys whose presence alone selects the Redis backend.
-const REDIS_KEYS: [&str; 6] = [
+const REDIS_KEYS: [&str; 7] = [
     "redis.host",
     "redis.port",
     "redis.db",
     "redis.url",
     "redis.password",
+    "redis.password_file",
     "redis.sentinels",
 ];
 const REDIS_URL_SCHEMES: [&str; 3] = ["redis://", "rediss://", "redis+unix://"];
@@ -124,6 +125,10 @@ pub struct Key {
     list: bool,
     /// Only the system configuration file may set it (the administrator's policy).
     system: bool,
+    /// It changes what every user's processes do to the shared store (which
+    /// reservations count as this host's for liveness, how much history is pruned):
+    /// on a protected install only the system file sets it.
+    store_wide: bool,
 }
 
 struct Flag {
@@ -140,6 +145,14 @@ impl Key {
             secret: false,
             list: false,
             system: false,
+            store_wide: false,
+        }
+    }
+
+    const fn store_wide(self) -> Self {
+        Key {
+            store_wide: true,
+            ..self
         }
     }
 
@@ -220,6 +233,7 @@ pub static KEYS: &[Key] = &[
     Key::new("redis.password", "a non-empty password")
         .flag("--redis-password", |o| text(&o.redis_password))
         .secret(),
+    Key::new("redis.password_file", "a file path"),
     Key::new(
         "redis.sentinels",
         "a list of sentinel addresses such as 10.0.0.1:26379,10.0.0.2:26379",
@@ -236,7 +250,8 @@ pub static KEYS: &[Key] = &[
     Key::new(
         "history.retention_days",
         "a whole number of days from 1 to 36500",
-    ),
+    )
+    .store_wide(),
     Key::new(
         "run.wait",
         "a duration such as 30m, true (wait without limit) or false",
@@ -250,7 +265,8 @@ pub static KEYS: &[Key] = &[
     Key::new(
         "host_name",
         "a host name of letters, digits, '.', '_' and '-'",
-    ),
+    )
+    .store_wide(),
     Key::new("redis.layout", "'fleet' or 'upstream'"),
     Key::new(
         "remote_hosts",
@@ -497,13 +513,12 @@ fn invalid(source: &Source, expected: &str, got: &str) -> Error {
 pub fn resolve(overrides: &Overrides) -> Result<Config> {
     let env = |name: &str| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned());
     let home = std::env::home_dir().filter(|home| !home.as_os_str().is_empty());
-    let privileged = nix::unistd::getegid() != nix::unistd::getgid()
-        || nix::unistd::geteuid() != nix::unistd::getuid();
     let system_dir = match env(SYSTEM_CONFIG_DIR_ENV).filter(|dir| !dir.is_empty()) {
-        Some(dir) if !privileged => PathBuf::from(dir),
+        Some(dir) if !crate::privilege::set_id() => PathBuf::from(dir),
         _ => PathBuf::from(SYSTEM_CONFIG_DIR),
     };
-    resolve_with(overrides, &env, home.as_deref(), &system_dir)
+    let protected = crate::privilege::available();
+    resolve_installed(overrides, &env, home.as_deref(), &system_dir, protected)
 }
 
 /// `resolve` with the environment, home directory and system config directory given.
@@ -512,6 +527,18 @@ pub fn resolve_with(
     env: &dyn Fn(&str) -> Option<String>,
     home: Option<&Path>,
     system_dir: &Path,
+) -> Result<Config> {
+    resolve_installed(overrides, env, home, system_dir, false)
+}
+
+/// `resolve_with` on a protected install or not: there the keys that steer the shared
+/// store (`Key::store_wide`) come from the system file alone.
+fn resolve_installed(
+    overrides: &Overrides,
+    env: &dyn Fn(&str) -> Option<String>,
+    home: Option<&Path>,
+    system_dir: &Path,
+    protected: bool,
 ) -> Result<Config> {
     let env = |name: &str| env(name).filter(|value| !value.is_empty());
     let mut warnings = Vec::new();
@@ -522,11 +549,12 @@ pub fn resolve_with(
     };
     // The policy comes from the system file alone, whichever file holds the rest.
     let system_path = system_file(system_dir);
-    let mut policy = match (&system_path, &path) {
+    let system_settings = match (&system_path, &path) {
         (Some(system), Some(path)) if system == path => file.clone(),
         (Some(system), _) => load_file(system, &mut warnings)?,
         (None, _) => BTreeMap::new(),
     };
+    let mut policy = system_settings.clone();
     policy.retain(|name, _| is_system_key(name));
     for (name, setting) in file.iter().filter(|(name, _)| is_system_key(name)) {
         if !policy.contains_key(name) || path != system_path {
@@ -561,13 +589,136 @@ pub fn resolve_with(
     for layer in [&file, &from_env] {
         typed(layer.clone(), &mut Vec::new())?;
     }
+    if protected {
+        for key in KEYS.iter().filter(|key| key.store_wide) {
+            let user_file = match path == system_path {
+                true => None,
+                false => file.remove(key.name),
+            };
+            let given = [
+                user_file,
+                from_env.remove(key.name),
+                from_flags.remove(key.name),
+            ];
+            for setting in given.into_iter().flatten() {
+                warnings.push(format!(
+                    "warning: {}: '{}' is set only in {}/config.* on a protected install; ignored here",
+                    setting.source,
+                    key.name,
+                    system_dir.display()
+                ));
+            }
+            if let Some(system) = system_settings.get(key.name) {
+                policy.insert(key.name, system.clone());
+            }
+        }
+    }
     let mut settings = file;
     settings.append(&mut from_env);
     settings.append(&mut from_flags);
     settings.append(&mut policy);
     let mut config = typed(settings, &mut warnings)?;
+    let mut system_store = system_settings;
+    system_store.retain(|name, _| *name == "backend" || is_store_key(name));
+    let system_store = typed(system_store, &mut Vec::new())?.store;
+    mark_system_store(&mut config.store, &system_store);
+    read_password_file(&mut config.store, &system_store, &env)?;
     config.warnings = warnings;
     Ok(config)
+}
+
+/// Where the store lives (`state_dir`, `redis.*`): what names the system's store.
+fn is_store_key(name: &str) -> bool {
+    name == "state_dir" || name.starts_with("redis.")
+}
+
+/// Marks the store as the system's when it is the one the system configuration
+/// (or, without one, the default) names.
+fn mark_system_store(store: &mut StoreConfig, system_store: &StoreConfig) {
+    match (store, system_store) {
+        (
+            StoreConfig::Sqlite { path, system },
+            StoreConfig::Sqlite {
+                path: system_path, ..
+            },
+        ) => *system = path == system_path,
+        (StoreConfig::Redis(redis), StoreConfig::Redis(system_redis)) => {
+            redis.system = crate::store::redis::same_server(redis, system_redis);
+        }
+        _ => {}
+    }
+}
+
+/// Variables that change which TLS servers are trusted; with one set, a `rediss://`
+/// server may not be the one the system configuration means.
+const TLS_TRUST_VARS: [&str; 2] = ["SSL_CERT_FILE", "SSL_CERT_DIR"];
+
+/// Reads `redis.password_file` into the password, unless the URL has one. The system
+/// configuration's own file is read with a protected install's privilege, and only
+/// for the server that configuration names; any other file as the user.
+fn read_password_file(
+    store: &mut StoreConfig,
+    system_store: &StoreConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<()> {
+    let StoreConfig::Redis(redis) = store else {
+        return Ok(());
+    };
+    let Some(path) = redis.password_file.clone() else {
+        return Ok(());
+    };
+    if crate::store::redis::url_has_password(redis) {
+        return Ok(());
+    }
+    let system_file = match system_store {
+        StoreConfig::Redis(system) => system.password_file.as_deref(),
+        StoreConfig::Sqlite { .. } => None,
+    };
+    let is_system_file = system_file == Some(path.as_path());
+    if is_system_file && !redis.system {
+        // Another server: the system's password is not for it.
+        redis.password_file = None;
+        return Ok(());
+    }
+    let trust_steered = crate::privilege::available()
+        && crate::store::redis::uses_tls(redis)
+        && TLS_TRUST_VARS.iter().any(|name| env(name).is_some());
+    let unreadable = |reason: String| {
+        Error::Config(format!(
+            "cannot read the Redis password file {}: {reason}",
+            path.display()
+        ))
+    };
+    if is_system_file && trust_steered {
+        return Err(unreadable(
+            "it is not used while SSL_CERT_FILE or SSL_CERT_DIR chooses which TLS servers to trust"
+                .into(),
+        ));
+    }
+    let read = || read_regular_file(&path);
+    let text = match is_system_file {
+        true => crate::privilege::with_privilege(read),
+        false => read(),
+    }
+    .map_err(|err| unreadable(io_reason(&err)))?;
+    let password = text.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        return Err(Error::Config(format!(
+            "the Redis password file {} is empty",
+            path.display()
+        )));
+    }
+    redis.password = Some(password.to_owned());
+    Ok(())
+}
+
+/// An I/O error without its `(os error N)` tail.
+fn io_reason(err: &std::io::Error) -> String {
+    let text = err.to_string();
+    match text.find(" (os error") {
+        Some(end) => text[..end].to_lowercase(),
+        None => text,
+    }
 }
 
 /// The typed configuration from the raw settings of one or more layers.
@@ -636,6 +787,7 @@ fn typed(settings: BTreeMap<&'static str, Setting>, warnings: &mut Vec<String>) 
         None if redis_given => StoreConfig::Redis(redis),
         Some(Backend::Sqlite) | None => StoreConfig::Sqlite {
             path: state_dir.join("state.db"),
+            system: false,
         },
     };
     Ok(Config {
@@ -717,6 +869,19 @@ fn redis_config(
         (known_scheme && parses).then(|| v.to_owned())
     })?;
     let password = parsed(settings, "redis.password", non_empty)?;
+    let password_file = parsed(settings, "redis.password_file", |v| {
+        non_empty(v).map(PathBuf::from)
+    })?;
+    if let (Some(_), Some(file), Some(password)) = (
+        &password_file,
+        settings.get("redis.password_file"),
+        settings.get("redis.password"),
+    ) {
+        warnings.push(format!(
+            "warning: {} ignored because redis.password is set ({})",
+            file.source, password.source
+        ));
+    }
     let layout = parsed(settings, "redis.layout", |v| match v {
         "fleet" => Some(RedisLayout::Fleet),
         "upstream" => Some(RedisLayout::Upstream),
@@ -764,7 +929,9 @@ fn redis_config(
         host: host.unwrap_or_else(|| DEFAULT_REDIS_HOST.to_owned()),
         port: port.unwrap_or(DEFAULT_REDIS_PORT),
         db: db.unwrap_or(DEFAULT_REDIS_DB),
+        password_file: password_file.filter(|_| password.is_none()),
         password,
+        system: false,
         layout: layout.unwrap_or(RedisLayout::Fleet),
         sentinel: sentinels.map(|nodes| SentinelConfig {
             nodes,
@@ -1100,7 +1267,7 @@ mod tests {
 
     fn sqlite_path(config: &Config) -> &Path {
         match &config.store {
-            StoreConfig::Sqlite { path } => path,
+            StoreConfig::Sqlite { path, .. } => path,
             other => panic!("expected SQLite, got {other:?}"),
         }
     }
@@ -1122,6 +1289,7 @@ mod tests {
             Config {
                 store: StoreConfig::Sqlite {
                     path: PathBuf::from("/var/lib/canhazgpu/state.db"),
+                    system: true,
                 },
                 memory_threshold_mb: 1024,
                 history_retention_days: 90,
@@ -1176,6 +1344,7 @@ mod tests {
                 "CANHAZGPU_REDIS_DB",
                 "CANHAZGPU_REDIS_URL",
                 "CANHAZGPU_REDIS_PASSWORD",
+                "CANHAZGPU_REDIS_PASSWORD_FILE",
                 "CANHAZGPU_REDIS_SENTINELS",
                 "CANHAZGPU_REDIS_SENTINEL_MASTER",
                 "CANHAZGPU_MEMORY_THRESHOLD",
@@ -1457,7 +1626,7 @@ mod tests {
     }
 
     /// A valid value per layer (file, env, flag) for every registered key.
-    const LAYER_VALUES: [(&str, [&str; 3]); 35] = [
+    const LAYER_VALUES: [(&str, [&str; 3]); 36] = [
         ("backend", ["sqlite", "redis", "sqlite"]),
         ("state_dir", ["/f", "/e", "/c"]),
         ("redis.host", ["f", "e", "c"]),
@@ -1465,6 +1634,11 @@ mod tests {
         ("redis.db", ["1", "2", "3"]),
         ("redis.url", ["redis://f", "redis://e", "redis://c"]),
         ("redis.password", ["f", "e", "c"]),
+        // Files that exist everywhere: the password file is read.
+        (
+            "redis.password_file",
+            ["/etc/passwd", "/etc/group", "/etc/hosts"],
+        ),
         ("redis.sentinels", ["f:1", "e:2", "c:3"]),
         ("redis.sentinel_master", ["f", "e", "c"]),
         ("memory.threshold", ["1", "2", "3"]),
@@ -1517,6 +1691,7 @@ mod tests {
             | "remote_hosts"
             | "redis.sentinels"
             | "redis.sentinel_master"
+            | "redis.password_file"
             | "memory.ignore_processes" => return None,
             // `--wait`/`--nonblock` belong to the commands (see commands::RequestOptions).
             "run.wait" | "reserve.wait" => return None,
@@ -1569,6 +1744,8 @@ mod tests {
                 port: 6380,
                 db: 2,
                 password: Some("s3cret".into()),
+                password_file: None,
+                system: false,
                 layout: RedisLayout::Fleet,
                 sentinel: None,
             })
@@ -1995,15 +2172,181 @@ mod tests {
         assert_eq!(sqlite_path(&config), Path::new("/flag/dir/state.db"));
     }
 
+    // --- the system's store and its password -----------------------------------
+
+    fn is_system(config: &Config) -> bool {
+        match &config.store {
+            StoreConfig::Sqlite { system, .. } => *system,
+            StoreConfig::Redis(redis) => redis.system,
+        }
+    }
+
+    #[test]
+    fn the_system_store_is_the_path_the_system_file_names() {
+        assert!(is_system(&World::new().config()), "the default path");
+        let world = World::new();
+        world.system_file("config.yaml", "state_dir: /srv/gpus\n");
+        assert!(is_system(&world.config()));
+        let same = Overrides {
+            state_dir: Some(PathBuf::from("/srv/gpus")),
+            ..Overrides::default()
+        };
+        assert!(is_system(&world.resolve(&same).unwrap()), "the same path");
+        let world = world.env("CANHAZGPU_STATE_DIR", "/srv/gpus/../gpus");
+        assert!(
+            !is_system(&world.config()),
+            "another spelling is another path"
+        );
+        let world = World::new();
+        world.system_file("config.yaml", "state_dir: /srv/gpus\n");
+        world.home_file(".canhazgpu.yaml", "memory.threshold: 10\n");
+        assert!(
+            !is_system(&world.config()),
+            "the default is not the system's here"
+        );
+    }
+
+    #[test]
+    fn a_password_file_gives_the_password() {
+        let world = World::new();
+        let file = world.home_file("pw", "s3cret\n");
+        world.home_file(
+            ".canhazgpu.yaml",
+            &format!(
+                "redis.url: redis://h\nredis.password_file: {}\n",
+                file.display()
+            ),
+        );
+        let config = world.config();
+        assert_eq!(redis(&config).password.as_deref(), Some("s3cret"));
+        assert_eq!(
+            redis(&config).password_file.as_deref(),
+            Some(file.as_path())
+        );
+
+        let given = world.env("CANHAZGPU_REDIS_PASSWORD", "other");
+        let config = given.config();
+        assert_eq!(redis(&config).password.as_deref(), Some("other"));
+        assert!(
+            config
+                .warnings
+                .iter()
+                .any(|w| w.contains("ignored because redis.password is set"))
+        );
+
+        let world = World::new();
+        let empty = world.home_file("pw", "\n");
+        world.home_file(
+            ".canhazgpu.yaml",
+            &format!(
+                "redis.url: redis://h\nredis.password_file: {}\n",
+                empty.display()
+            ),
+        );
+        assert_eq!(
+            world.error(&Overrides::default()),
+            format!("the Redis password file {} is empty", empty.display())
+        );
+        let world = World::new();
+        world.home_file(
+            ".canhazgpu.yaml",
+            "redis.url: redis://h\nredis.password_file: /nonexistent/pw\n",
+        );
+        assert_eq!(
+            world.error(&Overrides::default()),
+            "cannot read the Redis password file /nonexistent/pw: no such file or directory"
+        );
+    }
+
+    #[test]
+    fn the_system_password_file_is_only_for_the_system_server() {
+        let world = World::new();
+        let file = world.system_file("pw", "s3cret\n");
+        world.system_file(
+            "config.yaml",
+            &format!(
+                "redis.url: redis://10.0.0.5:6379/0\nredis.password_file: {}\n",
+                file.display()
+            ),
+        );
+        let config = world.config();
+        assert!(redis(&config).system);
+        assert_eq!(redis(&config).password.as_deref(), Some("s3cret"));
+
+        for other in [
+            "redis://10.0.0.6:6379/0",
+            "redis://10.0.0.5:6380/0",
+            "redis://10.0.0.5:6379/1",
+            "rediss://10.0.0.5:6379/0",
+        ] {
+            let flags = Overrides {
+                redis_url: Some(other.into()),
+                ..Overrides::default()
+            };
+            let config = world.resolve(&flags).unwrap();
+            assert!(!redis(&config).system, "{other}");
+            assert_eq!(redis(&config).password, None, "{other}");
+        }
+        // The same server, spelled in the user's own file, with the same file.
+        world.home_file(
+            ".canhazgpu.yaml",
+            &format!(
+                "redis.host: 10.0.0.5\nredis.password_file: {}\n",
+                file.display()
+            ),
+        );
+        let config = world.config();
+        assert!(redis(&config).system);
+        assert_eq!(redis(&config).password.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn a_protected_install_takes_store_wide_keys_from_the_system_file_alone() {
+        let world = World::new()
+            .env("CANHAZGPU_HOST_NAME", "nodeb")
+            .env("CANHAZGPU_HISTORY_RETENTION_DAYS", "1");
+        world.system_file("config.yaml", "host_name: nodea\n");
+        let env = |name: &str| world.env.get(name).cloned();
+        let resolve = |protected| {
+            resolve_installed(
+                &Overrides::default(),
+                &env,
+                Some(world.home.path()),
+                world.system.path(),
+                protected,
+            )
+            .unwrap()
+        };
+        let shared = resolve(false);
+        assert_eq!(shared.host_name, "nodeb");
+        assert_eq!(shared.history_retention_days, 1);
+        let protected = resolve(true);
+        assert_eq!(protected.host_name, "nodea");
+        assert_eq!(
+            protected.history_retention_days,
+            crate::store::DEFAULT_HISTORY_RETENTION_DAYS
+        );
+        assert!(
+            protected
+                .warnings
+                .iter()
+                .any(|w| w.starts_with("warning: CANHAZGPU_HOST_NAME: 'host_name' is set only in")),
+            "{:?}",
+            protected.warnings
+        );
+    }
+
     #[test]
     fn any_redis_setting_selects_redis() {
         for key in REDIS_KEYS {
+            let world = World::new();
+            let password_file = world.home_file("password", "s3cret\n");
             let value = match key {
                 "redis.url" => "redis://h",
                 "redis.sentinels" => "h:26379",
+                "redis.password_file" => password_file.to_str().unwrap(),
                 _ => "1",
             };
-            let world = World::new();
             world.home_file(".canhazgpu.json", &format!(r#"{{"{key}": "{value}"}}"#));
             assert!(
                 matches!(world.config().store, StoreConfig::Redis(_)),
@@ -2027,6 +2370,8 @@ mod tests {
                 port: 6379,
                 db: 0,
                 password: None,
+                password_file: None,
+                system: false,
                 layout: RedisLayout::Fleet,
                 sentinel: None,
             })

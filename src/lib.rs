@@ -13,6 +13,7 @@ pub mod gpu_status;
 pub mod notify;
 pub mod output;
 pub mod pool;
+pub mod privilege;
 pub mod queue;
 pub mod report;
 pub mod session;

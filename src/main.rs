@@ -9,6 +9,11 @@ use canhazgpu::cli::Cli;
 use canhazgpu::{commands, config};
 
 fn main() -> ExitCode {
+    // Before anything reads a file: a protected install's group is lowered at once.
+    if let Err(err) = canhazgpu::privilege::init() {
+        eprintln!("Error: {err}");
+        return ExitCode::from(err.exit_code());
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) if err.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {

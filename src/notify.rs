@@ -228,10 +228,8 @@ fn deliver(channels: &Channels, event: &Event) {
 /// terminals whose owner allows messages (`mesg y`: group-writable).
 fn to_terminals(user: &str, text: &str) {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let privileged = nix::unistd::getegid() != nix::unistd::getgid()
-        || nix::unistd::geteuid() != nix::unistd::getuid();
     let utmp = match std::env::var_os(UTMP_ENV) {
-        Some(path) if !privileged => PathBuf::from(path),
+        Some(path) if !crate::privilege::set_id() => PathBuf::from(path),
         _ => PathBuf::from(UTMP),
     };
     let Ok(records) = std::fs::read(&utmp) else {

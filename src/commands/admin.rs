@@ -20,6 +20,8 @@ pub enum AdminArgs {
         name: String,
         force: bool,
     },
+    /// `--check`: the trust mode and whether the store matches it.
+    Check,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +35,9 @@ struct InitArgs {
 const MAX_POOL_SIZE: u32 = 1024;
 
 pub fn execute(args: &AdminArgs, config: &Config) -> Result<()> {
+    if *args == AdminArgs::Check {
+        return super::admin_check::execute(config);
+    }
     if !nix::unistd::getuid().is_root() {
         // --force ends every user's reservations: only root may change the pool.
         return Err(Error::Usage(
@@ -54,6 +59,7 @@ pub fn execute(args: &AdminArgs, config: &Config) -> Result<()> {
             config,
         ),
         AdminArgs::RemoveHost { name, force } => remove_host(name, *force, config),
+        AdminArgs::Check => super::admin_check::execute(config),
     }
 }
 
@@ -126,11 +132,16 @@ fn init(args: &InitArgs, config: &Config) -> Result<()> {
         }
     }
     let (mut store, repaired) = store::create(config)?;
-    if let Some(path) = &repaired {
-        eprintln!(
-            "Repaired the permissions of the canhazgpu store at {}: every user can use it again",
-            path.display()
-        );
+    if let Some(relaid) = &repaired {
+        let shown = relaid.path.display();
+        match relaid.layout {
+            store::sqlite::Layout::Shared => eprintln!(
+                "Repaired the permissions of the canhazgpu store at {shown}: every user can use it again"
+            ),
+            store::sqlite::Layout::Protected => eprintln!(
+                "Protected the canhazgpu store at {shown}: only group canhazgpu reaches it, so users change it only through canhazgpu"
+            ),
+        }
     }
     let outcome = match store.init_pool(args.gpus, provider, args.force, now()) {
         // A repair was all that was asked for: the pool itself stays as it is.

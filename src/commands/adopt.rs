@@ -128,7 +128,7 @@ pub fn execute(args: &AdoptArgs, config: &Config) -> Result<()> {
 /// streams, the same settings.
 fn start_keeper(adopted: &Adopted, config: &Config) -> std::io::Result<()> {
     let gpus: Vec<String> = adopted.gpus.iter().map(u32::to_string).collect();
-    std::process::Command::new(std::env::current_exe()?)
+    crate::privilege::command(std::env::current_exe()?)
         .arg("keep-adopted")
         .arg(&adopted.reservation_id)
         .arg(adopted.pid.to_string())

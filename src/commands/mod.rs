@@ -1,6 +1,7 @@
 //! One file per command. `execute` dispatches a parsed, clap-free `Command`.
 
 pub mod admin;
+mod admin_check;
 pub mod adopt;
 pub mod agent;
 pub mod extend;

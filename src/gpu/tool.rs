@@ -4,7 +4,7 @@
 use std::ffi::OsString;
 use std::io::ErrorKind;
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -57,7 +57,7 @@ impl Tool {
     /// Runs the tool with `args`, killing it (and anything it started) at the deadline.
     pub fn run(&self, args: &[&str]) -> Result<ToolOutput> {
         let timeout = self.timeout;
-        let child = Command::new(&self.program)
+        let child = crate::privilege::command(&self.program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -22,7 +22,12 @@ use crate::state::{GpuSlot, Pool, ProviderKind, RunOwner, UnixTime, UsageRecord}
 /// How to reach the store, resolved from flags, environment and config file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreConfig {
-    Sqlite { path: PathBuf },
+    Sqlite {
+        path: PathBuf,
+        /// The store the system configuration names (its `state_dir`, else the
+        /// default): the only one a protected install opens with its privilege.
+        system: bool,
+    },
     Redis(RedisConfig),
 }
 
@@ -34,6 +39,11 @@ pub struct RedisConfig {
     pub port: u16,
     pub db: i64,
     pub password: Option<String>,
+    /// `redis.password_file`, where `password` was read from.
+    pub password_file: Option<PathBuf>,
+    /// The server is the one the system configuration names: the only one a
+    /// protected install's password file is read for.
+    pub system: bool,
     pub layout: RedisLayout,
     /// Find the master through Redis Sentinel instead of at `url` or `host`.
     pub sentinel: Option<SentinelConfig>,
@@ -68,6 +78,8 @@ impl std::fmt::Debug for RedisConfig {
             .field("port", &self.port)
             .field("db", &self.db)
             .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .field("password_file", &self.password_file)
+            .field("system", &self.system)
             .field("layout", &self.layout)
             .field("sentinel", &self.sentinel)
             .finish()
@@ -380,8 +392,8 @@ pub const HISTORY_PRUNE_BATCH: u32 = 100;
 pub fn open(config: &Config) -> Result<Box<dyn Store>> {
     let retention = i64::from(config.history_retention_days) * 86_400;
     match &config.store {
-        StoreConfig::Sqlite { path } => Ok(Box::new(
-            sqlite::SqliteStore::open_existing(path)?
+        StoreConfig::Sqlite { path, system } => Ok(Box::new(
+            sqlite::SqliteStore::open_existing(path, *system)?
                 .with_history_retention(retention)
                 .with_host(&config.host_name),
         )),
@@ -393,17 +405,27 @@ pub fn open(config: &Config) -> Result<Box<dyn Store>> {
     }
 }
 
-/// Opens the configured store, creating the embedded one (shared by every user of
-/// the machine) where it does not exist yet, or making an existing one usable by
-/// every user again: for `admin`. Returns the path of a store it repaired.
-pub fn create(config: &Config) -> Result<(Box<dyn Store>, Option<PathBuf>)> {
+/// An existing embedded store whose files `admin` gave their layout again.
+pub struct Relaid {
+    pub path: PathBuf,
+    pub layout: sqlite::Layout,
+}
+
+/// Opens the configured store, creating the embedded one where it does not exist
+/// yet (shared by every user, or protected on a protected install), or giving an
+/// existing one its layout again: for `admin`. Says which store it re-laid.
+pub fn create(config: &Config) -> Result<(Box<dyn Store>, Option<Relaid>)> {
     match &config.store {
-        StoreConfig::Sqlite { path } => {
-            let (store, repaired) = sqlite::SqliteStore::create(path)?;
+        StoreConfig::Sqlite { path, system } => {
+            let (store, layout, changed) = sqlite::SqliteStore::create(path, *system)?;
             let store = store
                 .with_history_retention(i64::from(config.history_retention_days) * 86_400)
                 .with_host(&config.host_name);
-            Ok((Box::new(store), repaired.then(|| path.clone())))
+            let relaid = changed.then(|| Relaid {
+                path: path.clone(),
+                layout,
+            });
+            Ok((Box::new(store), relaid))
         }
         StoreConfig::Redis(_) => Ok((open(config)?, None)),
     }

@@ -98,7 +98,7 @@ mod tests {
 
     #[test]
     fn sees_and_signals_real_grandchildren() {
-        let mut shell = std::process::Command::new("sh")
+        let mut shell = crate::privilege::command("sh")
             .args(["-c", "sleep 30 & sleep 30; wait"])
             .spawn()
             .expect("spawn sh");
@@ -116,7 +116,7 @@ mod tests {
     #[test]
     fn a_process_without_terminal_is_not_in_its_foreground() {
         use std::os::unix::process::CommandExt;
-        let child = std::process::Command::new("sleep")
+        let child = crate::privilege::command("sleep")
             .arg("5")
             .process_group(0)
             .stdin(std::process::Stdio::null())

@@ -3,7 +3,8 @@
 //! `std::process::Command` leaves that mask as it is, so the command would start
 //! with SIGINT, SIGTERM and friends blocked. `posix_spawn` sets the child's mask
 //! (to empty) and resets SIGPIPE, which Rust programs ignore, to its default, all
-//! without `fork` or unsafe code.
+//! without `fork` or unsafe code. `POSIX_SPAWN_RESETIDS` gives it the real group
+//! and user, never a protected install's group (`privilege`).
 
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr, OsString};
@@ -50,8 +51,11 @@ pub fn spawn(argv: &[OsString], changes: &[EnvChange]) -> Result<Pid, SpawnError
     defaults.add(Signal::SIGPIPE);
     attr.set_sigmask(&SigSet::empty()).map_err(SpawnError::Os)?;
     attr.set_sigdefault(&defaults).map_err(SpawnError::Os)?;
+    // RESETIDS: the command gets the real group, never a protected install's.
     attr.set_flags(
-        PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
+        PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK
+            | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF
+            | PosixSpawnFlags::POSIX_SPAWN_RESETIDS,
     )
     .map_err(SpawnError::Os)?;
     let actions = PosixSpawnFileActions::init().map_err(SpawnError::Os)?;

@@ -1,4 +1,5 @@
 //! The integration tests, in one binary.
+#![allow(clippy::disallowed_methods)] // tests start their helpers directly
 
 mod activity;
 mod browser;
@@ -11,6 +12,7 @@ mod gpu_providers;
 mod multi_user;
 mod notify;
 mod policy;
+mod protected;
 mod queue;
 mod redis_store;
 mod redis_tls;

@@ -378,6 +378,8 @@ fn connection_errors_are_one_line_without_password() {
         port: 6379,
         db: 0,
         password: None,
+        password_file: None,
+        system: false,
         layout: RedisLayout::Fleet,
         sentinel: None,
     };
@@ -387,6 +389,8 @@ fn connection_errors_are_one_line_without_password() {
         port: 1,
         db: 2,
         password: Some("s3cret".into()),
+        password_file: None,
+        system: false,
         layout: RedisLayout::Fleet,
         sentinel: None,
     };

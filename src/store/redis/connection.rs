@@ -86,6 +86,42 @@ pub(super) fn connection_info(config: &RedisConfig) -> RedisResult<ConnectionInf
     Ok(info.set_redis_settings(settings))
 }
 
+/// Whether two configurations reach the same server (address, TLS verification,
+/// user and database; the same sentinels and master), passwords aside.
+pub fn same_server(a: &RedisConfig, b: &RedisConfig) -> bool {
+    let target = |config: &RedisConfig| {
+        let info = connection_info(&RedisConfig {
+            password: None,
+            password_file: None,
+            system: false,
+            ..config.clone()
+        })
+        .ok()?;
+        let settings = info.redis_settings();
+        Some((
+            info.addr().clone(),
+            settings.db(),
+            settings.username().map(str::to_owned),
+            config.sentinel.clone(),
+        ))
+    };
+    target(a).is_some_and(|a| Some(a) == target(b))
+}
+
+/// Whether the server is reached over TLS (`rediss://`).
+pub fn uses_tls(config: &RedisConfig) -> bool {
+    connection_info(config).is_ok_and(|info| matches!(info.addr(), ConnectionAddr::TcpTls { .. }))
+}
+
+/// Whether the URL itself carries a password.
+pub fn url_has_password(config: &RedisConfig) -> bool {
+    config
+        .url
+        .as_deref()
+        .and_then(|url| url.into_connection_info().ok())
+        .is_some_and(|info| info.redis_settings().password().is_some())
+}
+
 /// A write refused because the server is a replica now (a failover demoted it).
 pub(super) fn read_only(err: &RedisError) -> bool {
     err.clone()
@@ -101,7 +137,7 @@ pub(super) fn connect_error(location: &str, err: RedisError) -> Error {
 }
 
 /// The configured Redis as a URL without password, for messages.
-pub(super) fn display_location(config: &RedisConfig) -> String {
+pub fn display_location(config: &RedisConfig) -> String {
     if let Some(sentinel) = &config.sentinel {
         return sentinel::location(sentinel);
     }
@@ -191,6 +227,8 @@ mod tests {
             port: 6379,
             db: 4,
             password: Some("s3cret".into()),
+            password_file: None,
+            system: false,
             layout: crate::store::RedisLayout::Fleet,
             sentinel: None,
         };

@@ -31,8 +31,8 @@ use crate::queue::QueueEntry;
 use crate::report::UserUsage;
 use crate::state::{Pool, UnixTime, UsageRecord};
 
-pub use connection::without_password;
-use connection::{Server, connect_error, display_location, one_line, read_only};
+use connection::{Server, connect_error, one_line, read_only};
+pub use connection::{display_location, same_server, url_has_password, uses_tls, without_password};
 use transaction::{Backoff, unix_nanos};
 use watch::Watch;
 

@@ -6,6 +6,9 @@
 //! GPU is never held by two reservations. The wait queue lives in the same file
 //! (`queue` table) and changes in the same transactions; waiters are woken through
 //! `local_wake`.
+//!
+//! The system's store (`StoreConfig::Sqlite::system`) is opened and used with a
+//! protected install's privilege (`privilege`); any other path as the user.
 
 mod files;
 mod history;
@@ -30,7 +33,8 @@ use crate::state::{Pool, UnixTime, UsageRecord};
 /// `meta` keys of the users who muted their notifications (`notify --off`).
 const MUTED_PREFIX: &str = "muted:";
 
-use files::{access_denied, add_permissions, create_shared, open_failure};
+pub use files::Layout;
+use files::{access_denied, open_failure};
 
 /// How long a write waits for another process's transaction before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,6 +51,8 @@ pub struct SqliteStore {
     listener: Option<Listener>,
     /// Seconds of history kept; older records are pruned by writes.
     history_retention: i64,
+    /// The system's store: its files are reached with a protected install's privilege.
+    system: bool,
 }
 
 /// What can go wrong inside a store operation: SQLite itself, a connection SQLite
@@ -150,35 +156,46 @@ fn with_access_retries<T>(mut attempt: impl FnMut() -> SqlResult<T>) -> SqlResul
 impl SqliteStore {
     /// Opens an existing store; a missing one means `admin` has not run yet, and
     /// nothing is created (a mistyped `--state-dir` leaves no store behind).
-    pub fn open_existing(path: &Path) -> Result<Self> {
-        match std::fs::metadata(path) {
+    pub fn open_existing(path: &Path, system: bool) -> Result<Self> {
+        privileged(system, || match std::fs::metadata(path) {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => Err(Error::NotInitialized),
-            _ => Self::open(path),
-        }
+            _ => Self::open_as(path, system),
+        })
     }
 
     /// Opens the store for `admin`: created where missing, and in any case made
     /// usable by every user, since SQLite's side files (`-wal`, `-shm`, journal) are
     /// created in the directory by whichever user writes first. Also says whether an
     /// existing store's permissions had to be repaired.
-    pub fn create(path: &Path) -> Result<(Self, bool)> {
-        let existed = path.exists();
-        let store = Self::open(path)?;
-        let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty());
-        let mut repaired = false;
-        for (target, bits) in [(dir.unwrap_or(Path::new(".")), 0o777), (path, 0o666)] {
-            repaired |= add_permissions(target, bits).map_err(|err| {
+    ///
+    /// A protected install (`files::Layout::Protected`) makes it the group's alone
+    /// instead: the directory `root:canhazgpu 2770`, the files `0660`.
+    pub fn create(path: &Path, system: bool) -> Result<(Self, Layout, bool)> {
+        let layout = match system && crate::privilege::protected_install() {
+            true => Layout::Protected,
+            false => Layout::Shared,
+        };
+        privileged(system, || {
+            let existed = path.exists();
+            files::create_files(path, layout).map_err(|err| open_failure(path, err))?;
+            let store = Self::open_as(path, system)?;
+            let changed = files::apply_layout(path, layout).map_err(|err| {
                 Error::Store(format!(
-                    "cannot make the canhazgpu store at {} usable by every user: {err}",
-                    path.display()
+                    "cannot give the canhazgpu store at {} its {} layout: {err}",
+                    path.display(),
+                    layout.name()
                 ))
             })?;
-        }
-        Ok((store, existed && repaired))
+            Ok((store, layout, existed && changed))
+        })
     }
 
     /// Opens the store at `path`, creating it (and its directory) usable by all users.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_as(path, false)
+    }
+
+    fn open_as(path: &Path, system: bool) -> Result<Self> {
         // SQLite would block on a FIFO and call a directory "permission denied".
         if let Ok(meta) = std::fs::metadata(path)
             && !meta.is_file()
@@ -193,7 +210,7 @@ impl SqliteStore {
                 path.display()
             )));
         }
-        create_shared(path).map_err(|err| open_failure(path, err))?;
+        files::create_files(path, Layout::Shared).map_err(|err| open_failure(path, err))?;
         let conn = with_access_retries(|| connect(path)).map_err(|fault| fault.into_error(path))?;
         let wake_scope = local_wake::scope_of(
             &std::fs::canonicalize(path)
@@ -207,6 +224,7 @@ impl SqliteStore {
             host: procinfo::hostname(),
             listener: None,
             history_retention: i64::from(DEFAULT_HISTORY_RETENTION_DAYS) * 86_400,
+            system,
         })
     }
 
@@ -225,6 +243,14 @@ impl SqliteStore {
     /// Runs `body` in one transaction; `Immediate` takes the write lock up front so a
     /// read-decide-write sequence cannot interleave with another process's.
     fn transact<T>(
+        &mut self,
+        behavior: TransactionBehavior,
+        body: impl Fn(&Connection) -> SqlResult<T>,
+    ) -> Result<T> {
+        privileged(self.system, || self.transact_as_is(behavior, body))
+    }
+
+    fn transact_as_is<T>(
         &mut self,
         behavior: TransactionBehavior,
         body: impl Fn(&Connection) -> SqlResult<T>,
@@ -280,9 +306,28 @@ impl SqliteStore {
             rows::apply(conn, &transition.changes, prune_before)?;
             Ok(transition)
         })?;
-        files::share_side_files(&self.path);
+        privileged(self.system, || files::share_side_files(&self.path));
         local_wake::notify(&self.wake_scope, &transition.changes.wake_entries);
         transition.outcome
+    }
+}
+
+/// Runs `body` with a protected install's privilege when the store is the system's.
+fn privileged<T>(system: bool, body: impl FnOnce() -> T) -> T {
+    match system {
+        true => crate::privilege::with_privilege(body),
+        false => body(),
+    }
+}
+
+/// Closing may checkpoint and remove the `-wal` file, in the protected directory too.
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        if self.system
+            && let Ok(blank) = Connection::open_in_memory()
+        {
+            privileged(true, || drop(std::mem::replace(&mut self.conn, blank)));
+        }
     }
 }
 

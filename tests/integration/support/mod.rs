@@ -5,6 +5,7 @@ pub mod cli;
 pub mod fake_smi;
 pub mod fleet;
 pub mod history;
+pub mod protected;
 pub mod redis;
 pub mod sqlite;
 pub mod web;

@@ -57,6 +57,8 @@ impl TestRedis {
             port: 6379,
             db: 0,
             password: None,
+            password_file: None,
+            system: false,
             layout,
             sentinel: None,
         }
