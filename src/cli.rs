@@ -4,7 +4,7 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::commands::{
     Command, admin, adopt, agent, extend, find, notify, queue, release, report, reserve, run,
@@ -59,6 +59,96 @@ pub struct GlobalArgs {
     /// Memory threshold in MB to consider a GPU as "in use" (default: 1024) [env: CANHAZGPU_MEMORY_THRESHOLD]
     #[arg(long, global = true, value_name = "MB")]
     pub memory_threshold: Option<String>,
+    /// Colour: auto (on a terminal without NO_COLOR, or with CLICOLOR_FORCE), always, never
+    #[arg(long, global = true, value_name = "WHEN", default_value = "auto")]
+    pub color: ColorArg,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ColorArg {
+    Auto,
+    Always,
+    Never,
+}
+
+/// The command line as people see it: the global options in full once, under the
+/// top-level help, and summarised in one line under each subcommand's.
+pub fn command() -> clap::Command {
+    let plain = Cli::command();
+    let globals: Vec<&clap::Arg> = plain
+        .get_arguments()
+        .filter(|arg| arg.is_global_set())
+        .collect();
+    let names: Vec<String> = globals
+        .iter()
+        .filter_map(|arg| arg.get_long().map(|long| format!("--{long}")))
+        .collect();
+    let summary = format!(
+        "Global options: {} (see 'canhazgpu --help')",
+        names.join(", ")
+    );
+    let entries: Vec<(String, String)> = globals
+        .iter()
+        .filter_map(|arg| {
+            let long = arg.get_long()?;
+            let value = arg
+                .get_value_names()
+                .and_then(|names| names.first())
+                .map(|name| format!(" <{name}>"))
+                .unwrap_or_default();
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            Some((format!("--{long}{value}"), help))
+        })
+        .collect();
+    // Two lines an entry, like clap's long help, so that wrapping keeps the indent.
+    let listed: Vec<String> = entries
+        .iter()
+        .map(|(flag, help)| match help.split_once(" [env: ") {
+            Some((text, env)) => format!("  {flag}\n          {text}\n          [env: {env}"),
+            None => format!("  {flag}\n          {help}"),
+        })
+        .collect();
+    let ids: Vec<String> = globals.iter().map(|arg| arg.get_id().to_string()).collect();
+    let mut command = plain
+        .override_usage("canhazgpu [OPTIONS] <COMMAND>")
+        .after_help(format!(
+            "Global options (every command):\n{}",
+            listed.join("\n")
+        ))
+        .mut_subcommands(|sub| sub.after_help(summary.clone()));
+    for id in ids {
+        command = command.mut_arg(id, |arg| arg.hide(true));
+    }
+    command
+}
+
+/// Parses the process's arguments with `command()`.
+pub fn parse() -> Result<Cli, clap::Error> {
+    let matches = command().try_get_matches()?;
+    Cli::from_arg_matches(&matches)
+}
+
+/// The shell completion script for `shell`, for the whole command line.
+fn completion_script(shell: clap_complete::Shell) -> String {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "canhazgpu", &mut script);
+    String::from_utf8_lossy(&script).into_owned()
+}
+
+/// `canhazgpu(1)` and one page per visible subcommand (`canhazgpu-NAME(1)`), as roff.
+fn man_pages() -> std::io::Result<Vec<(String, Vec<u8>)>> {
+    let top = Cli::command();
+    let mut pages = Vec::new();
+    let mut page = Vec::new();
+    clap_mangen::Man::new(top.clone()).render(&mut page)?;
+    pages.push(("canhazgpu.1".to_owned(), page));
+    for sub in top.get_subcommands().filter(|sub| !sub.is_hide_set()) {
+        let name = format!("canhazgpu-{}", sub.get_name());
+        let mut page = Vec::new();
+        clap_mangen::Man::new(sub.clone().name(name.clone())).render(&mut page)?;
+        pages.push((format!("{name}.1"), page));
+    }
+    Ok(pages)
 }
 
 #[derive(Debug, Subcommand)]
@@ -97,6 +187,9 @@ pub enum CliCommand {
         /// One line per host: total, GPU models, available, in use
         #[arg(short, long)]
         summary: bool,
+        /// Do not colour the output (like --color never)
+        #[arg(long)]
+        no_color: bool,
     },
     /// Find the hosts of the fleet where GPUs are available now, most available first
     Find {
@@ -191,6 +284,17 @@ pub enum CliCommand {
         #[arg(long)]
         on: bool,
     },
+    /// Print the shell completion script (bash, zsh, fish, elvish or powershell)
+    Completion {
+        /// The shell to complete for
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (canhazgpu.1 and one per command) into DIR
+    #[command(hide = true)]
+    Man {
+        /// Where to write them (created if missing)
+        dir: PathBuf,
+    },
     /// Keeps an adopted job's reservation alive while the job runs (started by `adopt`)
     #[command(name = "keep-adopted", hide = true)]
     KeepAdopted {
@@ -254,6 +358,9 @@ pub enum CliCommand {
         /// Output the report as JSON
         #[arg(short, long)]
         json: bool,
+        /// Output the users' rows as CSV, for spreadsheets
+        #[arg(long, conflicts_with = "json")]
+        csv: bool,
         /// Add up the whole fleet, with a table per host
         #[arg(long, conflicts_with = "host")]
         all: bool,
@@ -384,6 +491,18 @@ impl From<ProviderArg> for ProviderKind {
 }
 
 impl Cli {
+    /// `--color`, and `status --no-color`.
+    pub fn color(&self) -> crate::output::ColorMode {
+        use crate::output::ColorMode;
+        match (&self.command, self.global.color) {
+            (CliCommand::Status { no_color: true, .. }, _) | (_, ColorArg::Never) => {
+                ColorMode::Never
+            }
+            (_, ColorArg::Always) => ColorMode::Always,
+            (_, ColorArg::Auto) => ColorMode::Auto,
+        }
+    }
+
     pub fn overrides(&self) -> Overrides {
         let g = &self.global;
         Overrides {
@@ -416,11 +535,17 @@ impl Cli {
                     provider: provider.map(Into::into),
                 },
             }),
+            CliCommand::Completion { shell } => Command::Completion(completion_script(shell)),
+            CliCommand::Man { dir } => Command::Man {
+                dir,
+                pages: man_pages().unwrap_or_default(),
+            },
             CliCommand::Status {
                 json,
                 all,
                 remote,
                 summary,
+                no_color: _,
             } => Command::Status(status::StatusArgs {
                 json,
                 all,
@@ -526,11 +651,13 @@ impl Cli {
             CliCommand::Report {
                 days,
                 json,
+                csv,
                 all,
                 host,
             } => Command::Report(report::ReportArgs {
                 days,
                 json,
+                csv,
                 scope: match (all, host) {
                     (true, _) => report::Scope::Fleet,
                     (false, Some(name)) => report::Scope::Host(name),

@@ -2,11 +2,9 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use clap::error::ErrorKind;
 
-use canhazgpu::cli::Cli;
-use canhazgpu::{commands, config};
+use canhazgpu::{cli, commands, config};
 
 fn main() -> ExitCode {
     // Before anything reads a file: a protected install's group is lowered at once.
@@ -14,7 +12,7 @@ fn main() -> ExitCode {
         eprintln!("Error: {err}");
         return ExitCode::from(err.exit_code());
     }
-    let cli = match Cli::try_parse() {
+    let cli = match cli::parse() {
         Ok(cli) => cli,
         Err(err) if err.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             // `canhazgpu` alone: the usage, as a reminder, on stderr.
@@ -27,7 +25,8 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(err) => {
-            // One line, like every other error; `--help` has the rest.
+            // One line, like every other error, and clap's tip ("a similar argument
+            // exists: '--gpus'") under it; `--help` has the rest.
             let text = err.render().to_string();
             let message: Vec<&str> = text
                 .lines()
@@ -35,15 +34,28 @@ fn main() -> ExitCode {
                 .map(str::trim)
                 .collect();
             eprintln!("Error: {}", message.join(" ").trim_start_matches("error: "));
+            for tip in text
+                .lines()
+                .map(str::trim)
+                .filter(|line| line.starts_with("tip:"))
+            {
+                eprintln!("  {tip}");
+            }
             return ExitCode::from(canhazgpu::error::exit::USAGE);
         }
     };
-    let result = config::resolve(&cli.overrides()).and_then(|config| {
-        for warning in &config.warnings {
-            eprintln!("{warning}");
-        }
-        commands::execute(cli.into_command(), &config)
-    });
+    canhazgpu::output::set_color(cli.color());
+    let overrides = cli.overrides();
+    let command = cli.into_command();
+    let result = match command.execute_standalone() {
+        Some(result) => result,
+        None => config::resolve(&overrides).and_then(|config| {
+            for warning in &config.warnings {
+                eprintln!("{warning}");
+            }
+            commands::execute(command, &config)
+        }),
+    };
     match result {
         Ok(code) => ExitCode::from(code),
         Err(err) => {

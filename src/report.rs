@@ -335,6 +335,39 @@ const RULE_WIDTH: usize = 75;
 
 /// The text report, in the reference's layout, with a TOTAL row whose columns are
 /// the sums of the rows above it.
+/// The users' rows as CSV (RFC 4180) for spreadsheets: a header, then one row per
+/// user, with the period on every row so that reports can be pasted together.
+pub fn render_csv(report: &Report) -> String {
+    let mut out = String::from(
+        "user,gpu_hours,percentage,run_count,manual_count,mean_utilization_percent,start_date,end_date\r\n",
+    );
+    for user in &report.users {
+        let utilization = user
+            .mean_utilization_percent
+            .map(|percent| percent.to_string())
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{},{:.2},{:.2},{},{},{utilization},{},{}\r\n",
+            csv_field(&user.name),
+            user.gpu_hours,
+            user.percentage,
+            user.run_count,
+            user.manual_count,
+            csv_field(&report.start_date),
+            csv_field(&report.end_date),
+        ));
+    }
+    out
+}
+
+/// A CSV field, quoted when it holds a comma, a quote or a line break.
+fn csv_field(text: &str) -> String {
+    match text.contains([',', '"', '\n', '\r']) {
+        true => format!("\"{}\"", text.replace('"', "\"\"")),
+        false => text.to_owned(),
+    }
+}
+
 pub fn render_text(report: &Report) -> String {
     let unit = if report.days == 1 { "day" } else { "days" };
     let mut out = format!(

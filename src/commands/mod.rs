@@ -42,6 +42,41 @@ pub enum Command {
     Run(run::RunArgs),
     Report(report::ReportArgs),
     Web(web::WebArgs),
+    /// A shell completion script to print.
+    Completion(String),
+    /// Man pages (file name, roff) to write into `dir`.
+    Man {
+        dir: std::path::PathBuf,
+        pages: Vec<(String, Vec<u8>)>,
+    },
+}
+
+impl Command {
+    /// Commands that need no configuration (and no store): they work even where the
+    /// configuration is broken, as packaging and shell start-up need.
+    pub fn execute_standalone(&self) -> Option<Result<u8>> {
+        match self {
+            Command::Completion(script) => Some(crate::output::print_raw(script).map(|()| 0)),
+            Command::Man { dir, pages } => Some(write_man_pages(dir, pages).map(|()| 0)),
+            _ => None,
+        }
+    }
+}
+
+fn write_man_pages(dir: &std::path::Path, pages: &[(String, Vec<u8>)]) -> Result<()> {
+    let failed = |err: std::io::Error| {
+        Error::Runtime(format!(
+            "cannot write man pages to {}: {err}",
+            dir.display()
+        ))
+    };
+    std::fs::create_dir_all(dir).map_err(failed)?;
+    for (name, page) in pages {
+        let path = dir.join(name);
+        std::fs::write(&path, page).map_err(failed)?;
+        crate::output::print(&path.display().to_string())?;
+    }
+    Ok(())
 }
 
 /// Runs a command; `Ok` carries the process exit code.
@@ -62,6 +97,9 @@ pub fn execute(command: Command, config: &Config) -> Result<u8> {
         Command::Run(args) => run::execute(&args, config),
         Command::Report(args) => report::execute(&args, config).map(|()| 0),
         Command::Web(args) => web::execute(&args, config).map(|()| 0),
+        standalone @ (Command::Completion(_) | Command::Man { .. }) => {
+            standalone.execute_standalone().unwrap_or(Ok(0))
+        }
     }
 }
 

@@ -15,6 +15,7 @@ pub struct ReportArgs {
     /// As given; validated by `report::parse_days`.
     pub days: String,
     pub json: bool,
+    pub csv: bool,
     pub scope: Scope,
 }
 
@@ -46,6 +47,8 @@ pub fn execute(args: &ReportArgs, config: &Config) -> Result<()> {
     };
     if args.json {
         output::print_json(&report)
+    } else if args.csv {
+        output::print_raw(&report::render_csv(&report))
     } else {
         output::print(report::render_text(&report).trim_end_matches('\n'))
     }

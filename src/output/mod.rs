@@ -9,6 +9,31 @@ use anstyle::{AnsiColor, Style};
 
 use crate::error::{Error, Result};
 
+/// `--color`: whether results carry colour codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ColorMode {
+    /// On a terminal, unless `NO_COLOR` is set; `CLICOLOR_FORCE` forces it.
+    Auto,
+    Always,
+    Never,
+}
+
+/// Chooses colour for everything this process prints from now on.
+pub fn set_color(mode: ColorMode) {
+    let choice = match mode {
+        ColorMode::Auto => anstream::ColorChoice::Auto,
+        ColorMode::Always => anstream::ColorChoice::Always,
+        ColorMode::Never => anstream::ColorChoice::Never,
+    };
+    choice.write_global();
+}
+
+/// Writes text to stdout as it is (a script, a page), without adding a newline.
+pub fn print_raw(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes()).map_err(stdout_error)
+}
+
 /// Writes a line to stdout; colour codes are stripped when stdout is not a
 /// terminal or `NO_COLOR` is set (anstream).
 pub fn print(text: &str) -> Result<()> {

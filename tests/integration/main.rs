@@ -6,6 +6,7 @@ mod browser;
 mod cli_config;
 mod cli_core;
 mod cli_gpu;
+mod cli_shell;
 mod fleet;
 mod follow;
 mod gpu_providers;
