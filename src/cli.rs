@@ -208,6 +208,9 @@ pub enum CliCommand {
         /// Time between snapshots (the host is stale after three missed ones)
         #[arg(long, default_value = "10s", value_name = "DURATION")]
         interval: String,
+        /// Also serve Prometheus metrics on ADDR (host:port) at /metrics
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<String>,
     },
     /// Reserve GPUs manually for a specified duration
     Reserve {
@@ -555,7 +558,13 @@ impl Cli {
             CliCommand::Find { gpus, json, short } => {
                 Command::Find(find::FindArgs { gpus, json, short })
             }
-            CliCommand::Agent { interval } => Command::Agent(agent::AgentArgs { interval }),
+            CliCommand::Agent {
+                interval,
+                metrics_listen,
+            } => Command::Agent(agent::AgentArgs {
+                interval,
+                metrics_listen,
+            }),
             CliCommand::Reserve {
                 gpus,
                 gpu_ids,

@@ -10,6 +10,7 @@ pub mod error;
 pub mod fleet;
 pub mod gpu;
 pub mod gpu_status;
+pub mod metrics;
 pub mod notify;
 pub mod output;
 pub mod pool;

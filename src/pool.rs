@@ -161,6 +161,23 @@ pub struct Changes {
     /// Queue entries whose waiter should take a turn: they were given GPUs, became
     /// the head of the queue while GPUs were freed, or were removed.
     pub wake_entries: Vec<String>,
+    /// What the host's allocation counters go up by (`/metrics`).
+    pub counted: Counted,
+}
+
+/// Increments of a host's allocation counters, kept in the store since the pool was
+/// made: requests granted (at once or from the queue), and requests refused because
+/// the GPUs were not there or a cap said no.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counted {
+    pub allocations: u64,
+    pub allocation_failures: u64,
+}
+
+impl Counted {
+    pub fn is_empty(&self) -> bool {
+        *self == Counted::default()
+    }
 }
 
 impl Changes {
@@ -173,6 +190,7 @@ impl Changes {
             && self.entries_removed.is_empty()
             && self.history.is_empty()
             && self.last_used.is_empty()
+            && self.counted.is_empty()
     }
 }
 
@@ -996,7 +1014,15 @@ pub fn allocate(state: &PoolState, request: &AllocRequest) -> Transition<Vec<u32
             }
         }
     });
-    work.finish(state, outcome)
+    let mut transition = work.finish(state, outcome);
+    match &transition.outcome {
+        Ok(_) => transition.changes.counted.allocations += 1,
+        Err(Error::NotEnough { .. } | Error::GpuTaken { .. } | Error::PolicyLimit(_)) => {
+            transition.changes.counted.allocation_failures += 1;
+        }
+        Err(_) => {}
+    }
+    transition
 }
 
 /// The fairness rule every allocation follows: dead waiters dropped, the live ones
@@ -1012,7 +1038,11 @@ pub fn step(state: &PoolState, tick: &QueueTick) -> Transition<QueueStep> {
     let mut work = Work::new(state, &tick.dead_ids);
     work.caller = Some(tick.entry_id.clone());
     let outcome = state.require_pool().and_then(|_| step_in(&mut work, tick));
-    work.finish(state, outcome)
+    let mut transition = work.finish(state, outcome);
+    if let Ok(QueueStep::Served(_)) = &transition.outcome {
+        transition.changes.counted.allocations += 1;
+    }
+    transition
 }
 
 fn step_in(work: &mut Work, tick: &QueueTick) -> Result<QueueStep> {

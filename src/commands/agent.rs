@@ -22,6 +22,8 @@ use crate::wait::WaitSignals;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentArgs {
     pub interval: String,
+    /// `--metrics-listen ADDR`: serve `/metrics` there too.
+    pub metrics_listen: Option<String>,
 }
 
 /// Longer than this, and a host would be "reporting" with hour-old data.
@@ -36,6 +38,11 @@ pub fn execute(args: &AgentArgs, config: &Config) -> Result<()> {
         )));
     }
     let signals = WaitSignals::install()?;
+    // After the signals are blocked: the server's thread inherits the mask.
+    if let Some(address) = &args.metrics_listen {
+        let bound = crate::metrics::serve_in_background(address, config.clone())?;
+        eprintln!("canhazgpu agent: Prometheus metrics on http://{bound}/metrics");
+    }
     let mut agent = Agent::start(config, interval, "canhazgpu agent")?;
     let what = match &config.store {
         crate::store::StoreConfig::Redis(_) => "publishing",

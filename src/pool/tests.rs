@@ -427,6 +427,39 @@ fn a_refused_request_still_serves_the_waiters() {
     assert!(matches!(t.outcome, Err(Error::NotEnough { .. })));
     assert_eq!(t.after.queue[0].collected, vec![0, 1]);
     assert_eq!(t.changes.wake_entries, vec!["w".to_string()]);
+    assert_eq!(
+        t.changes.counted,
+        Counted {
+            allocations: 0,
+            allocation_failures: 1
+        }
+    );
+
+    // The waiter's turn serves it: one allocation, from the queue.
+    let served = step(
+        &t.after,
+        &QueueTick {
+            entry_id: "w".into(),
+            unreserved: None,
+            dead_ids: Vec::new(),
+            now: T + 2,
+        },
+    );
+    assert!(
+        matches!(served.outcome, Ok(QueueStep::Served(_))),
+        "{:?}",
+        served.outcome
+    );
+    assert_eq!(served.changes.counted.allocations, 1);
+    let granted = allocate(
+        &PoolState::default(),
+        &request(reservation("x", 2, false, T), Selection::Count(1), &[], T),
+    );
+    assert!(granted.outcome.is_err(), "no pool");
+    assert!(
+        granted.changes.counted.is_empty(),
+        "no pool is not a refused request"
+    );
 }
 
 #[test]

@@ -293,6 +293,9 @@ pub trait Store: Send {
         }
     }
 
+    /// The selected host's allocation counters (`pool::Counted`), since its pool was made.
+    fn counted(&mut self) -> Result<crate::pool::Counted>;
+
     /// The Unix users who muted their notifications (`notify --off`), fleet-wide.
     fn muted_users(&mut self) -> Result<std::collections::BTreeSet<String>>;
 

@@ -265,6 +265,20 @@ impl Backend {
         fleet
     }
 
+    /// The fleet (as `fleet` caches it) with each host's queue, for `/metrics`.
+    pub async fn metrics(&self) -> crate::error::Result<String> {
+        let fleet = self
+            .fleet()
+            .await
+            .map_err(|err| Error::Runtime(err.message))?;
+        let (config, hosts) = (self.config.clone(), fleet.hosts.clone());
+        let scrape =
+            tokio::task::spawn_blocking(move || crate::metrics::with_queues(&config, hosts))
+                .await
+                .map_err(|err| Error::Runtime(format!("the metrics read failed: {err}")))??;
+        crate::metrics::encode(&scrape)
+    }
+
     /// Whether the store answers.
     pub async fn health(&self) -> Result<(), ApiError> {
         tokio::time::timeout(HEALTH_TIMEOUT, self.ask(Job::Health))

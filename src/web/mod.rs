@@ -163,6 +163,7 @@ fn router(backend: Arc<Backend>) -> Router {
         .route("/api/hosts/status", get(api_hosts_status))
         .route("/api/info", get(api_info))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .fallback(|| async { json_error(&ApiError::not_found()) })
         .layer(axum::middleware::map_response(security_headers))
         .with_state(backend)
@@ -210,6 +211,10 @@ fn answer(answer: Answer) -> Response {
         Ok(body) => json_response(StatusCode::OK, body),
         Err(err) => json_error(&err),
     }
+}
+
+async fn metrics(State(backend): State<Arc<Backend>>) -> Response {
+    crate::metrics::response(backend.metrics().await)
 }
 
 async fn api_status(State(backend): State<Arc<Backend>>) -> Response {

@@ -10,6 +10,7 @@ mod cli_shell;
 mod fleet;
 mod follow;
 mod gpu_providers;
+mod metrics;
 mod multi_user;
 mod notify;
 mod policy;

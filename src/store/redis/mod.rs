@@ -49,6 +49,10 @@ const MUTED_KEY: &str = "canhazgpu:notify:muted";
 /// The names of one pool's keys: upstream canhazgpu's, or in the fleet layout the
 /// same names under the host's hash tag (`canhazgpu:{gpu1}:gpu:0`), so that one
 /// host's transaction touches one Redis Cluster slot.
+/// Fields of `Keys::counters`.
+const COUNTED_ALLOCATIONS: &str = "allocations";
+const COUNTED_FAILURES: &str = "allocation_failures";
+
 struct Keys {
     prefix: String,
 }
@@ -95,6 +99,10 @@ impl Keys {
     }
     fn history(&self) -> String {
         format!("{}usage_history_sorted", self.prefix)
+    }
+    /// The host's allocation counters (`pool::Counted`), a hash.
+    fn counters(&self) -> String {
+        format!("{}counters", self.prefix)
     }
     fn last_used(&self, account: &str) -> String {
         format!("{}user_last_used:{account}", self.prefix)
@@ -302,6 +310,24 @@ impl Store for RedisStore {
 
     fn hosts(&mut self) -> Result<Vec<HostRecord>> {
         self.patiently(fleet::hosts)
+    }
+
+    fn counted(&mut self) -> Result<crate::pool::Counted> {
+        let key = self.keys.counters();
+        let (allocations, allocation_failures): (Option<u64>, Option<u64>) =
+            self.patiently(|store| {
+                store.call(|connection| {
+                    redis::cmd("HMGET")
+                        .arg(&key)
+                        .arg(COUNTED_ALLOCATIONS)
+                        .arg(COUNTED_FAILURES)
+                        .query(connection)
+                })
+            })?;
+        Ok(crate::pool::Counted {
+            allocations: allocations.unwrap_or(0),
+            allocation_failures: allocation_failures.unwrap_or(0),
+        })
     }
 
     fn muted_users(&mut self) -> Result<std::collections::BTreeSet<String>> {

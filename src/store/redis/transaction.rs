@@ -324,6 +324,14 @@ impl RedisStore {
             };
             tx.set(keys.entry(&entry.id), json).ignore();
         }
+        for (field, by) in [
+            (super::COUNTED_ALLOCATIONS, changes.counted.allocations),
+            (super::COUNTED_FAILURES, changes.counted.allocation_failures),
+        ] {
+            if by > 0 {
+                tx.hincr(keys.counters(), field, by).ignore();
+            }
+        }
         for (account, gpu, at) in &changes.last_used {
             tx.hset(keys.last_used(account), gpu, at).ignore();
         }

@@ -366,6 +366,10 @@ impl Store for SqliteStore {
         })
     }
 
+    fn counted(&mut self) -> Result<pool::Counted> {
+        self.transact(TransactionBehavior::Deferred, rows::read_counted)
+    }
+
     fn hosts(&mut self) -> Result<Vec<HostRecord>> {
         Ok(match self.pool()? {
             Some(_) => vec![HostRecord {

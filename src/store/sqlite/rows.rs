@@ -256,6 +256,22 @@ fn process_start(process: Option<&RunOwner>) -> SqlResult<Option<i64>> {
 
 /// Writes what one operation changed; prunes a batch of old history when it recorded
 /// any.
+/// `meta` keys of the allocation counters (`Counted`).
+const ALLOCATIONS_KEY: &str = "count:allocations";
+const ALLOCATION_FAILURES_KEY: &str = "count:allocation_failures";
+
+/// The allocation counters so far.
+pub(super) fn read_counted(conn: &Connection) -> SqlResult<crate::pool::Counted> {
+    let read = |key: &str| -> SqlResult<u64> {
+        let value = super::schema::meta_value(conn, key)?;
+        Ok(value.and_then(|v| v.parse().ok()).unwrap_or(0))
+    };
+    Ok(crate::pool::Counted {
+        allocations: read(ALLOCATIONS_KEY)?,
+        allocation_failures: read(ALLOCATION_FAILURES_KEY)?,
+    })
+}
+
 pub(super) fn apply(conn: &Connection, changes: &Changes, prune_before: UnixTime) -> SqlResult<()> {
     if let Some(pool) = changes.pool {
         // A new pool: one row per GPU, every one free and never used.
@@ -278,6 +294,18 @@ pub(super) fn apply(conn: &Connection, changes: &Changes, prune_before: UnixTime
     }
     for (gpu, write) in &changes.gpus {
         write_slot(conn, *gpu, write)?;
+    }
+    for (key, by) in [
+        (ALLOCATIONS_KEY, changes.counted.allocations),
+        (ALLOCATION_FAILURES_KEY, changes.counted.allocation_failures),
+    ] {
+        if by > 0 {
+            conn.prepare_cached(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) \
+                 DO UPDATE SET value = CAST(meta.value AS INTEGER) + CAST(excluded.value AS INTEGER)",
+            )?
+            .execute(params![key, by.to_string()])?;
+        }
     }
     for id in &changes.entries_removed {
         conn.prepare_cached("DELETE FROM queue WHERE id = ?1")?
