@@ -2,7 +2,7 @@
 # Runs the whole test suite. Installs what the tests need from the distribution
 # when it is missing: redis-server (Redis backend tests), sqlite3 (multi-user store
 # tests), chromium (dashboard tests), bash/zsh/fish (completion scripts), man (man
-# pages), promtool from prometheus (metrics).
+# pages), promtool from prometheus (metrics), tmux (status --watch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +14,7 @@ command -v zsh >/dev/null || missing+=(zsh)
 command -v fish >/dev/null || missing+=(fish)
 command -v man >/dev/null || missing+=(man-db)
 command -v promtool >/dev/null || missing+=(prometheus)
+command -v tmux >/dev/null || missing+=(tmux)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}" >&2
     sudo_cmd=()

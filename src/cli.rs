@@ -190,6 +190,10 @@ pub enum CliCommand {
         /// Do not colour the output (like --color never)
         #[arg(long)]
         no_color: bool,
+        /// Redraw the table in place every INTERVAL (default 2s) until q or Ctrl-C
+        #[arg(short, long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "2s",
+              value_parser = watch_interval)]
+        watch: Option<u64>,
     },
     /// Find the hosts of the fleet where GPUs are available now, most available first
     Find {
@@ -438,6 +442,14 @@ fn whole_seconds(text: &str) -> Result<u64, String> {
     whole_number(text).map(u64::from)
 }
 
+/// `status --watch`'s interval: a duration from 1s to 1h.
+fn watch_interval(text: &str) -> Result<u64, String> {
+    crate::duration::parse_duration(text)
+        .ok()
+        .filter(|secs| (1..=3600).contains(secs))
+        .ok_or_else(|| "expected a duration from 1s to 1h, such as 2s or 1m".to_owned())
+}
+
 /// Waiting, note and display name: shared by `run` and `reserve`.
 #[derive(Debug, Args)]
 pub struct RequestArgs {
@@ -549,11 +561,13 @@ impl Cli {
                 remote,
                 summary,
                 no_color: _,
+                watch,
             } => Command::Status(status::StatusArgs {
                 json,
                 all,
                 remote,
                 summary,
+                watch,
             }),
             CliCommand::Find { gpus, json, short } => {
                 Command::Find(find::FindArgs { gpus, json, short })

@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+use std::time::Duration;
+
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fleet::{self, HostStatus};
@@ -19,6 +21,8 @@ pub struct StatusArgs {
     pub remote: Option<String>,
     /// One line per host.
     pub summary: bool,
+    /// `--watch [INTERVAL]`: redraw every this many seconds.
+    pub watch: Option<u64>,
 }
 
 pub fn execute(args: &StatusArgs, config: &Config) -> Result<()> {
@@ -27,56 +31,163 @@ pub fn execute(args: &StatusArgs, config: &Config) -> Result<()> {
             "cannot use --all and --remote together".into(),
         ));
     }
-    if !args.all && !args.summary {
-        return match &args.remote {
-            None => this_host(args, config),
-            Some(name) => other_host(args, config, name),
+    if let Some(every) = args.watch {
+        if args.json {
+            return Err(Error::Usage(
+                "--watch redraws tables: leave out --json".into(),
+            ));
+        }
+        let interval = match (every / 60, every % 60) {
+            (0, secs) => format!("{secs}s"),
+            (mins, 0) => format!("{mins}m"),
+            (mins, secs) => format!("{mins}m{secs}s"),
         };
+        return output::screen::watch(Duration::from_secs(every), || {
+            watch_frame(args, config, &interval)
+        });
     }
-    let only = match (&args.remote, args.all) {
+    if args.json {
+        return print_json(args, config);
+    }
+    let view = render(args, config)?;
+    for warning in &view.warnings {
+        eprintln!("warning: {warning}");
+    }
+    output::print(&view.text)
+}
+
+/// What `status` shows as text, with the figures of `--watch`'s header.
+struct View {
+    text: String,
+    /// This host's name, or `N hosts`.
+    what: String,
+    free: u32,
+    total: u32,
+    warnings: Vec<String>,
+}
+
+/// Where `status` looks: this host alone (live), one other host, or a fleet read.
+fn only<'a>(args: &'a StatusArgs, config: &'a Config) -> Option<&'a str> {
+    match (&args.remote, args.all) {
         (Some(name), _) => Some(name.as_str()),
         (None, true) => None,
         (None, false) => Some(config.host_name.as_str()),
-    };
-    let hosts = fleet::read(config, only)?;
-    match (args.summary, args.json) {
-        (true, true) => output::print_json(&summary_json(&hosts)),
-        (true, false) => output::print(&render_summary(&hosts)),
-        (false, true) => output::print_json(&fleet_json(&hosts)),
-        (false, false) => output::print(&render_fleet(&hosts)),
     }
 }
 
-fn this_host(args: &StatusArgs, config: &Config) -> Result<()> {
-    let mut session = Session::open(config)?;
-    let obs = session.observe()?;
-    if let Err(e) = &obs.usage {
-        eprintln!("warning: could not check GPU usage: {e}");
+fn render(args: &StatusArgs, config: &Config) -> Result<View> {
+    if !args.all && !args.summary {
+        let Some(name) = &args.remote else {
+            let mut session = Session::open(config)?;
+            let obs = session.observe()?;
+            let warnings = obs
+                .usage
+                .as_ref()
+                .err()
+                .map(|e| format!("could not check GPU usage: {e}"))
+                .into_iter()
+                .collect();
+            let rows = session::status_rows(&obs, config.memory_threshold_mb, false);
+            return Ok(View {
+                text: render_table(&rows),
+                what: config.host_name.clone(),
+                free: count_available(&rows),
+                total: rows.len() as u32,
+                warnings,
+            });
+        };
+        let rows = other_host_rows(config, name)?;
+        return Ok(View {
+            text: format!("Status for {name}:\n{}", render_table(&rows)),
+            what: name.clone(),
+            free: count_available(&rows),
+            total: rows.len() as u32,
+            warnings: Vec::new(),
+        });
     }
-    let rows = session::status_rows(&obs, config.memory_threshold_mb, false);
-    match args.json {
-        true => output::print_json(&rows),
-        false => output::print(&render_table(&rows)),
+    let hosts = fleet::read(config, only(args, config))?;
+    let summaries: Vec<fleet::Summary> = hosts
+        .iter()
+        .filter_map(|host| host.view.as_ref().ok().map(fleet::HostView::summary))
+        .collect();
+    Ok(View {
+        text: match args.summary {
+            true => render_summary(&hosts),
+            false => render_fleet(&hosts),
+        },
+        what: match hosts.len() {
+            1 => hosts[0].name.clone(),
+            n => format!("{n} hosts"),
+        },
+        free: summaries.iter().map(|s| s.available).sum(),
+        total: summaries.iter().map(|s| s.total).sum(),
+        warnings: Vec::new(),
+    })
+}
+
+fn count_available(rows: &[GpuStatus]) -> u32 {
+    rows.iter()
+        .filter(|row| row.status == StatusKind::Available)
+        .count() as u32
+}
+
+/// `--watch`'s frame: a header line (where, when, free of total), then the table,
+/// or what went wrong this time.
+fn watch_frame(args: &StatusArgs, config: &Config, interval: &str) -> String {
+    let now = crate::clock::local_zone()
+        .to_datetime(jiff::Timestamp::now())
+        .strftime("%Y-%m-%d %H:%M:%S")
+        .to_string();
+    match render(args, config) {
+        Ok(view) => {
+            let mut text = format!(
+                "{} · {now} · {}/{} GPUs free · every {interval} · q to quit\n\n{}",
+                view.what, view.free, view.total, view.text
+            );
+            for warning in &view.warnings {
+                text.push_str(&format!("\nwarning: {warning}"));
+            }
+            text
+        }
+        Err(err) => format!("{} · {now} · q to quit\n\nError: {err}", config.host_name),
     }
 }
 
-/// `--remote NAME`: from the shared store, or over SSH for a host only listed in
-/// `remote_hosts`.
-fn other_host(args: &StatusArgs, config: &Config, name: &str) -> Result<()> {
+fn print_json(args: &StatusArgs, config: &Config) -> Result<()> {
+    if !args.all && !args.summary {
+        return match &args.remote {
+            None => {
+                let mut session = Session::open(config)?;
+                let obs = session.observe()?;
+                if let Err(e) = &obs.usage {
+                    eprintln!("warning: could not check GPU usage: {e}");
+                }
+                output::print_json(&session::status_rows(
+                    &obs,
+                    config.memory_threshold_mb,
+                    false,
+                ))
+            }
+            Some(name) => output::print_json(&other_host_rows(config, name)?),
+        };
+    }
+    let hosts = fleet::read(config, only(args, config))?;
+    match args.summary {
+        true => output::print_json(&summary_json(&hosts)),
+        false => output::print_json(&fleet_json(&hosts)),
+    }
+}
+
+fn other_host_rows(config: &Config, name: &str) -> Result<Vec<GpuStatus>> {
     let host = fleet::read(config, Some(name))?
         .into_iter()
         .next()
         .ok_or_else(|| Error::Usage(format!("unknown host '{name}'")))?;
-    let view = host
-        .view
-        .map_err(|e| Error::Store(format!("{name}: {e}")))?;
-    match args.json {
-        true => output::print_json(&view.rows),
-        false => output::print(&format!("Status for {name}:\n{}", render_table(&view.rows))),
-    }
+    host.view
+        .map(|view| view.rows)
+        .map_err(|e| Error::Store(format!("{name}: {e}")))
 }
 
-/// Each host as upstream prints it: a blank line, a title, then its table or error.
 fn render_fleet(hosts: &[HostStatus]) -> String {
     let mut text = String::new();
     for host in hosts {

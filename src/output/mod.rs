@@ -1,6 +1,7 @@
 //! Rendering results for people (aligned tables, colour on terminals) and for
 //! programs (JSON). Everything here writes to stdout; diagnostics go to stderr.
 
+pub mod screen;
 pub mod table;
 
 use std::io::Write;

@@ -24,4 +24,5 @@ mod sentinel;
 mod sqlite_store;
 mod store_conformance;
 mod support;
+mod watch;
 mod web;
