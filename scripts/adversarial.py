@@ -33,6 +33,15 @@ problems = []
 counts = {}
 
 
+def error_lines(err):
+    """The lines of an error, less clap's "did you mean" tip under it."""
+    lines = err.strip().splitlines()
+    tips = ("  tip: a similar ", "  tip: some similar ")
+    if len(lines) == 2 and lines[0].startswith("Error: ") and lines[1].startswith(tips):
+        return lines[:1]
+    return lines
+
+
 def run(args, env=None, backend=None, stdin=None):
     """Runs the binary; returns (code, stdout, stderr) or None when it hung."""
     full = [BINARY] + (backend or []) + args
@@ -59,7 +68,7 @@ def check(category, args, expect_failure=True, **kwargs):
     elif expect_failure and code == 0:
         counts[category][3] += 1
         problems.append(f"{category}: accepted: {args}")
-    elif code != 0 and len(err.strip().splitlines()) != 1:
+    elif code != 0 and len(error_lines(err)) != 1:
         counts[category][3] += 1
         problems.append(f"{category}: not one line ({code}): {args}: {err.strip()[:200]}")
     return result

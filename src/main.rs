@@ -34,11 +34,12 @@ fn main() -> ExitCode {
                 .map(str::trim)
                 .collect();
             eprintln!("Error: {}", message.join(" ").trim_start_matches("error: "));
-            for tip in text
-                .lines()
-                .map(str::trim)
-                .filter(|line| line.starts_with("tip:"))
-            {
+            // Only the "did you mean" tips: the one for a negative number ("use '-- -1'")
+            // would lead away from the real fix, a positive value.
+            let did_you_mean = |line: &&str| {
+                line.starts_with("tip: a similar ") || line.starts_with("tip: some similar ")
+            };
+            for tip in text.lines().map(str::trim).filter(did_you_mean) {
                 eprintln!("  {tip}");
             }
             return ExitCode::from(canhazgpu::error::exit::USAGE);
