@@ -60,8 +60,7 @@ fn refused_without_leaking(run: &Run, secret: &str) {
 fn the_embedded_store_is_reached_only_through_canhazgpu() {
     users();
     let host = ProtectedHost::sqlite();
-    host.run(None, &["admin", "--gpus", "4", "--provider", "fake"])
-        .assert_ok();
+    host.init_fake(4);
     let gid = ensure_group();
     assert_eq!(ownership(&host.state), (0, gid, 0o2770));
     let db = host.state.join("state.db");
@@ -141,8 +140,7 @@ fn the_embedded_store_is_reached_only_through_canhazgpu() {
 fn programs_canhazgpu_starts_never_get_its_group() {
     users();
     let host = ProtectedHost::sqlite();
-    host.run(None, &["admin", "--gpus", "2", "--provider", "fake"])
-        .assert_ok();
+    host.init_fake(2);
     let gid = gid_of_group();
 
     let run = host.run(Some("chg_bob"), &["run", "--gpus", "1", "--", "id", "-G"]);
@@ -249,8 +247,7 @@ fn the_redis_password_is_the_groups_and_goes_only_to_the_system_server() {
     ]);
     let url = format!("redis://127.0.0.1:{port}");
     let host = ProtectedHost::redis(&url, PASSWORD);
-    host.run(None, &["admin", "--gpus", "4", "--provider", "fake"])
-        .assert_ok();
+    host.init_fake(4);
     host.run(Some("chg_alice"), &["reserve", "--gpus", "1"])
         .assert_ok();
     let status = host.run(Some("chg_bob"), &["status", "--json"]);

@@ -115,6 +115,15 @@ impl ProtectedHost {
         }
     }
 
+    /// `admin --gpus N --provider fake`, as root.
+    pub fn init_fake(&self, gpus: u32) {
+        self.run(
+            None,
+            &["admin", "--gpus", &gpus.to_string(), "--provider", "fake"],
+        )
+        .assert_ok();
+    }
+
     /// Replaces the system configuration file (world-readable, as in /etc).
     pub fn write_system_config(&self, text: &str) {
         let path = self.etc.join("config.yaml");
