@@ -45,6 +45,10 @@ bash -c 'source /usr/share/bash-completion/completions/chg && complete -p chg' >
     || fail "zsh completion"
 fish --no-config -c 'source /usr/share/fish/vendor_completions.d/canhazgpu.fish; complete -C"canhazgpu rese"' | grep -q '^reserve' \
     || fail "fish completion"
+[ "$(zsh -fc 'fpath=(/usr/share/zsh/vendor-completions $fpath); autoload -Uz compinit && compinit -u -D && autoload -Uz _chg && whence -w _chg')" = "_chg: function" ] \
+    || fail "zsh completion for chg"
+fish --no-config -c 'source /usr/share/fish/vendor_completions.d/chg.fish; complete -C"chg rese"' | grep -q '^reserve' \
+    || fail "fish completion for chg"
 [ -f /etc/canhazgpu/config.yaml ] || fail "no example /etc/canhazgpu/config.yaml"
 dpkg-query -W -f='${Conffiles}' canhazgpu | grep -q /etc/canhazgpu/config.yaml || fail "config.yaml is not a conffile"
 for unit in canhazgpu-agent canhazgpu-web; do

@@ -15,10 +15,10 @@ rm -rf target/package
 mkdir -p target/package/man target/package/completions
 "$bin" man target/package/man >/dev/null
 gzip -9n target/package/man/*.1
-"$bin" completion bash > target/package/completions/canhazgpu
-# upstream's users type `chg`: the same completion under that name.
-sed -e 's/_canhazgpu/_chg/g' -e 's/\(complete .*\) canhazgpu$/\1 chg/' \
-    target/package/completions/canhazgpu > target/package/completions/chg
-"$bin" completion zsh > target/package/completions/_canhazgpu
-"$bin" completion fish > target/package/completions/canhazgpu.fish
+# upstream's users type `chg`: it completes too.
+for name in canhazgpu chg; do
+    "$bin" completion bash --name "$name" > "target/package/completions/$name"
+    "$bin" completion zsh --name "$name" > "target/package/completions/_$name"
+    "$bin" completion fish --name "$name" > "target/package/completions/$name.fish"
+done
 cargo deb --no-build --locked "$@"

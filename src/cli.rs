@@ -128,10 +128,11 @@ pub fn parse() -> Result<Cli, clap::Error> {
     Cli::from_arg_matches(&matches)
 }
 
-/// The shell completion script for `shell`, for the whole command line.
-fn completion_script(shell: clap_complete::Shell) -> String {
+/// The shell completion script for `shell`, for the whole command line, completing
+/// the command `name` (`canhazgpu`, or a link to it such as `chg`).
+fn completion_script(shell: clap_complete::Shell, name: &str) -> String {
     let mut script = Vec::new();
-    clap_complete::generate(shell, &mut Cli::command(), "canhazgpu", &mut script);
+    clap_complete::generate(shell, &mut Cli::command(), name, &mut script);
     String::from_utf8_lossy(&script).into_owned()
 }
 
@@ -295,6 +296,9 @@ pub enum CliCommand {
     Completion {
         /// The shell to complete for
         shell: clap_complete::Shell,
+        /// The command name to complete (the package also completes `chg`)
+        #[arg(long, value_name = "NAME", default_value = "canhazgpu", value_parser = command_name)]
+        name: String,
     },
     /// Write the man pages (canhazgpu.1 and one per command) into DIR
     #[command(hide = true)]
@@ -442,6 +446,20 @@ fn whole_seconds(text: &str) -> Result<u64, String> {
     whole_number(text).map(u64::from)
 }
 
+/// A command name to complete: it goes into shell function names.
+fn command_name(text: &str) -> Result<String, String> {
+    let valid = !text.is_empty()
+        && text.len() <= 64
+        && text.starts_with(|c: char| c.is_ascii_alphabetic())
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    match valid {
+        true => Ok(text.to_owned()),
+        false => Err("expected a command name of letters, digits, '-' and '_'".into()),
+    }
+}
+
 /// `status --watch`'s interval: a duration from 1s to 1h.
 fn watch_interval(text: &str) -> Result<u64, String> {
     crate::duration::parse_duration(text)
@@ -550,7 +568,9 @@ impl Cli {
                     provider: provider.map(Into::into),
                 },
             }),
-            CliCommand::Completion { shell } => Command::Completion(completion_script(shell)),
+            CliCommand::Completion { shell, name } => {
+                Command::Completion(completion_script(shell, &name))
+            }
             CliCommand::Man { dir } => Command::Man {
                 dir,
                 pages: man_pages().unwrap_or_default(),

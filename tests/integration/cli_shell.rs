@@ -68,6 +68,27 @@ fn completion_scripts_load_and_complete_in_bash_zsh_and_fish() {
     run.assert_ok();
     assert!(run.stdout.starts_with("--gpus"), "{run:?}");
 
+    // The package completes `chg` too, under its own name.
+    let env = CliEnv::sqlite();
+    let chg = env.run(["completion", "bash", "--name", "chg"]);
+    chg.assert_ok();
+    let chg_file = dir.path().join("chg.bash");
+    std::fs::write(&chg_file, &chg.stdout).unwrap();
+    let run = shell(
+        "bash",
+        &[
+            "-c",
+            &format!(
+                "source {} && complete -p chg && COMP_WORDS=(chg res) COMP_CWORD=1 && _chg chg res chg && echo \"${{COMPREPLY[@]}}\"",
+                chg_file.display()
+            ),
+        ],
+    );
+    run.assert_ok();
+    assert!(run.stdout.trim().ends_with("reserve"), "{run:?}");
+    env.run(["completion", "zsh", "--name", "x;rm"])
+        .assert_code(2);
+
     for other in ["elvish", "powershell"] {
         assert!(!completion_file(&dir, other).is_empty());
     }
