@@ -35,6 +35,7 @@ fn main() {
         password: None,
         password_file: None,
         system: false,
+        tls: Default::default(),
         layout: RedisLayout::Fleet,
         sentinel: None,
     };

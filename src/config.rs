@@ -234,6 +234,9 @@ pub static KEYS: &[Key] = &[
         .flag("--redis-password", |o| text(&o.redis_password))
         .secret(),
     Key::new("redis.password_file", "a file path"),
+    Key::new("redis.tls_ca_file", "a file path"),
+    Key::new("redis.tls_client_cert", "a file path"),
+    Key::new("redis.tls_client_key", "a file path"),
     Key::new(
         "redis.sentinels",
         "a list of sentinel addresses such as 10.0.0.1:26379,10.0.0.2:26379",
@@ -623,6 +626,18 @@ fn resolve_installed(
     let system_store = typed(system_store, &mut Vec::new())?.store;
     mark_system_store(&mut config.store, &system_store);
     read_password_file(&mut config.store, &system_store, &env)?;
+    // Checked on the merged settings: a layer may give just one of the two.
+    if let (Some(given), None) | (None, Some(given)) = (
+        config.settings.get("redis.tls_client_cert"),
+        config.settings.get("redis.tls_client_key"),
+    ) && matches!(config.store, StoreConfig::Redis(_))
+    {
+        return Err(Error::Config(format!(
+            "{}: redis.tls_client_cert and redis.tls_client_key go together",
+            given.source
+        )));
+    }
+    read_tls_files(&mut config.store, &system_store)?;
     config.warnings = warnings;
     Ok(config)
 }
@@ -680,9 +695,8 @@ fn read_password_file(
         redis.password_file = None;
         return Ok(());
     }
-    let trust_steered = crate::privilege::available()
-        && crate::store::redis::uses_tls(redis)
-        && TLS_TRUST_VARS.iter().any(|name| env(name).is_some());
+    let trust_steered =
+        crate::privilege::available() && !trust_is_systems(redis, system_store, env);
     let unreadable = |reason: String| {
         Error::Config(format!(
             "cannot read the Redis password file {}: {reason}",
@@ -709,6 +723,72 @@ fn read_password_file(
         )));
     }
     redis.password = Some(password.to_owned());
+    Ok(())
+}
+
+/// Whether the TLS servers trusted are the ones the system configuration trusts:
+/// the same `redis.tls_ca_file`, or the system's store with none of the variables
+/// that change it (`SSL_CERT_FILE`, `SSL_CERT_DIR`) set. Plain connections trust no one.
+fn trust_is_systems(
+    redis: &crate::store::RedisConfig,
+    system_store: &StoreConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> bool {
+    if !crate::store::redis::uses_tls(redis) {
+        return true;
+    }
+    let system_ca = match system_store {
+        StoreConfig::Redis(system) => system.tls.ca_file.as_deref(),
+        StoreConfig::Sqlite { .. } => None,
+    };
+    match (redis.tls.ca_file.as_deref(), system_ca) {
+        (Some(ca), Some(system_ca)) => ca == system_ca,
+        (None, None) => TLS_TRUST_VARS.iter().all(|name| env(name).is_none()),
+        _ => false,
+    }
+}
+
+/// Reads the `redis.tls_*` files. The CA and the client certificate are public and
+/// read as the user. The client key is read like the password file: the system
+/// configuration's own one with a protected install's privilege, only for the server
+/// that configuration names (not at all for another one); any other as the user.
+fn read_tls_files(store: &mut StoreConfig, system_store: &StoreConfig) -> Result<()> {
+    let StoreConfig::Redis(redis) = store else {
+        return Ok(());
+    };
+    let read = |path: &Path, privileged: bool| {
+        let read = || std::fs::read(path);
+        match privileged {
+            true => crate::privilege::with_privilege(read),
+            false => read(),
+        }
+        .map_err(|err| {
+            Error::Config(format!(
+                "cannot read the Redis TLS file {}: {}",
+                path.display(),
+                io_reason(&err)
+            ))
+        })
+    };
+    if let Some(ca) = redis.tls.ca_file.clone() {
+        redis.tls.ca = Some(read(&ca, false)?);
+    }
+    let (Some(cert), Some(key)) = (redis.tls.client_cert.clone(), redis.tls.client_key.clone())
+    else {
+        return Ok(());
+    };
+    let system_key = match system_store {
+        StoreConfig::Redis(system) => system.tls.client_key.as_deref(),
+        StoreConfig::Sqlite { .. } => None,
+    };
+    let is_system_key = system_key == Some(key.as_path());
+    if is_system_key && !redis.system {
+        // Another server: the system's client key is not for it.
+        redis.tls.client_cert = None;
+        redis.tls.client_key = None;
+        return Ok(());
+    }
+    redis.tls.client = Some((read(&cert, false)?, read(&key, is_system_key)?));
     Ok(())
 }
 
@@ -887,6 +967,14 @@ fn redis_config(
         "upstream" => Some(RedisLayout::Upstream),
         _ => None,
     })?;
+    let path = |key: &str| parsed(settings, key, |v| non_empty(v).map(PathBuf::from));
+    let tls = Box::new(crate::store::TlsFiles {
+        ca_file: path("redis.tls_ca_file")?,
+        client_cert: path("redis.tls_client_cert")?,
+        client_key: path("redis.tls_client_key")?,
+        ca: None,
+        client: None,
+    });
     let sentinels = parsed(settings, "redis.sentinels", sentinel_nodes)?;
     let sentinel_master = parsed(settings, "redis.sentinel_master", |v| {
         non_empty(v).filter(|v| !v.contains(char::is_whitespace))
@@ -932,6 +1020,7 @@ fn redis_config(
         password_file: password_file.filter(|_| password.is_none()),
         password,
         system: false,
+        tls,
         layout: layout.unwrap_or(RedisLayout::Fleet),
         sentinel: sentinels.map(|nodes| SentinelConfig {
             nodes,
@@ -1345,6 +1434,9 @@ mod tests {
                 "CANHAZGPU_REDIS_URL",
                 "CANHAZGPU_REDIS_PASSWORD",
                 "CANHAZGPU_REDIS_PASSWORD_FILE",
+                "CANHAZGPU_REDIS_TLS_CA_FILE",
+                "CANHAZGPU_REDIS_TLS_CLIENT_CERT",
+                "CANHAZGPU_REDIS_TLS_CLIENT_KEY",
                 "CANHAZGPU_REDIS_SENTINELS",
                 "CANHAZGPU_REDIS_SENTINEL_MASTER",
                 "CANHAZGPU_MEMORY_THRESHOLD",
@@ -1626,7 +1718,7 @@ mod tests {
     }
 
     /// A valid value per layer (file, env, flag) for every registered key.
-    const LAYER_VALUES: [(&str, [&str; 3]); 36] = [
+    const LAYER_VALUES: [(&str, [&str; 3]); 39] = [
         ("backend", ["sqlite", "redis", "sqlite"]),
         ("state_dir", ["/f", "/e", "/c"]),
         ("redis.host", ["f", "e", "c"]),
@@ -1637,6 +1729,18 @@ mod tests {
         // Files that exist everywhere: the password file is read.
         (
             "redis.password_file",
+            ["/etc/passwd", "/etc/group", "/etc/hosts"],
+        ),
+        (
+            "redis.tls_ca_file",
+            ["/etc/passwd", "/etc/group", "/etc/hosts"],
+        ),
+        (
+            "redis.tls_client_cert",
+            ["/etc/passwd", "/etc/group", "/etc/hosts"],
+        ),
+        (
+            "redis.tls_client_key",
             ["/etc/passwd", "/etc/group", "/etc/hosts"],
         ),
         ("redis.sentinels", ["f:1", "e:2", "c:3"]),
@@ -1692,6 +1796,9 @@ mod tests {
             | "redis.sentinels"
             | "redis.sentinel_master"
             | "redis.password_file"
+            | "redis.tls_ca_file"
+            | "redis.tls_client_cert"
+            | "redis.tls_client_key"
             | "memory.ignore_processes" => return None,
             // `--wait`/`--nonblock` belong to the commands (see commands::RequestOptions).
             "run.wait" | "reserve.wait" => return None,
@@ -1746,6 +1853,7 @@ mod tests {
                 password: Some("s3cret".into()),
                 password_file: None,
                 system: false,
+                tls: Default::default(),
                 layout: RedisLayout::Fleet,
                 sentinel: None,
             })
@@ -2372,6 +2480,7 @@ mod tests {
                 password: None,
                 password_file: None,
                 system: false,
+                tls: Default::default(),
                 layout: RedisLayout::Fleet,
                 sentinel: None,
             })

@@ -44,9 +44,36 @@ pub struct RedisConfig {
     /// The server is the one the system configuration names: the only one a
     /// protected install's password file is read for.
     pub system: bool,
+    /// `redis.tls_*`: the CA to trust and the client certificate for `rediss://`
+    /// (boxed: most configurations have none).
+    pub tls: Box<TlsFiles>,
     pub layout: RedisLayout,
     /// Find the master through Redis Sentinel instead of at `url` or `host`.
     pub sentinel: Option<SentinelConfig>,
+}
+
+/// `redis.tls_ca_file`, `redis.tls_client_cert` and `redis.tls_client_key`: where
+/// they are, and (once the configuration is resolved) what they hold.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// The files' contents (PEM), read by `config::resolve`.
+    pub ca: Option<Vec<u8>>,
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Never shows the client key.
+impl std::fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsFiles")
+            .field("ca_file", &self.ca_file)
+            .field("client_cert", &self.client_cert)
+            .field("client_key", &self.client_key)
+            .field("loaded", &(self.ca.is_some(), self.client.is_some()))
+            .finish()
+    }
 }
 
 /// How pools are laid out in Redis (`redis.layout`).
@@ -80,6 +107,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("password", &self.password.as_ref().map(|_| "<hidden>"))
             .field("password_file", &self.password_file)
             .field("system", &self.system)
+            .field("tls", &self.tls)
             .field("layout", &self.layout)
             .field("sentinel", &self.sentinel)
             .finish()

@@ -17,7 +17,7 @@ mod policy;
 mod protected;
 mod queue;
 mod redis_store;
-mod redis_tls;
+pub mod redis_tls;
 mod report;
 mod run;
 mod sentinel;

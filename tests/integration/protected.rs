@@ -398,3 +398,56 @@ fn check_tells_the_modes_apart() {
         "{status:?}"
     );
 }
+
+/// mTLS: the client key is the group's like the password, and canhazgpu reads it for
+/// its users, only for the server the system configuration names.
+#[test]
+fn the_tls_client_key_is_the_groups_too() {
+    users();
+    let certs = tempfile::tempdir().unwrap();
+    crate::redis_tls::make_certificates(certs.path());
+    let (_server, url) = crate::redis_tls::tls_server(certs.path(), true);
+    let read = |name: &str| std::fs::read(certs.path().join(name)).unwrap();
+    let host = ProtectedHost::empty();
+    let ca = host.add_system_file("ca.pem", &read("ca.pem"), false);
+    let cert = host.add_system_file("client.pem", &read("client.pem"), false);
+    let key = host.add_system_file("client.key", &read("client.key"), true);
+    host.write_system_config(&format!(
+        "redis.url: {url}\nredis.tls_ca_file: {}\nredis.tls_client_cert: {}\nredis.tls_client_key: {}\n",
+        ca.display(),
+        cert.display(),
+        key.display()
+    ));
+    host.init_fake(2);
+    host.run(Some("chg_bob"), &["reserve"]).assert_ok();
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&host.run(Some("chg_alice"), &["status", "--json"]).stdout).unwrap();
+    assert_eq!(rows[0]["user"], "chg_bob");
+
+    let cat = as_user(
+        "chg_bob",
+        "cat",
+        &[host.etc.join("client.key").to_str().unwrap()],
+    );
+    assert!(!cat.ok() && cat.stdout.is_empty(), "{cat:?}");
+    // Another server (the same one under another name): the key is not read for it.
+    let other = url.replace("127.0.0.1", "localhost");
+    let elsewhere = host.run(Some("chg_bob"), &["--redis-url", &other, "status"]);
+    refused_without_leaking(&elsewhere, "PRIVATE KEY");
+    assert!(!elsewhere.stderr.contains("cannot read"), "{elsewhere:?}");
+    // A key file named by the user is read as the user.
+    let own = host.run_with(
+        Some("chg_bob"),
+        &[&format!(
+            "CANHAZGPU_REDIS_TLS_CLIENT_KEY={}",
+            host.etc.join("client.key").display()
+        )],
+        &["status"],
+    );
+    own.assert_code(2);
+    assert!(
+        own.stderr.contains("cannot read the Redis TLS file"),
+        "{own:?}"
+    );
+    assert!(own.stderr.contains("permission denied"), "{own:?}");
+}

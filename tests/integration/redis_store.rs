@@ -380,6 +380,7 @@ fn connection_errors_are_one_line_without_password() {
         password: None,
         password_file: None,
         system: false,
+        tls: Default::default(),
         layout: RedisLayout::Fleet,
         sentinel: None,
     };
@@ -391,6 +392,7 @@ fn connection_errors_are_one_line_without_password() {
         password: Some("s3cret".into()),
         password_file: None,
         system: false,
+        tls: Default::default(),
         layout: RedisLayout::Fleet,
         sentinel: None,
     };

@@ -7,8 +7,9 @@ use std::process::Command;
 use crate::support::cli::CliEnv;
 use crate::support::redis::TestRedis;
 
-/// Writes a CA and a server certificate for 127.0.0.1 into `dir`.
-fn make_certificates(dir: &Path) {
+/// Writes a CA, a server certificate for 127.0.0.1 and a client certificate
+/// (`client.pem`, `client.key`) into `dir`.
+pub fn make_certificates(dir: &Path) {
     let openssl = |args: &[&str]| {
         let out = Command::new("openssl")
             .args(args)
@@ -62,6 +63,112 @@ fn make_certificates(dir: &Path) {
         "-out",
         "server.pem",
     ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=canhazgpu-client",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+    ]);
+    // Version 3 (with extensions): rustls refuses version 1 certificates.
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-extfile",
+        "client.ext",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        "client.pem",
+    ]);
+}
+
+/// A redis-server that speaks only TLS on a free port, with the certificates in
+/// `dir`; `clients` says whether it asks clients for a certificate.
+pub fn tls_server(dir: &Path, clients: bool) -> (TestRedis, String) {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let file = |name: &str| dir.join(name).display().to_string();
+    let server = TestRedis::launch_with(&[
+        "--tls-port",
+        &port,
+        "--tls-cert-file",
+        &file("server.pem"),
+        "--tls-key-file",
+        &file("server.key"),
+        "--tls-ca-cert-file",
+        &file("ca.pem"),
+        "--tls-auth-clients",
+        if clients { "yes" } else { "no" },
+    ]);
+    (server, format!("rediss://127.0.0.1:{port}/0"))
+}
+
+#[test]
+fn client_certificates_and_a_configured_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certificates(certs.path());
+    let (_server, url) = tls_server(certs.path(), true);
+    let file = |name: &str| certs.path().join(name).display().to_string();
+    let mut env = CliEnv::redis(&url);
+    env.set_var("CANHAZGPU_REDIS_TLS_CA_FILE", &file("ca.pem"));
+    // Without a client certificate the server refuses the handshake.
+    let refused = env.run(["status"]);
+    refused.assert_code(1);
+    assert_eq!(refused.stderr.lines().count(), 1, "{refused:?}");
+    assert!(
+        refused
+            .stderr
+            .starts_with("Error: failed to connect to Redis"),
+        "{refused:?}"
+    );
+
+    env.set_var("CANHAZGPU_REDIS_TLS_CLIENT_CERT", &file("client.pem"));
+    let alone = env.run(["status"]);
+    alone.assert_code(2);
+    assert!(
+        alone
+            .stderr
+            .contains("redis.tls_client_cert and redis.tls_client_key go together"),
+        "{alone:?}"
+    );
+    env.set_var("CANHAZGPU_REDIS_TLS_CLIENT_KEY", &file("client.key"));
+    env.init_fake(2);
+    env.run(["reserve"]).assert_ok();
+    assert_eq!(env.statuses(), ["IN_USE", "AVAILABLE"]);
+
+    // The configured CA is the only one trusted: a CA of its own is refused.
+    let other = tempfile::tempdir().unwrap();
+    make_certificates(other.path());
+    env.set_var(
+        "CANHAZGPU_REDIS_TLS_CA_FILE",
+        &other.path().join("ca.pem").display().to_string(),
+    );
+    env.run(["status"]).assert_code(1);
+    env.set_var("CANHAZGPU_REDIS_TLS_CA_FILE", "/nonexistent/ca.pem");
+    let missing = env.run(["status"]);
+    missing.assert_code(2);
+    assert_eq!(
+        missing.stderr.trim(),
+        "Error: cannot read the Redis TLS file /nonexistent/ca.pem: no such file or directory"
+    );
 }
 
 #[test]

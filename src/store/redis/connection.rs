@@ -28,12 +28,15 @@ pub(super) struct Refused {
 
 impl Server {
     pub(super) fn new(config: &RedisConfig) -> RedisResult<Server> {
-        let info = connection_info(config)?;
+        let client = client(config)?;
         Ok(match &config.sentinel {
-            None => Server::Direct(Client::open(info)?),
-            Some(sentinel) => {
-                Server::Sentinel(Sentinels::new(&sentinel.nodes, &sentinel.master, info))
-            }
+            None => Server::Direct(client),
+            // The master's settings, TLS material included, for whichever master.
+            Some(sentinel) => Server::Sentinel(Sentinels::new(
+                &sentinel.nodes,
+                &sentinel.master,
+                client.get_connection_info().clone(),
+            )),
         })
     }
 
@@ -71,6 +74,27 @@ impl Server {
     }
 }
 
+/// A client for the configured server, with the `redis.tls_*` CA and client
+/// certificate when there are any.
+fn client(config: &RedisConfig) -> RedisResult<Client> {
+    let info = connection_info(config)?;
+    let tls = &config.tls;
+    if tls.ca.is_none() && tls.client.is_none() {
+        return Client::open(info);
+    }
+    let certificates = redis::TlsCertificates {
+        client_tls: tls
+            .client
+            .as_ref()
+            .map(|(cert, key)| redis::ClientTlsConfig {
+                client_cert: cert.clone(),
+                client_key: key.clone(),
+            }),
+        root_cert: tls.ca.clone(),
+    };
+    Client::build_with_tls(info, certificates)
+}
+
 pub(super) fn connection_info(config: &RedisConfig) -> RedisResult<ConnectionInfo> {
     let info = match &config.url {
         Some(url) => url.as_str().into_connection_info()?,
@@ -94,6 +118,7 @@ pub fn same_server(a: &RedisConfig, b: &RedisConfig) -> bool {
             password: None,
             password_file: None,
             system: false,
+            tls: Default::default(),
             ..config.clone()
         })
         .ok()?;
@@ -229,6 +254,7 @@ mod tests {
             password: Some("s3cret".into()),
             password_file: None,
             system: false,
+            tls: Default::default(),
             layout: crate::store::RedisLayout::Fleet,
             sentinel: None,
         };

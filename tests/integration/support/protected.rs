@@ -87,17 +87,29 @@ impl ProtectedHost {
     /// system configuration names.
     pub fn redis(url: &str, password: &str) -> Self {
         let host = Self::empty();
-        let file = host.etc.join("redis-password");
-        std::fs::write(&file, format!("{password}\n")).unwrap();
-        std::os::unix::fs::chown(&file, Some(0), Some(ensure_group())).unwrap();
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        host.add_system_file("redis-password", format!("{password}\n").as_bytes(), true);
         host.write_system_config(&format!(
             "redis.url: {url}\nredis.password_file: {SYSTEM_DIR}/redis-password\n"
         ));
         host
     }
 
-    fn empty() -> Self {
+    /// A file in the system configuration directory: `root:canhazgpu 0640` when
+    /// `secret`, else world-readable. Returns its path as canhazgpu sees it.
+    pub fn add_system_file(&self, name: &str, content: &[u8], secret: bool) -> PathBuf {
+        let file = self.etc.join(name);
+        std::fs::write(&file, content).unwrap();
+        let (group, mode) = match secret {
+            true => (ensure_group(), 0o640),
+            false => (0, 0o644),
+        };
+        std::os::unix::fs::chown(&file, Some(0), Some(group)).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        self.system_path(name)
+    }
+
+    /// No system configuration yet (`write_system_config` gives one).
+    pub fn empty() -> Self {
         ensure_group();
         // The mount point; an empty system directory configures nothing.
         std::fs::create_dir_all(SYSTEM_DIR).unwrap();

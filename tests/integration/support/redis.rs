@@ -59,6 +59,7 @@ impl TestRedis {
             password: None,
             password_file: None,
             system: false,
+            tls: Default::default(),
             layout,
             sentinel: None,
         }
