@@ -178,12 +178,20 @@ fn redis_line(redis: &RedisConfig) -> String {
         (None, Some(_)) => ", password in the configuration".into(),
         (None, None) => ", no password".into(),
     };
+    let client = match &redis.tls.client_key {
+        Some(key) => format!(
+            ", client key {} ({})",
+            key.display(),
+            describe(key, redis.system).unwrap_or_else(|| "unreadable".into())
+        ),
+        None => String::new(),
+    };
     let whose = match redis.system {
         true => "",
         false => ", not the server the system configuration names",
     };
     format!(
-        "Redis {}{password}{whose}",
+        "Redis {}{password}{client}{whose}",
         crate::store::redis::display_location(redis)
     )
 }
@@ -201,20 +209,26 @@ fn redis_problems(config: &Config, redis: &RedisConfig, protected: bool) -> Vec<
         );
         return problems;
     }
-    match &redis.password_file {
-        Some(file) => {
-            let group = privilege::group_gid().map(|gid| gid.as_raw());
-            let readable_by_others = read_meta(file, redis.system)
-                .is_some_and(|m| m.mode() & 0o004 != 0 || Some(m.gid()) != group);
-            if readable_by_others {
-                problems.push(format!(
-                    "the password file {} should be root:{} 0640: other users can read it",
-                    file.display(),
-                    privilege::GROUP
-                ));
-            }
+    let secrets = [
+        ("password file", redis.password_file.as_deref()),
+        ("TLS client key", redis.tls.client_key.as_deref()),
+    ];
+    let group = privilege::group_gid().map(|gid| gid.as_raw());
+    for (what, file) in secrets {
+        let Some(file) = file else { continue };
+        let readable_by_others = read_meta(file, redis.system)
+            .is_some_and(|m| m.mode() & 0o004 != 0 || Some(m.gid()) != group);
+        if readable_by_others {
+            problems.push(format!(
+                "the {what} {} should be root:{} 0640: other users can read it",
+                file.display(),
+                privilege::GROUP
+            ));
         }
-        None => {
+    }
+    match (&redis.password_file, &redis.tls.client_key) {
+        (Some(_), _) | (None, Some(_)) => {}
+        (None, None) => {
             let inline = config
                 .settings
                 .get("redis.password")
