@@ -685,10 +685,7 @@ fn read_password_file(
     if crate::store::redis::url_has_password(redis) {
         return Ok(());
     }
-    let system_file = match system_store {
-        StoreConfig::Redis(system) => system.password_file.as_deref(),
-        StoreConfig::Sqlite { .. } => None,
-    };
+    let system_file = system_redis(system_store).and_then(|system| system.password_file.as_deref());
     let is_system_file = system_file == Some(path.as_path());
     if is_system_file && !redis.system {
         // Another server: the system's password is not for it.
@@ -709,12 +706,8 @@ fn read_password_file(
                 .into(),
         ));
     }
-    let read = || read_regular_file(&path);
-    let text = match is_system_file {
-        true => crate::privilege::with_privilege(read),
-        false => read(),
-    }
-    .map_err(|err| unreadable(io_reason(&err)))?;
+    let text = crate::privilege::with_privilege_if(is_system_file, || read_regular_file(&path))
+        .map_err(|err| unreadable(io_reason(&err)))?;
     let password = text.trim_end_matches(['\n', '\r']);
     if password.is_empty() {
         return Err(Error::Config(format!(
@@ -724,6 +717,14 @@ fn read_password_file(
     }
     redis.password = Some(password.to_owned());
     Ok(())
+}
+
+/// The system configuration's Redis settings, when its store is Redis.
+fn system_redis(system_store: &StoreConfig) -> Option<&crate::store::RedisConfig> {
+    match system_store {
+        StoreConfig::Redis(system) => Some(system),
+        StoreConfig::Sqlite { .. } => None,
+    }
 }
 
 /// Whether the TLS servers trusted are the ones the system configuration trusts:
@@ -737,10 +738,7 @@ fn trust_is_systems(
     if !crate::store::redis::uses_tls(redis) {
         return true;
     }
-    let system_ca = match system_store {
-        StoreConfig::Redis(system) => system.tls.ca_file.as_deref(),
-        StoreConfig::Sqlite { .. } => None,
-    };
+    let system_ca = system_redis(system_store).and_then(|system| system.tls.ca_file.as_deref());
     match (redis.tls.ca_file.as_deref(), system_ca) {
         (Some(ca), Some(system_ca)) => ca == system_ca,
         (None, None) => TLS_TRUST_VARS.iter().all(|name| env(name).is_none()),
@@ -757,12 +755,7 @@ fn read_tls_files(store: &mut StoreConfig, system_store: &StoreConfig) -> Result
         return Ok(());
     };
     let read = |path: &Path, privileged: bool| {
-        let read = || std::fs::read(path);
-        match privileged {
-            true => crate::privilege::with_privilege(read),
-            false => read(),
-        }
-        .map_err(|err| {
+        crate::privilege::with_privilege_if(privileged, || std::fs::read(path)).map_err(|err| {
             Error::Config(format!(
                 "cannot read the Redis TLS file {}: {}",
                 path.display(),
@@ -777,10 +770,7 @@ fn read_tls_files(store: &mut StoreConfig, system_store: &StoreConfig) -> Result
     else {
         return Ok(());
     };
-    let system_key = match system_store {
-        StoreConfig::Redis(system) => system.tls.client_key.as_deref(),
-        StoreConfig::Sqlite { .. } => None,
-    };
+    let system_key = system_redis(system_store).and_then(|system| system.tls.client_key.as_deref());
     let is_system_key = system_key == Some(key.as_path());
     if is_system_key && !redis.system {
         // Another server: the system's client key is not for it.

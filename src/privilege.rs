@@ -114,6 +114,15 @@ pub fn raised() -> bool {
     held().is_some_and(|held| nix::unistd::getegid() == held.privileged)
 }
 
+/// `with_privilege` when `raise`, else `body` as the user: for paths that are the
+/// system's (its store, its secret files) on one call and not on another.
+pub fn with_privilege_if<T>(raise: bool, body: impl FnOnce() -> T) -> T {
+    match raise {
+        true => with_privilege(body),
+        false => body(),
+    }
+}
+
 struct Raised(Held);
 
 impl Raised {

@@ -83,20 +83,12 @@ fn describe(path: &Path, system: bool) -> Option<String> {
 }
 
 fn read_meta(path: &Path, system: bool) -> Option<fs::Metadata> {
-    let read = || fs::metadata(path).ok();
-    match system {
-        true => privilege::with_privilege(read),
-        false => read(),
-    }
+    privilege::with_privilege_if(system, || fs::metadata(path).ok())
 }
 
 /// Whether `path` exists, when that can be known.
 fn exists(path: &Path, system: bool) -> Option<bool> {
-    let probe = || path.try_exists().ok();
-    match system {
-        true => privilege::with_privilege(probe),
-        false => probe(),
-    }
+    privilege::with_privilege_if(system, || path.try_exists().ok())
 }
 
 fn parent(path: &Path) -> &Path {

@@ -78,16 +78,7 @@ fn only<'a>(args: &'a StatusArgs, config: &'a Config) -> Option<&'a str> {
 fn render(args: &StatusArgs, config: &Config) -> Result<View> {
     if !args.all && !args.summary {
         let Some(name) = &args.remote else {
-            let mut session = Session::open(config)?;
-            let obs = session.observe()?;
-            let warnings = obs
-                .usage
-                .as_ref()
-                .err()
-                .map(|e| format!("could not check GPU usage: {e}"))
-                .into_iter()
-                .collect();
-            let rows = session::status_rows(&obs, config.memory_threshold_mb, false);
+            let (rows, warnings) = local_rows(config)?;
             return Ok(View {
                 text: render_table(&rows),
                 what: config.host_name.clone(),
@@ -125,6 +116,24 @@ fn render(args: &StatusArgs, config: &Config) -> Result<View> {
     })
 }
 
+/// This host's rows, observed live, and a warning when its GPU usage could not be
+/// checked.
+fn local_rows(config: &Config) -> Result<(Vec<GpuStatus>, Vec<String>)> {
+    let mut session = Session::open(config)?;
+    let obs = session.observe()?;
+    let warnings = obs
+        .usage
+        .as_ref()
+        .err()
+        .map(|e| format!("could not check GPU usage: {e}"))
+        .into_iter()
+        .collect();
+    Ok((
+        session::status_rows(&obs, config.memory_threshold_mb, false),
+        warnings,
+    ))
+}
+
 fn count_available(rows: &[GpuStatus]) -> u32 {
     rows.iter()
         .filter(|row| row.status == StatusKind::Available)
@@ -157,16 +166,11 @@ fn print_json(args: &StatusArgs, config: &Config) -> Result<()> {
     if !args.all && !args.summary {
         return match &args.remote {
             None => {
-                let mut session = Session::open(config)?;
-                let obs = session.observe()?;
-                if let Err(e) = &obs.usage {
-                    eprintln!("warning: could not check GPU usage: {e}");
+                let (rows, warnings) = local_rows(config)?;
+                for warning in &warnings {
+                    eprintln!("warning: {warning}");
                 }
-                output::print_json(&session::status_rows(
-                    &obs,
-                    config.memory_threshold_mb,
-                    false,
-                ))
+                output::print_json(&rows)
             }
             Some(name) => output::print_json(&other_host_rows(config, name)?),
         };

@@ -1,11 +1,10 @@
 //! `rediss://` URLs: TLS to a real redis-server with a certificate from a private CA.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
 
 use crate::support::cli::CliEnv;
-use crate::support::redis::TestRedis;
+use crate::support::redis::{TestRedis, free_port};
 
 /// Writes a CA, a server certificate for 127.0.0.1 and a client certificate
 /// (`client.pem`, `client.key`) into `dir`.
@@ -99,12 +98,7 @@ pub fn make_certificates(dir: &Path) {
 /// A redis-server that speaks only TLS on a free port, with the certificates in
 /// `dir`; `clients` says whether it asks clients for a certificate.
 pub fn tls_server(dir: &Path, clients: bool) -> (TestRedis, String) {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let port = free_port().to_string();
     let file = |name: &str| dir.join(name).display().to_string();
     let server = TestRedis::launch_with(&[
         "--tls-port",
@@ -175,26 +169,8 @@ fn client_certificates_and_a_configured_ca() {
 fn rediss_url_connects_with_a_trusted_ca_and_refuses_an_untrusted_one() {
     let certs = tempfile::tempdir().unwrap();
     make_certificates(certs.path());
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let (_server, url) = tls_server(certs.path(), false);
     let file = |name: &str| certs.path().join(name).display().to_string();
-    let _server = TestRedis::launch_with(&[
-        "--tls-port",
-        &port,
-        "--tls-cert-file",
-        &file("server.pem"),
-        "--tls-key-file",
-        &file("server.key"),
-        "--tls-ca-cert-file",
-        &file("ca.pem"),
-        "--tls-auth-clients",
-        "no",
-    ]);
-    let url = format!("rediss://127.0.0.1:{port}/0");
 
     let mut trusted = CliEnv::redis(&url);
     trusted.set_var("SSL_CERT_FILE", &file("ca.pem"));

@@ -33,6 +33,7 @@ use crate::state::{Pool, UnixTime, UsageRecord};
 /// `meta` keys of the users who muted their notifications (`notify --off`).
 const MUTED_PREFIX: &str = "muted:";
 
+use crate::privilege::with_privilege_if;
 pub use files::Layout;
 use files::{access_denied, open_failure};
 
@@ -157,7 +158,7 @@ impl SqliteStore {
     /// Opens an existing store; a missing one means `admin` has not run yet, and
     /// nothing is created (a mistyped `--state-dir` leaves no store behind).
     pub fn open_existing(path: &Path, system: bool) -> Result<Self> {
-        privileged(system, || match std::fs::metadata(path) {
+        with_privilege_if(system, || match std::fs::metadata(path) {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => Err(Error::NotInitialized),
             _ => Self::open_as(path, system),
         })
@@ -175,7 +176,7 @@ impl SqliteStore {
             true => Layout::Protected,
             false => Layout::Shared,
         };
-        privileged(system, || {
+        with_privilege_if(system, || {
             let existed = path.exists();
             files::create_files(path, layout).map_err(|err| open_failure(path, err))?;
             let store = Self::open_as(path, system)?;
@@ -247,7 +248,7 @@ impl SqliteStore {
         behavior: TransactionBehavior,
         body: impl Fn(&Connection) -> SqlResult<T>,
     ) -> Result<T> {
-        privileged(self.system, || self.transact_as_is(behavior, body))
+        with_privilege_if(self.system, || self.transact_as_is(behavior, body))
     }
 
     fn transact_as_is<T>(
@@ -306,17 +307,9 @@ impl SqliteStore {
             rows::apply(conn, &transition.changes, prune_before)?;
             Ok(transition)
         })?;
-        privileged(self.system, || files::share_side_files(&self.path));
+        with_privilege_if(self.system, || files::share_side_files(&self.path));
         local_wake::notify(&self.wake_scope, &transition.changes.wake_entries);
         transition.outcome
-    }
-}
-
-/// Runs `body` with a protected install's privilege when the store is the system's.
-fn privileged<T>(system: bool, body: impl FnOnce() -> T) -> T {
-    match system {
-        true => crate::privilege::with_privilege(body),
-        false => body(),
     }
 }
 
@@ -326,7 +319,7 @@ impl Drop for SqliteStore {
         if self.system
             && let Ok(blank) = Connection::open_in_memory()
         {
-            privileged(true, || drop(std::mem::replace(&mut self.conn, blank)));
+            crate::privilege::with_privilege(|| drop(std::mem::replace(&mut self.conn, blank)));
         }
     }
 }
